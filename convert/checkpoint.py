@@ -1,0 +1,150 @@
+"""Read a Hugging Face checkpoint folder: config, tokenizer files, safetensors by memory map.
+
+Safetensors are parsed here (an 8-byte header length, a JSON header, then raw data) rather than
+through the `safetensors` package: it is a few lines, it lets us check every offset against the
+file size (a truncated download is caught before any work), and tensors are numpy memory maps,
+so a 6 GB checkpoint is never in RAM at once.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConvertError
+
+# Files a conversion needs; the hub download fetches exactly these patterns.
+NEEDED_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+]
+
+_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: file, dtype name, shape and byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class Checkpoint:
+    """An Imp checkpoint folder: parsed config.json plus an index of every tensor."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConvertError(f"{folder}: no such folder")
+        self.config = self._read_config()
+        self.tensors: dict[str, TensorRef] = {}
+        for file in self._safetensors_files():
+            self._index_file(file)
+
+    # -- config ---------------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise ConvertError(f"{self.folder}: not a checkpoint folder (no config.json)")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ConvertError(f"{path}: expected a JSON object")
+        return config
+
+    # -- safetensors ----------------------------------------------------------------------------
+    def _safetensors_files(self) -> list[Path]:
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise ConvertError(f"{index}: not a valid safetensors index") from None
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.folder / n).is_file()]
+            if missing:
+                raise ConvertError(
+                    f"{self.folder}: missing shard {missing[0]}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + " named in model.safetensors.index.json"
+                )
+            return [self.folder / n for n in names]
+        files = sorted(self.folder.glob("*.safetensors"))
+        if files:
+            return files
+        if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
+            raise ConvertError(
+                f"{self.folder}: only pickled PyTorch weights (.bin) found; imp reads safetensors "
+                "only, because unpickling a download can run arbitrary code. Use a revision of the "
+                "model that ships .safetensors, or convert it yourself in a trusted environment"
+            )
+        raise ConvertError(f"{self.folder}: no .safetensors weights found")
+
+    def _index_file(self, file: Path) -> None:
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError("header longer than file")
+                header = json.loads(f.read(header_len))
+        except (struct.error, ValueError, UnicodeDecodeError):
+            raise ConvertError(f"{file}: not a safetensors file (bad header)") from None
+        base = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ConvertError(f"{file}: malformed entry for tensor {name}") from None
+            if dtype not in _DTYPES:
+                raise ConvertError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+            itemsize = np.dtype(_DTYPES[dtype]).itemsize
+            if end - start != itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise ConvertError(f"{file}: tensor {name} size does not match its shape")
+            if base + end > size:
+                raise ConvertError(
+                    f"{file}: truncated (tensor {name} ends at byte {base + end}, file has {size});"
+                    " re-download it"
+                )
+            self.tensors[name] = TensorRef(file, dtype, shape, base + start, base + end)
+
+    # -- access ---------------------------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as float32 (bf16 widened exactly), read through a memory map."""
+        ref = self.tensors[name]
+        raw = np.memmap(ref.file, dtype=_DTYPES[ref.dtype], mode="r", offset=ref.start, shape=ref.shape)
+        if ref.dtype == "BF16":
+            # bf16 is the top half of a float32: widen bit-exactly.
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(raw, dtype=np.float32)
+
+    def read_json(self, name: str) -> dict | None:
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise ConvertError(f"{path}: not valid JSON") from None

@@ -1,0 +1,144 @@
+"""Phi-2 backbones (Imp-v1-3B, Imp-v1.5-3B-Phi2, Imp-v1.5-3B-196) -> llama.cpp arch `phi2`.
+
+Two key layouts exist on the Hub and are detected by key names: the HF Phi layout
+(`model.layers.N.self_attn.q_proj`) and the older phi-msft one (`transformer.h.N.mixer.Wqkv`,
+q|k|v fused by rows). Both become separate attn_q/k/v tensors, so the two layouts of the same
+weights give identical GGUF files.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFWriter, LlamaFileType
+
+from ..errors import ConvertError
+from ..gguf_out import TensorSpec, weight_type
+from ..vocab import read_bpe_vocab
+from . import register
+from .base import TextFamily
+
+# Phi-2's sizes, for configs that leave them to configuration_imp.py's defaults.
+PHI2_DEFAULTS = dict(
+    num_attention_heads=32, partial_rotary_factor=0.4, layer_norm_eps=1e-5, rope_theta=10000.0,
+    max_position_embeddings=3072,
+)
+
+_NEW = dict(
+    embed="model.embed_tokens.weight", layer="model.layers.{}.", norm="input_layernorm",
+    attn_out="self_attn.dense", fc1="mlp.fc1", fc2="mlp.fc2",
+    final_norm="model.final_layernorm", head="lm_head",
+)
+_OLD = dict(
+    embed="transformer.embd.wte.weight", layer="transformer.h.{}.", norm="ln",
+    attn_out="mixer.out_proj", fc1="mlp.fc1", fc2="mlp.fc2",
+    final_norm="lm_head.ln", head="lm_head.linear", qkv="mixer.Wqkv",
+)
+
+
+@register
+class Phi2(TextFamily):
+    name = "phi2"
+    arch = "phi2"
+
+    @classmethod
+    def matches(cls, ckpt) -> bool:
+        t = ckpt.tensors
+        new = _NEW["embed"] in t and "model.layers.0.self_attn.q_proj.weight" in t
+        old = _OLD["embed"] in t and "transformer.h.0.mixer.Wqkv.weight" in t
+        return new or old
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        self.keys = _NEW if _NEW["embed"] in ckpt.tensors else _OLD
+        self.layout = "hf-phi" if self.keys is _NEW else "phi-msft"
+        cfg = ckpt.config
+        k = self.keys
+        self.n_rows, self.n_embd = ckpt.shape(k["embed"])
+        layer_re = re.compile(re.escape(k["layer"]).replace(r"\{\}", r"(\d+)"))
+        found = {int(m.group(1)) for name in ckpt.tensors if (m := layer_re.match(name))}
+        if not found or found != set(range(len(found))):
+            raise ConvertError(f"{ckpt.folder}: language-model layers are missing or not numbered 0..N-1")
+        self.n_layer = self.config_int("num_hidden_layers", len(found), None)
+        self.config_int("hidden_size", self.n_embd, None)
+        self.config_int("vocab_size", self.n_rows, None)
+        fc1 = k["layer"].format(0) + k["fc1"] + ".weight"
+        self.require(fc1)
+        self.n_ff = self.config_int("intermediate_size", ckpt.shape(fc1)[0], None)
+
+        self.n_head = int(cfg.get("num_attention_heads") or cfg.get("n_head") or PHI2_DEFAULTS["num_attention_heads"])
+        if self.n_embd % self.n_head:
+            raise ConvertError(f"hidden size {self.n_embd} is not divisible by {self.n_head} attention heads")
+        head_dim = self.n_embd // self.n_head
+        # Phi-2 rotates only part of each head; llama.cpp rotates the whole head if this is absent.
+        rotary = cfg.get("rotary_dim") or int(head_dim * cfg.get("partial_rotary_factor", PHI2_DEFAULTS["partial_rotary_factor"]))
+        if not 0 < rotary <= head_dim or rotary % 2:
+            raise ConvertError(f"invalid rotary dimension {rotary} for head size {head_dim}")
+        self.n_rot = int(rotary)
+        self.eps = float(cfg.get("layer_norm_eps") or cfg.get("layer_norm_epsilon") or PHI2_DEFAULTS["layer_norm_eps"])
+        self.rope_theta = float(cfg.get("rope_theta") or PHI2_DEFAULTS["rope_theta"])
+        self.n_ctx = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or PHI2_DEFAULTS["max_position_embeddings"])
+        self.vocab = read_bpe_vocab(ckpt, self.n_rows, cfg.get("eos_token_id"), "</s>")
+
+    @property
+    def embedding_length(self) -> int:
+        return self.n_embd
+
+    def add_metadata(self, w: GGUFWriter) -> None:
+        w.add_context_length(self.n_ctx)
+        w.add_embedding_length(self.n_embd)
+        w.add_feed_forward_length(self.n_ff)  # the real fc1 width: llama.cpp does not assume 4x
+        w.add_block_count(self.n_layer)
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_head)
+        w.add_layer_norm_eps(self.eps)
+        w.add_rope_dimension_count(self.n_rot)
+        w.add_rope_freq_base(self.rope_theta)
+        w.add_file_type(LlamaFileType.MOSTLY_F16)
+        self.vocab.write_to(w, pre="phi-2")
+
+    def tensors(self) -> list[TensorSpec]:
+        k, E, F = self.keys, self.n_embd, self.n_ff
+        out = [self.copy("token_embd.weight", k["embed"], (self.n_rows, E))]
+        for i in range(self.n_layer):
+            p, b = k["layer"].format(i), f"blk.{i}."
+            out += self._linear_norm(b + "attn_norm", p + k["norm"], E)
+            if self.keys is _NEW:
+                for gg, hf in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
+                    out += self._linear(b + gg, p + "self_attn." + hf, (E, E))
+            else:
+                out += self._split_qkv(b, p + k["qkv"])
+            out += self._linear(b + "attn_output", p + k["attn_out"], (E, E))
+            out += self._linear(b + "ffn_up", p + k["fc1"], (F, E))
+            out += self._linear(b + "ffn_down", p + k["fc2"], (E, F))
+        out += self._linear_norm("output_norm", k["final_norm"], E)
+        out += self._linear("output", k["head"], (self.n_rows, E))
+        return out
+
+    def _linear(self, out: str, src: str, shape: tuple[int, int]) -> list[TensorSpec]:
+        self.require(src + ".weight", src + ".bias")
+        return [self.copy(out + ".weight", src + ".weight", shape),
+                self.copy(out + ".bias", src + ".bias", (shape[0],))]
+
+    def _linear_norm(self, out: str, src: str, width: int) -> list[TensorSpec]:
+        self.require(src + ".weight", src + ".bias")
+        return [self.copy(out + ".weight", src + ".weight", (width,)),
+                self.copy(out + ".bias", src + ".bias", (width,))]
+
+    def _split_qkv(self, b: str, src: str) -> list[TensorSpec]:
+        """phi-msft's fused Wqkv holds q, k, v stacked by rows."""
+        E = self.n_embd
+        self.require(src + ".weight", src + ".bias")
+        for suffix, shape in ((".weight", (3 * E, E)), (".bias", (3 * E,))):
+            if self.ckpt.shape(src + suffix) != shape:
+                raise ConvertError(f"tensor {src + suffix} has shape {list(self.ckpt.shape(src + suffix))}, expected {list(shape)}")
+        out = []
+        for j, gg in enumerate(("attn_q", "attn_k", "attn_v")):
+            rows = slice(j * E, (j + 1) * E)
+            out.append(TensorSpec(b + gg + ".weight", (E, E), weight_type((E, E), QType.F16),
+                                  lambda s=src, r=rows: self.ckpt.load(s + ".weight")[r]))
+            out.append(TensorSpec(b + gg + ".bias", (E,), QType.F32,
+                                  lambda s=src, r=rows: self.ckpt.load(s + ".bias")[r]))
+        return out
+

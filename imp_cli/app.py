@@ -1,0 +1,150 @@
+"""The `imp` command line: parses options, calls the converter or the engine, nothing else.
+
+Heavy modules (numpy, Pillow, gguf, llama_cpp) are imported inside commands so that
+`imp --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="imp",
+    help="Run Imp vision-language models locally, quantized, through llama.cpp.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Show llama.cpp logs and tracebacks.")
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Checkpoint folder, or Hugging Face repo id (owner/name[@revision])."),
+    out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for the two GGUF files."),
+    quant: str = typer.Option("Q4_K_M", "--quant", "-q", envvar="IMP_QUANT", help="Language model type: Q4_K_M, Q8_0 or F16."),
+    mmproj_type: str = typer.Option("F16", "--mmproj-type", help="Vision projector type: F16 or Q8_0."),
+    name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: the checkpoint's)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace existing output files."),
+    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", help="Quantization threads (0: all cores)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Convert an Imp checkpoint into a language-model GGUF and a vision (mmproj) GGUF."""
+    from .output import Output
+
+    output = Output(json_mode=json_out, verbose=verbose)
+    with _errors(output):
+        from convert.pipeline import convert as run_convert
+
+        result = run_convert(source, out, quant=quant.upper(), mmproj_type=mmproj_type.upper(), force=force,
+                             progress=output, threads=threads or None, name=name)
+        if json_out:
+            output.record(result.as_dict())
+        else:
+            output.answer(
+                f"{result.text_path}\t{result.text_type}\t{_size(result.text_bytes)}\n"
+                f"{result.mmproj_path}\t{result.mmproj_type}\t{_size(result.mmproj_bytes)}\n"
+            )
+            output.info(f"converted {result.source} ({result.family}, {result.layout} layout) in {result.seconds:.1f} s")
+
+
+@app.command()
+def ask(
+    image: str = typer.Argument(..., help="Image: a path, - for standard input, or an http(s) URL."),
+    question: str = typer.Argument(..., help="The question about the image."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Text GGUF (mmproj found beside it) or a folder holding the pair."),
+    mmproj: Optional[str] = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic)."),
+    top_p: float = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0),
+    top_k: int = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k."),
+    seed: int = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0)."),
+    system: Optional[str] = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt."),
+    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores)."),
+    ctx: int = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (answer, model, image, timings) at the end."),
+    stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Answer a question about an image, streaming the answer to stdout."""
+    from .output import Output
+
+    output = Output(json_mode=json_out, verbose=verbose)
+    with _errors(output):
+        from .ask import Request, run_ask
+
+        request = Request(image=image, question=question, model=model, mmproj=mmproj, max_tokens=max_tokens,
+                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
+                          threads=threads, ctx=ctx, verbose=verbose)
+        run_ask(request, output, stats=stats)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _errors:
+    """Known problems: one line on stderr, exit 1. Anything else: the same, traceback with -v."""
+
+    def __init__(self, output):
+        self.output = output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (typer.Exit, KeyboardInterrupt, SystemExit)):
+            return False
+        from convert.errors import ConvertError
+
+        from .errors import ImpError
+
+        if isinstance(exc, (ImpError, ConvertError)):
+            self.output.error(str(exc))
+        else:
+            if self.output.verbose:
+                import traceback
+
+                traceback.print_exception(kind, exc, tb, file=sys.stderr)
+            self.output.error(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: exit 0 ok, 1 error, 2 usage, 130 interrupted."""
+    import click
+
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.UsageError as e:
+        e.show()
+        code = 2
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except (KeyboardInterrupt, click.Abort):
+        sys.stdout.flush()
+        sys.stderr.write("\ninterrupted\n")
+        code = 130
+    else:
+        code = 0
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
+

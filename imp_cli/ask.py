@@ -1,0 +1,82 @@
+"""`imp ask`: one image, one question, one streamed answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ImpError
+from .output import Output
+
+
+@dataclass
+class Request:
+    image: str
+    question: str
+    model: str | None
+    mmproj: str | None = None
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    system: str | None = None
+    threads: int = 0
+    ctx: int = 4096
+    verbose: bool = False
+
+
+def resolve_pair(model: str | None, mmproj: str | None):
+    from .modelfiles import read_pair, resolve_paths
+
+    if not model:
+        raise ImpError("no model given: pass --model PATH or set IMP_MODEL")
+    return read_pair(*resolve_paths(model, mmproj))
+
+
+def run_ask(req: Request, output: Output, stats: bool = False) -> None:
+    from .engine import Engine, Sampling
+    from .images import load_image, preprocess
+    from .prompts import build_prompt
+
+    if not req.question.strip():
+        raise ImpError("the question is empty")
+    pair = resolve_pair(req.model, req.mmproj)
+    image = load_image(req.image)  # fail on a bad image before the model loads
+    pixels = preprocess(image.image, size=pair.image_size, aspect=pair.image_aspect)
+    before, after = build_prompt(pair.prompt_family, req.question, system=req.system)
+
+    with Engine(pair, n_ctx=req.ctx, threads=req.threads, verbose=req.verbose) as engine:
+        head, tail = engine.tokenize(before), engine.tokenize(after)
+        needed = len(head) + pair.image_tokens + len(tail)
+        if needed >= engine.n_ctx:
+            raise ImpError(f"prompt is {needed} tokens (image {pair.image_tokens}), more than the context of "
+                           f"{engine.n_ctx}: shorten the question or raise --ctx")
+        embedding = engine.encode_image(pixels, image.sha256)
+        engine.evaluate([head, embedding, tail])
+        sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed)
+        pieces: list[str] = []
+        started = False
+        for piece in engine.generate(sampling, req.max_tokens):
+            if not started:  # the answer follows "ASSISTANT:" after a space; drop leading blanks
+                piece = piece.lstrip()
+                started = bool(piece)
+            pieces.append(piece)
+            if piece and not output.json_mode:
+                output.answer(piece)
+        answer = "".join(pieces).rstrip()
+        timings = engine.timings.as_dict()
+
+    if output.json_mode:
+        output.record({
+            "answer": answer,
+            "model": {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path), "type": pair.text_type},
+            "image": {"source": image.source, "width": image.size[0], "height": image.size[1], "sha256": image.sha256},
+            "finish_reason": timings["finish_reason"],
+            "timings": timings,
+        })
+    else:
+        output.answer("\n")
+    if timings["finish_reason"] == "context":
+        output.warn("the answer was cut off: the context is full (raise --ctx)")
+    if stats:
+        output.table("timings", {k: v for k, v in timings.items() if v is not None})

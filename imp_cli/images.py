@@ -1,0 +1,171 @@
+"""Get an image from where the user said (path, ``-`` or URL) and turn it into exactly what
+Imp's vision tower sees: an RGB uint8 buffer of size x size, ready for llama.cpp (which then
+only normalises it)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from http.client import HTTPException
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImpError
+
+MAX_BYTES = 50 * 1024 * 1024
+PAD_COLOR = (127, 127, 127)  # Imp pads with int(255 * image_mean) = int(127.5) per channel
+ASPECTS = ("square", "pad")  # the values of Imp's config `image_aspect_ratio`
+
+
+class ImageError(ImpError):
+    """A user-facing, one-line reason why an image could not be loaded."""
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    image: Image.Image  # 8-bit RGB, EXIF orientation applied
+    source: str  # what the user gave, for messages and JSON records
+    size: tuple[int, int]  # (width, height) after EXIF orientation
+    sha256: str  # of the original bytes: the key for caching image encodes
+
+
+def load_image(source: str, *, stdin: BinaryIO | None = None, timeout: float = 30,
+               max_bytes: int = MAX_BYTES) -> LoadedImage:
+    """Read `source` (a path, '-' for stdin, or an http(s) URL), decode it fully, return RGB."""
+    if source == "-":
+        what, image_what = "standard input", "image on standard input"
+        data = _read_stdin(stdin if stdin is not None else sys.stdin.buffer, max_bytes)
+    elif source.lower().startswith(("http://", "https://")):
+        what = image_what = f"image URL {source}"
+        data = _read_url(source, timeout, max_bytes)
+    else:
+        what, image_what = f"'{source}'", f"image '{source}'"
+        data = _read_file(source)
+    image = _decode(data, what, image_what)
+    return LoadedImage(image, source, image.size, hashlib.sha256(data).hexdigest())
+
+
+def preprocess(image: Image.Image, *, size: int, aspect: str) -> np.ndarray:
+    """Imp's own preprocessing up to (not including) normalisation: (size, size, 3) uint8."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"unknown image aspect {aspect!r} (expected one of {', '.join(ASPECTS)})")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if aspect == "pad":  # LLaVA's expand2square: centre on a grey square of the longer side
+        w, h = image.size
+        if w != h:
+            canvas = Image.new("RGB", (max(w, h),) * 2, PAD_COLOR)
+            canvas.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+            image = canvas
+    # A squash, not a crop: the SigLIP processor resizes straight to size x size.
+    return np.array(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n // 2**20} MB" if n % 2**20 == 0 else f"{n:,} bytes"
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        reason = "file not found"
+    except IsADirectoryError:
+        reason = "it is a directory"
+    except PermissionError:
+        reason = "permission denied"
+    except OSError as e:
+        reason = e.strerror or str(e)
+    raise ImageError(f"cannot read image '{path}': {reason}")
+
+
+def _read_stdin(stream: BinaryIO, max_bytes: int) -> bytes:
+    if stream.isatty():  # reading would just wait for the user to type binary data
+        raise ImageError("no image data on standard input (it is a terminal; pipe an image in)")
+    data = stream.read(max_bytes + 1)
+    if not data:
+        raise ImageError("no image data on standard input")
+    if len(data) > max_bytes:
+        raise ImageError(f"image on standard input is larger than {_fmt_bytes(max_bytes)}")
+    return data
+
+
+def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "imp"})
+    too_large = ImageError(f"image URL {url} is larger than {_fmt_bytes(max_bytes)}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # follows redirects
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise too_large  # refuse before downloading anything
+            data = response.read(max_bytes + 1)  # the header may lie or be absent
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"image URL {url} returned HTTP {e.code}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            raise ImageError(f"image URL {url} timed out after {timeout:g} s") from None
+        raise ImageError(f"cannot fetch image URL {url}: {e.reason}") from None
+    except (TimeoutError, socket.timeout):
+        raise ImageError(f"image URL {url} timed out after {timeout:g} s") from None
+    except (OSError, HTTPException, ValueError) as e:
+        raise ImageError(f"cannot fetch image URL {url}: {e or type(e).__name__}") from None
+    if len(data) > max_bytes:
+        raise too_large
+    if not data:
+        raise ImageError(f"image URL {url} returned no data")
+    return data
+
+
+def _decode(data: bytes, what: str, image_what: str) -> Image.Image:
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make both an error. The check
+    # runs on the header, before any pixel is decompressed.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": noise to the user
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))  # multi-frame formats open on the first frame
+            image.load()  # decode now, so a truncated file fails here (LOAD_TRUNCATED_IMAGES off)
+            image = ImageOps.exif_transpose(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+            detail = f"{int(m[1]):,} pixels; limit {int(m[2]):,}" if m else str(e)
+            raise ImageError(f"{image_what} is too large ({detail})") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError(f"{what} is not an image Pillow can read") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+            raise ImageError(f"{image_what} is truncated or corrupt ({e})") from None
+    try:
+        return _to_rgb(image)
+    except ValueError as e:
+        raise ImageError(f"{image_what} has an unsupported mode {image.mode} ({e})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB. Alpha is dropped, not composited: Imp's own code does
+    .convert('RGB'), and our pixels must match the reference."""
+    if image.mode.startswith("I"):
+        # 16-bit data ('I;16*', or 'I' as Pillow may open 16-bit PNGs): Pillow's convert clips
+        # at 255 instead of scaling, so map 0..65535 to 0..255 ourselves (rounded).
+        a = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        # Float images are usually either 0..1 or 0..255; Pillow would clip 0..1 to near-black.
+        a = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        return Image.fromarray(np.round(a.clip(0, 255)).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "RGB":
+        return image
+    with warnings.catch_warnings():  # e.g. Pillow's note about palette transparency as bytes
+        warnings.simplefilter("ignore", UserWarning)
+        return image.convert("RGB")

@@ -1,0 +1,75 @@
+"""One sink for everything that is not the answer. It alone decides TTY vs pipe vs JSON.
+
+stdout carries the answer (or one JSON document with --json) and nothing else; errors,
+warnings, progress and stats go to stderr, with colour and cursor movement only when stderr is
+a terminal (and NO_COLOR is unset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Callable, Iterator
+
+
+class Output:
+    def __init__(self, json_mode: bool = False, verbose: bool = False, quiet: bool = False):
+        from rich.console import Console
+
+        self.json_mode, self.verbose, self.quiet = json_mode, verbose, quiet
+        self.interactive = sys.stderr.isatty()
+        no_color = bool(os.environ.get("NO_COLOR")) or not self.interactive
+        self.err = Console(stderr=True, no_color=no_color, force_terminal=self.interactive,
+                           force_interactive=self.interactive, highlight=False, soft_wrap=True)
+
+    # -- the answer (stdout) ---------------------------------------------------------------------
+    def answer(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def record(self, obj: dict) -> None:
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    # -- everything else (stderr) ----------------------------------------------------------------
+    def error(self, message: str) -> None:
+        self.err.print(f"[bold red]error:[/] {_escape(message)}")
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"[yellow]warning:[/] {_escape(message)}")
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.err.print(_escape(message))
+
+    def table(self, title: str, rows: dict) -> None:
+        width = max(len(k) for k in rows)
+        self.err.print(f"[bold]{_escape(title)}[/]")
+        for k, v in rows.items():
+            self.err.print(f"  {k.ljust(width)}  {_escape(str(v))}")
+
+    @contextlib.contextmanager
+    def phase(self, description: str, total: float) -> Iterator[Callable[[float], None]]:
+        """A progress bar on a terminal; on a pipe, one line when the phase starts."""
+        if self.quiet:
+            yield lambda done: None
+            return
+        if not self.interactive:
+            self.err.print(f"{description} …")
+            yield lambda done: None
+            return
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=self.err, transient=False) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda done: bar.update(task, completed=done)
+            bar.update(task, completed=total)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

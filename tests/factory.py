@@ -1,0 +1,532 @@
+"""Synthetic Imp checkpoints (Phi-2 + SigLIP) with random weights, in the real Hugging Face layouts.
+
+`make_checkpoint` writes a folder that looks like a real Imp checkpoint: config.json, a byte-level
+BPE tokenizer with Phi-2's special-token arrangement, and sharded safetensors with an index, in
+either key layout found on the Hub ("new" = HF Phi names, "old" = phi-msft names with a fused
+Wqkv). TINY builds in a fraction of a second; FULL has the real 3B shapes and is written tensor by
+tensor, so it never needs more memory than its largest tensor.
+
+Every tensor is drawn from its own RNG, seeded by (seed, canonical tensor name), where the
+canonical name is the new-layout one. Hence the order of writing does not matter, the same
+arguments give byte-identical files, and the old layout holds exactly the same weights as the new
+one (its Wqkv is the row concatenation q|k|v of the new q_proj, k_proj, v_proj).
+
+Only numpy and tokenizers are needed here (no torch): the safetensors files are written directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model dimensions. vision_layers counts the KEPT SigLIP layers (those stored in the file)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    partial_rotary_factor: float
+    vocab_rows: int  # embedding / lm_head rows; always more than the tokenizer has tokens
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_heads: int
+    vision_layers: int
+    image_size: int
+    patch_size: int
+    max_position_embeddings: int = 3072
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+# The intermediate widths are deliberately not 4 x hidden (text) nor a multiple of 32 (vision):
+# both are traps for a converter (see DESIGN.md section 4).
+TINY = Sizes(
+    hidden_size=64, num_layers=2, num_heads=4, intermediate_size=160, partial_rotary_factor=0.5,
+    vocab_rows=1088,
+    vision_hidden_size=64, vision_intermediate_size=136, vision_heads=4, vision_layers=2,
+    image_size=56, patch_size=14,
+)
+FULL = Sizes(  # Phi-2 + SigLIP-so400m/14@384 minus its last layer: Imp-v1(.5)-3B
+    hidden_size=2560, num_layers=32, num_heads=32, intermediate_size=10240,
+    partial_rotary_factor=0.4, vocab_rows=51200,
+    vision_hidden_size=1152, vision_intermediate_size=4304, vision_heads=16, vision_layers=26,
+    image_size=384, patch_size=14,
+)
+FULL_196 = Sizes(**{**FULL.__dict__, "image_size": 196})  # Imp-v1.5-3B-196: 14 x 14 tokens
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer. Layout (mirrors Phi-2's, scaled down):
+#   0 .. 959     byte-level BPE (256 byte symbols + 704 merges)
+#   960          <|endoftext|>   special; last entry of vocab.json, as in GPT-2/Phi-2 (50256)
+#   961 .. 970   runs of 8..2 spaces then 4..2 tabs: NON-special added tokens (Phi-2: 50257-50294)
+#   971          </s>            special: eos / end of turn (Phi-2 Imp: 50295)
+#   972          <image>         special: image placeholder, never fed to the model (Imp: 50296)
+# ---------------------------------------------------------------------------------------------
+BPE_SIZE = 960
+ENDOFTEXT, EOS, IMAGE = "<|endoftext|>", "</s>", "<image>"
+WHITESPACE_TOKENS = tuple(" " * n for n in range(8, 1, -1)) + tuple("\t" * n for n in range(4, 1, -1))
+ENDOFTEXT_ID = BPE_SIZE
+WHITESPACE_IDS = range(ENDOFTEXT_ID + 1, ENDOFTEXT_ID + 1 + len(WHITESPACE_TOKENS))
+EOS_ID = WHITESPACE_IDS.stop
+IMAGE_ID = EOS_ID + 1
+N_TOKENS = IMAGE_ID + 1  # tokenizer size (973); Sizes.vocab_rows must exceed it
+
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+
+# A trained model never predicts the padding rows nor <image>: give those lm_head rows this bias
+# so that greedy decoding on random weights never lands on a token that does not exist.
+UNUSED_ROW_BIAS = -10.0
+
+BIN_CANARY = "UNPICKLED"  # see make_bin_only_checkpoint
+
+
+def _corpus() -> Iterator[str]:
+    """A few hundred Imp-style exchanges (no special tokens: those are added after training)."""
+    rng = random.Random(1234)
+    nouns = ("cat dog car tree house person man woman child table chair bird sky cloud road street "
+             "building window door picture image photo flower garden river mountain beach boat "
+             "train bus bicycle horse cow sheep kitchen room bed computer phone book cup plate "
+             "pizza cake apple banana orange ball shirt hat sign light water grass field city "
+             "elephant giraffe zebra umbrella kite skateboard surfboard laptop keyboard television "
+             "refrigerator sandwich broccoli carrot vase clock scissors bottle glass bowl fork knife "
+             "spoon couch bench airplane motorcycle truck fence bridge tower castle church forest "
+             "desert island ocean wave sunset shadow mirror painting statue fountain market "
+             "restaurant station airport stadium player team uniform jacket glasses helmet bag").split()
+    adjectives = ("red blue green yellow white black brown small large big little old young happy "
+                  "bright dark tall short wooden round empty busy quiet beautiful colorful purple "
+                  "pink gray golden silver shiny crowded narrow wide famous modern ancient snowy "
+                  "rainy sunny cloudy wet dry soft heavy striped plastic metal delicious").split()
+    places = ("on the table", "in the room", "next to the window", "near the river", "under the tree",
+              "in front of the house", "on the street", "in the sky", "behind the car",
+              "at the beach", "in the garden", "on the left side", "on the right side")
+    actions = ("is sitting", "is standing", "is walking", "is running", "is playing", "is eating",
+               "is looking at the camera", "is holding a cup", "is riding a bicycle", "is sleeping")
+    numbers = ("one two three four five six seven eight nine ten 2 3 4 5 12 20 100").split()
+    questions = (
+        "What is in the image?", "Describe the image in detail.", "What is this?",
+        "How many {n}s are there?", "What color is the {n}?", "Is there a {n} in the picture?",
+        "Where is the {n}?", "What is the {n} doing?", "Can you describe this photo?",
+        "What do you see in this picture?", "Why is the {n} {a}?", "Which object is {a}?",
+    )
+    answers = (
+        "The image shows a {a} {n} {p}.", "There are {k} {n}s {p}.", "Yes, there is a {a} {n} {p}.",
+        "No, there is no {n} in the picture.", "The {n} is {a}.", "A {a} {n} {v} {p}.",
+        "In this picture, a {n} {v} while a {a} {n2} is {p}.",
+        "The photo shows a {a} {n} and a {n2}. The {n} {v}, and the {n2} is {p}.",
+        "It is a {a} {n}, and it {v} {p}. There is also a {n2} nearby.",
+        "I can see {k} {a} {n}s and a {n2} {p}.",
+    )
+    for _ in range(400):
+        fill = dict(n=rng.choice(nouns), n2=rng.choice(nouns), a=rng.choice(adjectives),
+                    p=rng.choice(places), v=rng.choice(actions), k=rng.choice(numbers))
+        question = rng.choice(questions).format(**fill)
+        answer = rng.choice(answers).format(**fill)
+        yield f"{SYSTEM_PROMPT} USER: {question} ASSISTANT: {answer}"
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    """Train the BPE once per process and add the special tokens in Phi-2's order."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=BPE_SIZE, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    if tok.get_vocab_size() != BPE_SIZE:
+        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {BPE_SIZE}")
+
+    # GPT-2 keeps <|endoftext|> inside the BPE vocabulary (vocab.json), right after the merges.
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"][ENDOFTEXT] = ENDOFTEXT_ID
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(ENDOFTEXT, special=True, normalized=False)])
+    tok.add_tokens([AddedToken(ws, special=False, normalized=True) for ws in WHITESPACE_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (EOS, IMAGE)])
+
+    expected = {ENDOFTEXT: ENDOFTEXT_ID, EOS: EOS_ID, IMAGE: IMAGE_ID,
+                **{ws: i for ws, i in zip(WHITESPACE_TOKENS, WHITESPACE_IDS)}}
+    got = {t: tok.token_to_id(t) for t in expected}
+    if got != expected or tok.get_vocab_size() != N_TOKENS:
+        raise RuntimeError(f"unexpected tokenizer layout: {got}")
+    return tok.to_str()
+
+
+def _write_tokenizer(dest: Path) -> None:
+    tok = Tokenizer.from_str(_tokenizer_json())
+    tok.save(str(dest / "tokenizer.json"))
+    tok.model.save(str(dest), None)  # vocab.json + merges.txt (with <|endoftext|> in vocab.json)
+    added = {i: t for i, t in tok.get_added_tokens_decoder().items()}
+    config = {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t.content, "lstrip": False, "normalized": t.normalized,
+                     "rstrip": False, "single_word": False, "special": t.special}
+            for i, t in sorted(added.items())
+        },
+        "bos_token": ENDOFTEXT,
+        "clean_up_tokenization_spaces": True,  # as Phi-2; decoding for the CLI must not do it
+        "eos_token": EOS,
+        "model_max_length": 3072,
+        "tokenizer_class": "CodeGenTokenizer",
+        "unk_token": ENDOFTEXT,
+    }
+    _write_json(dest / "tokenizer_config.json", config)
+    _write_json(dest / "special_tokens_map.json",
+                {"bos_token": ENDOFTEXT, "eos_token": EOS, "unk_token": ENDOFTEXT})
+    # Like Phi-2's added_tokens.json: the added tokens that are not in vocab.json.
+    _write_json(dest / "added_tokens.json",
+                {t.content: i for i, t in sorted(added.items()) if i > ENDOFTEXT_ID})
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+VISION_PREFIX = "vision_tower.vision_tower.vision_model."
+_DTYPES = {"float16": ("F16", 2), "bfloat16": ("BF16", 2), "float32": ("F32", 4)}
+_SHARD_BYTES = 2 * 1024**3  # target shard size when n_shards is not given
+
+
+@dataclass(frozen=True)
+class _Init:
+    """Normal(mean, std) init of one canonical (new-layout) tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    std: float
+    mean: float = 0.0
+
+    def draw(self, seed: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, zlib.crc32(self.name.encode())])
+        a = rng.standard_normal(self.shape, dtype=np.float32)
+        a *= self.std
+        a += self.mean
+        return a
+
+
+def _linear(name: str, n_out: int, n_in: int, gain: float = 1.0) -> list[_Init]:
+    # std gain/sqrt(fan_in) keeps activations O(1) at any size; biases small but non-zero so that
+    # a converter dropping a bias is caught.
+    return [_Init(f"{name}.weight", (n_out, n_in), gain / math.sqrt(n_in)),
+            _Init(f"{name}.bias", (n_out,), 0.05)]
+
+
+def _norm(name: str, n: int) -> list[_Init]:
+    return [_Init(f"{name}.weight", (n,), 0.1, 1.0), _Init(f"{name}.bias", (n,), 0.05)]
+
+
+def _canonical_inits(s: Sizes) -> list[_Init]:
+    """Every tensor of the checkpoint, under its new-layout name, in file order."""
+    H, V = s.hidden_size, s.vision_hidden_size
+    inits = [_Init("model.embed_tokens.weight", (s.vocab_rows, H), 1.0)]
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}."
+        inits += _norm(p + "input_layernorm", H)
+        for proj in ("q_proj", "k_proj", "v_proj", "dense"):
+            inits += _linear(p + "self_attn." + proj, H, H)
+        inits += _linear(p + "mlp.fc1", s.intermediate_size, H)
+        inits += _linear(p + "mlp.fc2", H, s.intermediate_size)
+    inits += _norm("model.final_layernorm", H)
+
+    vp = "model." + VISION_PREFIX
+    patch_in = 3 * s.patch_size**2
+    inits += [_Init(vp + "embeddings.patch_embedding.weight", (V, 3, s.patch_size, s.patch_size),
+                    1 / math.sqrt(patch_in)),
+              _Init(vp + "embeddings.patch_embedding.bias", (V,), 0.05),
+              _Init(vp + "embeddings.position_embedding.weight", (s.n_image_tokens, V), 0.3)]
+    for i in range(s.vision_layers):
+        p = f"{vp}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            inits += _linear(p + "self_attn." + proj, V, V)
+        inits += _norm(p + "layer_norm1", V) + _norm(p + "layer_norm2", V)
+        inits += _linear(p + "mlp.fc1", s.vision_intermediate_size, V)
+        inits += _linear(p + "mlp.fc2", V, s.vision_intermediate_size)
+    inits += _norm(vp + "post_layernorm", V)  # unused by Imp, present in the real files
+
+    # The projector's output gain brings image embeddings to about the scale of text embeddings.
+    inits += _linear("model.mm_projector.0", H, V) + _linear("model.mm_projector.2", H, H, gain=2.0)
+    # Logit std ~2: well spread, far from the float16 rounding of the weights.
+    inits += _linear("lm_head", s.vocab_rows, H, gain=2.0)
+    return inits
+
+
+def _draw_lm_head_bias(init: _Init, seed: int) -> np.ndarray:
+    bias = init.draw(seed)
+    bias[N_TOKENS:] = UNUSED_ROW_BIAS
+    bias[IMAGE_ID] = UNUSED_ROW_BIAS
+    return bias
+
+
+_OLD_NAMES = (  # new-layout prefix -> old-layout prefix (phi-msft), longest match first
+    ("model.final_layernorm.", "lm_head.ln."),
+    ("model.embed_tokens.", "transformer.embd.wte."),
+    ("model.mm_projector.", "transformer.mm_projector."),
+    ("model.vision_tower.", "transformer.vision_tower."),
+    ("lm_head.", "lm_head.linear."),
+)
+_OLD_LAYER = {"input_layernorm": "ln", "self_attn.dense": "mixer.out_proj", "mlp.fc1": "mlp.fc1",
+              "mlp.fc2": "mlp.fc2"}
+
+
+def _plan(s: Sizes, layout: str, seed: int) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(stored name, shape, float32 producer) for every tensor, in file order."""
+    if layout not in ("new", "old"):
+        raise ValueError(f"layout must be 'new' or 'old', not {layout!r}")
+    plan = []
+    by_name = {}
+    for init in _canonical_inits(s):
+        draw = (lambda i=init: _draw_lm_head_bias(i, seed)) if init.name == "lm_head.bias" \
+            else (lambda i=init: i.draw(seed))
+        by_name[init.name] = init
+        if layout == "new":
+            plan.append((init.name, init.shape, draw))
+            continue
+        if init.name.startswith("model.layers."):
+            _, _, layer, rest = init.name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):
+                continue  # folded into Wqkv when v_proj comes
+            if module == "self_attn.v_proj":
+                parts = [by_name[f"model.layers.{layer}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
+                shape = (3 * init.shape[0],) + init.shape[1:]
+                plan.append((f"transformer.h.{layer}.mixer.Wqkv.{kind}", shape,
+                             lambda ps=parts: np.concatenate([p.draw(seed) for p in ps])))
+                continue
+            plan.append((f"transformer.h.{layer}.{_OLD_LAYER[module]}.{kind}", init.shape, draw))
+            continue
+        new_prefix, old_prefix = next(p for p in _OLD_NAMES if init.name.startswith(p[0]))
+        plan.append((old_prefix + init.name[len(new_prefix):], init.shape, draw))
+    return plan
+
+
+def planned_tensors(sizes: Sizes = TINY, layout: str = "new") -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor make_checkpoint would write, in file order (writes nothing)."""
+    return {name: shape for name, shape, _ in _plan(sizes, layout, seed=0)}
+
+
+def _to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even, as torch does for finite values."""
+    u = a.view(np.uint32)
+    r = (u >> 16) & 1
+    r += 0x7FFF
+    r += u
+    r >>= 16
+    return r.astype(np.uint16)
+
+
+def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return _to_bf16(a)
+    return a.astype(np.float16 if dtype == "float16" else np.float32, copy=False)
+
+
+def _split_shards(sizes_bytes: list[int], n_shards: int) -> list[int]:
+    """Shard index per tensor: contiguous runs of about total/n_shards bytes each."""
+    total = sum(sizes_bytes)
+    target = total / n_shards
+    shard_of, start = [], 0
+    for nbytes in sizes_bytes:
+        shard_of.append(min(n_shards - 1, int((start + nbytes / 2) / target)))
+        start += nbytes
+    if sorted(set(shard_of)) != list(range(n_shards)):
+        raise ValueError(f"cannot split these tensors into {n_shards} non-empty shards")
+    return shard_of
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],
+                       dtype: str) -> None:
+    """Stream a safetensors file: header from the shapes, then one tensor at a time."""
+    code, itemsize = _DTYPES[dtype]
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in entries:
+        nbytes = math.prod(shape) * itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape, produce in entries:
+            data = _encode(produce(), dtype)
+            assert data.shape == shape, (name, data.shape, shape)
+            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+
+def _write_weights(dest: Path, plan, dtype: str, n_shards: int | None) -> None:
+    itemsize = _DTYPES[dtype][1]
+    sizes_bytes = [math.prod(shape) * itemsize for _, shape, _ in plan]
+    if n_shards is None:
+        n_shards = max(2, math.ceil(sum(sizes_bytes) / _SHARD_BYTES))
+    shard_of = _split_shards(sizes_bytes, n_shards)
+    weight_map = {}
+    for k in range(n_shards):
+        fname = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
+        entries = [e for e, s in zip(plan, shard_of) if s == k]
+        _write_safetensors(dest / fname, entries, dtype)
+        weight_map.update({name: fname for name, _, _ in entries})
+    _write_json(dest / "model.safetensors.index.json",
+                {"metadata": {"total_size": sum(sizes_bytes)}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------------
+def _config(s: Sizes, layout: str, dtype: str, aspect: str, drop_lm_sizes: bool) -> dict:
+    cfg = {
+        "architectures": ["ImpForCausalLM"],
+        "model_type": "imp",
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": EOS_ID,
+        "image_token_index": IMAGE_ID,
+        "image_aspect_ratio": aspect,
+        "mm_hidden_size": s.vision_hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": f"google/siglip-so400m-patch{s.patch_size}-{s.image_size}",
+        "use_mm_proj": True,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "vision_tower_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": s.vision_hidden_size,
+            "intermediate_size": s.vision_intermediate_size,
+            "num_attention_heads": s.vision_heads,
+            "num_hidden_layers": s.vision_layers + 1,  # the original tower; Imp drops the last
+            "num_channels": 3,
+            "image_size": s.image_size,
+            "patch_size": s.patch_size,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+            "attention_dropout": 0.0,
+        },
+    }
+    if layout == "new":  # Imp-v1.5: transformers' PhiConfig names
+        lm = {"hidden_act": "gelu_new", "qk_layernorm": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
+              "attention_dropout": 0.0}
+        sizes = {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
+                 "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
+                 "intermediate_size": s.intermediate_size,
+                 "partial_rotary_factor": s.partial_rotary_factor, "rope_theta": 10000.0,
+                 "layer_norm_eps": 1e-5, "vocab_size": s.vocab_rows,
+                 "max_position_embeddings": s.max_position_embeddings}
+    else:  # imp-v1-3b: the phi-msft configuration class (Imp's phi2/configuration_phi.py)
+        lm = {"activation_function": "gelu_new", "flash_attn": False, "flash_rotary": False,
+              "fused_dense": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        sizes = {"n_embd": s.hidden_size, "n_layer": s.num_layers, "n_head": s.num_heads,
+                 "n_head_kv": None,
+                 # phi-msft writes null for the default 4 x n_embd, as the real imp-v1-3b does
+                 "n_inner": None if s.intermediate_size == 4 * s.hidden_size else s.intermediate_size,
+                 "rotary_dim": s.rotary_dim, "layer_norm_epsilon": 1e-5,
+                 "vocab_size": s.vocab_rows, "n_positions": s.max_position_embeddings}
+    cfg.update(lm)
+    if not drop_lm_sizes:
+        cfg.update(sizes)
+    return dict(sorted(cfg.items()))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", aspect: str = "square",
+                    sizes: Sizes = TINY, seed: int = 0, n_shards: int | None = None,
+                    drop_lm_sizes_from_config: bool = False) -> Path:
+    """Write a random-weight Imp checkpoint folder at dest and return dest.
+
+    n_shards=None picks max(2, ceil(size / 2 GiB)): 2 shards for TINY, ~2 GB shards for FULL.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+    if aspect not in ("square", "pad"):
+        raise ValueError(f"aspect must be 'square' or 'pad', not {aspect!r}")
+    if sizes.vocab_rows <= N_TOKENS:
+        raise ValueError(f"vocab_rows ({sizes.vocab_rows}) must exceed the tokenizer size ({N_TOKENS})")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(dest)
+    _write_json(dest / "config.json", _config(sizes, layout, dtype, aspect, drop_lm_sizes_from_config))
+    _write_weights(dest, _plan(sizes, layout, seed), dtype, n_shards)
+    return dest
+
+
+def make_bin_only_checkpoint(dest: Path, *, sharded: bool = False) -> Path:
+    """A checkpoint whose weights exist only as pickled PyTorch files, which must be refused.
+
+    The .bin payload is a canary pickle: unpickling it (pickle.load, or torch.load with
+    weights_only=False) creates the empty file dest/BIN_CANARY, so a test can assert it was never
+    unpickled. torch.load's default weights_only=True refuses it without running it.
+    sharded=True writes pytorch_model-0000K-of-00002.bin + pytorch_model.bin.index.json instead.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(dest)
+    _write_json(dest / "config.json", _config(TINY, "new", "float16", "square", False))
+    marker = str((dest / BIN_CANARY).resolve()).encode()
+    # Protocol 2 by hand: GLOBAL io.open, args (marker, "w"), REDUCE, STOP.
+    canary = (b"\x80\x02cio\nopen\nX" + len(marker).to_bytes(4, "little") + marker
+              + b"X\x01\x00\x00\x00w\x86R.")
+    names = [f"pytorch_model-{k:05d}-of-00002.bin" for k in (1, 2)] if sharded else ["pytorch_model.bin"]
+    for name in names:
+        (dest / name).write_bytes(canary)
+    if sharded:
+        _write_json(dest / "pytorch_model.bin.index.json",
+                    {"metadata": {"total_size": 2 * len(canary)},
+                     "weight_map": {"model.embed_tokens.weight": names[0], "lm_head.weight": names[1]}})
+    return dest
+
+
+def main() -> None:
+    """python -m tests.factory DEST [--sizes full] ...: write a checkpoint by hand (e.g. for bench)."""
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("dest", type=Path)
+    ap.add_argument("--sizes", choices=["tiny", "full", "full_196"], default="tiny")
+    ap.add_argument("--layout", choices=["new", "old"], default="new")
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
+    ap.add_argument("--aspect", choices=["square", "pad"], default="square")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=None)
+    a = ap.parse_args()
+    sizes = {"tiny": TINY, "full": FULL, "full_196": FULL_196}[a.sizes]
+    make_checkpoint(a.dest, layout=a.layout, dtype=a.dtype, aspect=a.aspect, sizes=sizes,
+                    seed=a.seed, n_shards=a.shards)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Reference Imp implementation (the "oracle"): transformers + torch, float32, CPU.
+
+It reads the checkpoint folder on its own (config.json, tokenizer.json, safetensors) and shares no
+code with the product (convert/, imp_cli/) nor with tests/factory.py, so that it can judge them:
+  - language model: transformers' PhiForCausalLM; the old phi-msft layout is renamed to HF Phi
+    names and its fused Wqkv split into q, k, v rows;
+  - vision: transformers' SiglipVisionModel built with the KEPT layer count found in the weights;
+    Imp's feature is the output of the last kept layer, before post_layernorm;
+  - Imp's preprocessing, projector and prompt template, written out here in a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from tokenizers import Tokenizer
+from transformers import PhiConfig, PhiForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+DEFAULT_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+PAD_COLOR = (127, 127, 127)  # int(0.5 * 255) per channel: Imp's image_mean as a colour
+
+# Phi-2's values, used when config.json omits the language-model sizes (newer Imp configs do).
+# Those that the tensor shapes determine (hidden, layers, intermediate, rows) are read from them.
+_PHI2 = {"heads": 32, "partial_rotary_factor": 0.4, "eps": 1e-5, "rope_theta": 10000.0,
+         "max_positions": 2048}
+
+
+def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    weights = {}
+    for name in files:
+        with safe_open(str(ckpt / name), framework="pt") as f:
+            for key in f.keys():
+                weights[key] = f.get_tensor(key).float()
+    return weights
+
+
+def _rename_old_layout(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """phi-msft keys (imp-v1-3b) -> HF Phi keys; Wqkv rows are q | k | v."""
+    out = {}
+    for key, t in w.items():
+        m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m:
+            layer, module, kind = m.groups()
+            p = f"model.layers.{layer}."
+            if module == "mixer.Wqkv":
+                q, k, v = t.chunk(3, dim=0)
+                out.update({f"{p}self_attn.q_proj.{kind}": q, f"{p}self_attn.k_proj.{kind}": k,
+                            f"{p}self_attn.v_proj.{kind}": v})
+                continue
+            new = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense",
+                   "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}[module]
+            out[f"{p}{new}.{kind}"] = t
+        elif key.startswith("transformer.embd.wte."):
+            out["model.embed_tokens." + key.rsplit(".", 1)[1]] = t
+        elif key.startswith("lm_head.ln."):
+            out["model.final_layernorm." + key.rsplit(".", 1)[1]] = t
+        elif key.startswith("lm_head.linear."):
+            out["lm_head." + key.rsplit(".", 1)[1]] = t
+        elif key.startswith("transformer."):
+            out["model." + key[len("transformer."):]] = t
+        else:
+            raise KeyError(f"unexpected key in an old-layout checkpoint: {key}")
+    return out
+
+
+def _first(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+class Oracle:
+    """transformers reference for one Imp (Phi-2 + SigLIP) checkpoint folder."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        ckpt = Path(ckpt_dir)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        self.config = cfg
+        self.aspect = cfg.get("image_aspect_ratio", "square")
+        self.tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        self.image_id = self.tokenizer.token_to_id("<image>")
+        self.stop_ids = {self.tokenizer.token_to_id(t) for t in ("</s>", "<|endoftext|>")}
+
+        w = _read_weights(ckpt)
+        self.layout = "old" if "transformer.embd.wte.weight" in w else "new"
+        if self.layout == "old":
+            w = _rename_old_layout(w)
+        lm = {k: v for k, v in w.items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
+        # transformers 5's SiglipVisionModel holds embeddings/encoder/post_layernorm directly
+        # (4.x wrapped them in .vision_model), so the prefix goes up to "vision_model.".
+        vis_prefix = "model.vision_tower.vision_tower.vision_model."
+        vis = {k[len(vis_prefix):]: v for k, v in w.items() if k.startswith(vis_prefix)}
+        proj = {k[len("model.mm_projector."):]: v for k, v in w.items() if k.startswith("model.mm_projector.")}
+
+        self.lm = self._build_lm(cfg, lm)
+        self.vision = self._build_vision(cfg["vision_tower_config"], vis)
+        # Imp's mlp2x_gelu projector: Linear -> GELU (exact erf) -> Linear.
+        self.projector = torch.nn.Sequential(
+            torch.nn.Linear(*proj["0.weight"].shape[::-1]), torch.nn.GELU(),
+            torch.nn.Linear(*proj["2.weight"].shape[::-1]))
+        self.projector.load_state_dict(proj, strict=True)
+        self.projector.eval()
+        self.image_size = self.vision.config.image_size
+        self.vocab_rows = self.lm.config.vocab_size
+        self.n_tokens = self.tokenizer.get_vocab_size()  # real tokens; rows beyond are padding
+
+    # --- model construction -------------------------------------------------------------------
+    @staticmethod
+    def _build_lm(cfg: dict, w: dict[str, torch.Tensor]) -> PhiForCausalLM:
+        rows, hidden = w["model.embed_tokens.weight"].shape
+        layers = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers."))
+        heads = _first(cfg, "num_attention_heads", "n_head", default=_PHI2["heads"])
+        head_dim = hidden // heads
+        if "rotary_dim" in cfg and cfg["rotary_dim"] is not None:  # phi-msft configs
+            factor = cfg["rotary_dim"] / head_dim
+        else:
+            factor = cfg.get("partial_rotary_factor", _PHI2["partial_rotary_factor"])
+        config = PhiConfig(
+            vocab_size=rows, hidden_size=hidden, num_hidden_layers=layers,
+            intermediate_size=w["model.layers.0.mlp.fc1.weight"].shape[0],
+            num_attention_heads=heads, num_key_value_heads=heads,
+            hidden_act="gelu_new",
+            layer_norm_eps=_first(cfg, "layer_norm_eps", "layer_norm_epsilon", default=_PHI2["eps"]),
+            max_position_embeddings=_first(cfg, "max_position_embeddings", "n_positions",
+                                           default=_PHI2["max_positions"]),
+            # transformers 5 keeps rope_theta and partial_rotary_factor in rope_parameters.
+            rope_parameters={"rope_type": "default", "partial_rotary_factor": factor,
+                             "rope_theta": cfg.get("rope_theta", _PHI2["rope_theta"])},
+            qk_layernorm=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+            tie_word_embeddings=False, attn_implementation="eager",
+        )
+        model = PhiForCausalLM(config)
+        model.load_state_dict(w, strict=True)
+        return model.float().eval()
+
+    @staticmethod
+    def _build_vision(vcfg: dict, w: dict[str, torch.Tensor]) -> SiglipVisionModel:
+        kept = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("encoder.layers."))
+        config = SiglipVisionConfig(
+            hidden_size=vcfg["hidden_size"], intermediate_size=vcfg["intermediate_size"],
+            num_attention_heads=vcfg["num_attention_heads"], num_hidden_layers=kept,
+            image_size=vcfg["image_size"], patch_size=vcfg["patch_size"], num_channels=3,
+            hidden_act=vcfg.get("hidden_act", "gelu_pytorch_tanh"),
+            layer_norm_eps=vcfg.get("layer_norm_eps", 1e-6), attention_dropout=0.0,
+            vision_use_head=False, attn_implementation="eager",
+        )
+        model = SiglipVisionModel(config)
+        model.load_state_dict(w, strict=True)  # includes the unused post_layernorm
+        return model.float().eval()
+
+    # --- image --------------------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Imp's preprocessing -> [1, 3, S, S] float32.
+
+        RGB (plain PIL convert, no EXIF handling: callers pass an already-oriented image); for
+        aspect "pad", centre on a square canvas of the longer side filled with (127,127,127), as
+        LLaVA's expand2square; squash-resize to S x S with PIL BICUBIC; x/255; (x - 0.5) / 0.5.
+        """
+        img = image.convert("RGB")
+        w, h = img.size
+        if self.aspect == "pad" and w != h:
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), PAD_COLOR)
+            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+            img = canvas
+        img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        return ((x - 0.5) / 0.5).permute(2, 0, 1).unsqueeze(0)
+
+    @torch.no_grad()
+    def _image_embeds(self, image: Image.Image) -> torch.Tensor:
+        out = self.vision(pixel_values=self.preprocess(image), output_hidden_states=True)
+        # hidden_states[-1] = output of the last kept layer, before post_layernorm (Imp's feature).
+        return self.projector(out.hidden_states[-1][0])
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        """Projected image embeddings, [n_patches, text_hidden]."""
+        return self._image_embeds(image).numpy()
+
+    # --- text ---------------------------------------------------------------------------------
+    def prompt_ids(self, question: str, system: str | None = None) -> tuple[list[int], list[int]]:
+        """Token ids before and after <image> in `{system} USER: <image>\\n{question} ASSISTANT:`.
+
+        Each side is tokenized on its own, as Imp's tokenizer_image_token does; no BOS.
+        """
+        prompt = f"{DEFAULT_SYSTEM if system is None else system} USER: <image>\n{question} ASSISTANT:"
+        before, after = prompt.split("<image>")
+        return (self.tokenizer.encode(before, add_special_tokens=False).ids,
+                self.tokenizer.encode(after, add_special_tokens=False).ids)
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+
+    def _prompt_embeds(self, image: Image.Image, question: str, system: str | None) -> torch.Tensor:
+        before, after = self.prompt_ids(question, system)
+        return torch.cat([self._embed(before), self._image_embeds(image), self._embed(after)])
+
+    @torch.no_grad()
+    def _logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.lm(inputs_embeds=embeds.unsqueeze(0), use_cache=False).logits[0]
+
+    def first_logits(self, image: Image.Image, question: str, system: str | None = None) -> np.ndarray:
+        """Logits [vocab_rows] for the first answer token.
+
+        The padding rows (>= n_tokens) and <image> carry a large negative bias in factory
+        checkpoints: normalise differences by logits[:n_tokens].std(), not the whole vector's.
+        """
+        with torch.no_grad():
+            return self._logits(self._prompt_embeds(image, question, system))[-1].numpy()
+
+    @torch.no_grad()
+    def greedy(self, image: Image.Image, question: str, n_tokens: int, stop_at_eos: bool = True,
+               system: str | None = None) -> list[int]:
+        """Greedy (argmax, first index on ties) answer ids; a stop token (</s> or <|endoftext|>)
+        ends the answer and is not included."""
+        out = self.lm(inputs_embeds=self._prompt_embeds(image, question, system).unsqueeze(0),
+                      use_cache=True)
+        ids: list[int] = []
+        while True:
+            tok = int(out.logits[0, -1].argmax())
+            if stop_at_eos and tok in self.stop_ids:
+                break
+            ids.append(tok)
+            if len(ids) == n_tokens:
+                break
+            out = self.lm(inputs_embeds=self._embed([tok]).view(1, 1, -1),
+                          past_key_values=out.past_key_values, use_cache=True)
+        return ids
+
+    def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None) -> str:
+        """The greedy answer as a user sees it: the ids decoded byte-level, special tokens
+        (<|endoftext|>, </s>, <image>) skipped, NO clean_up_tokenization_spaces, then str.strip()
+        on both ends (as Imp's own scripts do with `.strip()`)."""
+        ids = self.greedy(image, question, n_tokens, system=system)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def teacher_forced_top1(self, image: Image.Image, question: str, token_ids: list[int],
+                            system: str | None = None) -> list[int]:
+        """For each i, the argmax after prompt + token_ids[:i] (len(token_ids) predictions)."""
+        if not token_ids:
+            return []
+        with torch.no_grad():
+            embeds = torch.cat([self._prompt_embeds(image, question, system),
+                                self._embed(list(token_ids[:-1]))])
+            logits = self._logits(embeds)[-len(token_ids):]
+        return logits.argmax(-1).tolist()
