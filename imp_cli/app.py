@@ -86,6 +86,107 @@ def ask(
         run_ask(request, output, stats=stats)
 
 
+@app.command()
+def pull(
+    model: str = typer.Argument("imp-v1-3b", help="A known model name or a Hugging Face repo id (owner/name[@revision])."),
+    quant: str = typer.Option("Q4_K_M", "--quant", "-q", envvar="IMP_QUANT", help="Language model type: Q4_K_M, Q8_0 or F16."),
+    force: bool = typer.Option(False, "--force", "-f", help="Download and convert again even if installed."),
+    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: all cores)."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Download and convert a model into the model store (see `imp models`)."""
+    from .output import Output
+
+    output = Output(verbose=verbose)
+    with _errors(output):
+        from .pull import pull as run_pull
+
+        entry = run_pull(model, output, quant=quant.upper(), force=force, threads=threads or None)
+        output.answer(f"{entry.folder}\n")
+
+
+models_app = typer.Typer(help="List, locate, import and remove models in the store.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON array on stdout.")) -> None:
+    """The installed models: name, source, type, size, folder."""
+    from .output import Output
+
+    output = Output(json_mode=json_out)
+    with _errors(output):
+        from . import store
+
+        rows = [e.summary() for e in store.entries()]
+        if json_out:
+            output.answer(__import__("json").dumps(rows, indent=2) + "\n")
+            return
+        if not rows:
+            output.info(f"no models installed in {store.models_dir()}: try `imp pull`")
+        for r in rows:
+            output.answer(f"{r['name']}\t{r['source']}\t{r['quant']}\t{_size(r['bytes'])}\t{r['path']}\n")
+
+
+@models_app.command("path")
+def models_path(name: str = typer.Argument(..., help="Store name.")) -> None:
+    """Print the folder of an installed model."""
+    from .output import Output
+
+    output = Output()
+    with _errors(output):
+        from . import store
+        from .errors import ImpError
+
+        entry = store.get(name)
+        if entry is None:
+            raise ImpError(f"no model named {name!r} in the store ({store.models_dir()})")
+        output.answer(f"{entry.folder}\n")
+
+
+@models_app.command("rm")
+def models_rm(
+    name: str = typer.Argument(..., help="Store name."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Remove an installed model (asks first unless --yes)."""
+    from .output import Output
+
+    output = Output()
+    with _errors(output):
+        from . import store
+        from .errors import ImpError
+
+        folder = store.entry_dir(name)
+        if not folder.is_dir():
+            raise ImpError(f"no model named {name!r} in the store ({store.models_dir()})")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise ImpError(f"not removing {name} without confirmation: pass --yes")
+            if not typer.confirm(f"Remove {name} ({folder})?", err=True):
+                raise typer.Exit(1)
+        store.remove(name)
+        output.info(f"removed {name}")
+
+
+@models_app.command("import")
+def models_import(
+    text: Path = typer.Argument(..., help="Language-model GGUF."),
+    mmproj: Optional[Path] = typer.Argument(None, help="Vision projector GGUF (default: found beside TEXT)."),
+    name: str = typer.Option(..., "--name", help="Store name for the pair."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an installed model of that name."),
+) -> None:
+    """Copy an existing GGUF pair into the store under NAME."""
+    from .output import Output
+
+    output = Output()
+    with _errors(output):
+        from .imports import import_pair
+
+        entry = import_pair(text, mmproj, name, force=force)
+        output.answer(f"{entry.folder}\n")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -123,28 +224,21 @@ class _errors:
 
 def main() -> None:
     """Entry point: exit 0 ok, 1 error, 2 usage, 130 interrupted."""
-    import click
-
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as e:
-        code = e.exit_code
-    except click.UsageError as e:
+        # Without standalone mode the CLI library returns (not raises) the code of typer.Exit,
+        # and leaves usage errors and Ctrl-C to us.
+        result = app(standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except typer.TyperException as e:  # usage errors (exit_code 2) and other CLI errors
         e.show()
-        code = 2
-    except click.ClickException as e:
-        e.show()
-        code = e.exit_code
-    except (KeyboardInterrupt, click.Abort):
+        code = getattr(e, "exit_code", 2)
+    except (KeyboardInterrupt, typer.Abort):
         sys.stdout.flush()
         sys.stderr.write("\ninterrupted\n")
         code = 130
-    else:
-        code = 0
     sys.stdout.flush()
     sys.exit(code)
 
 
 if __name__ == "__main__":
     main()
-

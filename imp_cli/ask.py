@@ -25,23 +25,16 @@ class Request:
     verbose: bool = False
 
 
-def resolve_pair(model: str | None, mmproj: str | None):
-    from .modelfiles import read_pair, resolve_paths
-
-    if not model:
-        raise ImpError("no model given: pass --model PATH or set IMP_MODEL")
-    return read_pair(*resolve_paths(model, mmproj))
-
-
 def run_ask(req: Request, output: Output, stats: bool = False) -> None:
     from .engine import Engine, Sampling
     from .images import load_image, preprocess
     from .prompts import build_prompt
+    from .pull import resolve_model
 
     if not req.question.strip():
         raise ImpError("the question is empty")
-    pair = resolve_pair(req.model, req.mmproj)
-    image = load_image(req.image)  # fail on a bad image before the model loads
+    image = load_image(req.image)  # fail on a bad image before any model work
+    pair = resolve_model(req.model, req.mmproj, output)
     pixels = preprocess(image.image, size=pair.image_size, aspect=pair.image_aspect)
     before, after = build_prompt(pair.prompt_family, req.question, system=req.system)
 

@@ -27,6 +27,7 @@ class ModelPair:
     n_embd: int
     n_ctx_train: int
     text_type: str
+    mmproj_type: str
 
 
 def _read(path: Path) -> dict:
@@ -83,13 +84,6 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
         )
     image_size = int(_need(proj, "clip.vision.image_size", mmproj_path))
     patch = int(_need(proj, "clip.vision.patch_size", mmproj_path))
-    from gguf import LlamaFileType
-
-    ftype = text.get("general.file_type")
-    try:
-        text_type = LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else "?"
-    except ValueError:
-        text_type = str(ftype)
     return ModelPair(
         text_path=text_path,
         mmproj_path=mmproj_path,
@@ -100,8 +94,19 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
         image_tokens=int(proj.get("imp.image_token_count", (image_size // patch) ** 2)),
         n_embd=n_embd,
         n_ctx_train=int(_need(text, f"{arch}.context_length", text_path)),
-        text_type=text_type,
+        text_type=_file_type(text),
+        mmproj_type=_file_type(proj),
     )
+
+
+def _file_type(fields: dict) -> str:
+    from gguf import LlamaFileType
+
+    ftype = fields.get("general.file_type")
+    try:
+        return LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else "?"
+    except ValueError:
+        return str(ftype)
 
 
 def find_mmproj(text_path: Path) -> Path:

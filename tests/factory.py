@@ -99,8 +99,10 @@ SYSTEM_PROMPT = (
     "helpful, detailed, and polite answers to the user's questions."
 )
 
-# A trained model never predicts the padding rows nor <image>: give those lm_head rows this bias
-# so that greedy decoding on random weights never lands on a token that does not exist.
+# A trained model never predicts the padding rows, <image>, nor lone bytes that are not text.
+# Their lm_head rows get this bias, so greedy decoding of random weights yields plain words (see
+# predictable_ids). Scale logit comparisons by logits[predictable_ids()].std(): these rows sit far
+# below the others and inflate the std of the whole vector.
 UNUSED_ROW_BIAS = -10.0
 
 BIN_CANARY = "UNPICKLED"  # see make_bin_only_checkpoint
@@ -177,6 +179,19 @@ def _tokenizer_json() -> str:
     if got != expected or tok.get_vocab_size() != N_TOKENS:
         raise RuntimeError(f"unexpected tokenizer layout: {got}")
     return tok.to_str()
+
+
+@lru_cache(maxsize=1)
+def predictable_ids() -> np.ndarray:
+    """Sorted ids whose lm_head rows have an ordinary bias: every token but <image>, the padding
+    rows, and the single-byte tokens that alone decode to a control character or broken UTF-8."""
+    tok = Tokenizer.from_str(_tokenizer_json())
+
+    def plain(i: int) -> bool:
+        text = tok.decode([i], skip_special_tokens=False)
+        return text in ("\n", "\t") or (text.isascii() and text.isprintable())
+
+    return np.array([i for i in range(N_TOKENS) if i != IMAGE_ID and plain(i)])
 
 
 def _write_tokenizer(dest: Path) -> None:
@@ -279,10 +294,25 @@ def _canonical_inits(s: Sizes) -> list[_Init]:
     return inits
 
 
+SELF_REPEAT_PENALTY = 1.0
+
+
+def _draw_lm_head_weight(init: _Init, embed: _Init, seed: int) -> np.ndarray:
+    # A trained model seldom predicts the token it has just read; random weights do often enough
+    # that greedy decoding falls into a one-token loop for a fair share of seeds. The hidden state
+    # carries the input embedding through the residual path, so subtracting each token's unit
+    # embedding from its own output row lowers that token's logit right after itself.
+    e = embed.draw(seed)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    w = init.draw(seed)
+    w -= SELF_REPEAT_PENALTY * e
+    return w
+
+
 def _draw_lm_head_bias(init: _Init, seed: int) -> np.ndarray:
-    bias = init.draw(seed)
-    bias[N_TOKENS:] = UNUSED_ROW_BIAS
-    bias[IMAGE_ID] = UNUSED_ROW_BIAS
+    bias = np.full(init.shape, UNUSED_ROW_BIAS, dtype=np.float32)
+    live = predictable_ids()
+    bias[live] = init.draw(seed)[live]
     return bias
 
 
@@ -304,8 +334,12 @@ def _plan(s: Sizes, layout: str, seed: int) -> list[tuple[str, tuple[int, ...], 
     plan = []
     by_name = {}
     for init in _canonical_inits(s):
-        draw = (lambda i=init: _draw_lm_head_bias(i, seed)) if init.name == "lm_head.bias" \
-            else (lambda i=init: i.draw(seed))
+        if init.name == "lm_head.bias":
+            draw = lambda i=init: _draw_lm_head_bias(i, seed)  # noqa: E731
+        elif init.name == "lm_head.weight":
+            draw = lambda i=init: _draw_lm_head_weight(i, by_name["model.embed_tokens.weight"], seed)  # noqa: E731
+        else:
+            draw = lambda i=init: i.draw(seed)  # noqa: E731
         by_name[init.name] = init
         if layout == "new":
             plan.append((init.name, init.shape, draw))

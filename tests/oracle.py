@@ -11,6 +11,7 @@ code with the product (convert/, imp_cli/) nor with tests/factory.py, so that it
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from tokenizers import Tokenizer
-from transformers import PhiConfig, PhiForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import DynamicCache, PhiConfig, PhiForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -108,6 +109,9 @@ class Oracle:
         proj = {k[len("model.mm_projector."):]: v for k, v in w.items() if k.startswith("model.mm_projector.")}
 
         self.lm = self._build_lm(cfg, lm)
+        # transformers 5.24 renamed forward's past_key_values to cache (the old name warns).
+        self._cache_kwarg = ("cache" if "cache" in inspect.signature(self.lm.forward).parameters
+                             else "past_key_values")
         self.vision = self._build_vision(cfg["vision_tower_config"], vis)
         # Imp's mlp2x_gelu projector: Linear -> GELU (exact erf) -> Linear.
         self.projector = torch.nn.Sequential(
@@ -217,8 +221,8 @@ class Oracle:
     def first_logits(self, image: Image.Image, question: str, system: str | None = None) -> np.ndarray:
         """Logits [vocab_rows] for the first answer token.
 
-        The padding rows (>= n_tokens) and <image> carry a large negative bias in factory
-        checkpoints: normalise differences by logits[:n_tokens].std(), not the whole vector's.
+        In factory checkpoints some rows (padding, <image>, ...) carry a large negative bias:
+        scale differences by logits[factory.predictable_ids()].std(), not the whole vector's.
         """
         with torch.no_grad():
             return self._logits(self._prompt_embeds(image, question, system))[-1].numpy()
@@ -226,20 +230,19 @@ class Oracle:
     @torch.no_grad()
     def greedy(self, image: Image.Image, question: str, n_tokens: int, stop_at_eos: bool = True,
                system: str | None = None) -> list[int]:
-        """Greedy (argmax, first index on ties) answer ids; a stop token (</s> or <|endoftext|>)
-        ends the answer and is not included."""
-        out = self.lm(inputs_embeds=self._prompt_embeds(image, question, system).unsqueeze(0),
-                      use_cache=True)
+        """Greedy (argmax, first index on ties) answer ids, at most n_tokens; a stop token
+        (</s> or <|endoftext|>) ends the answer and is not included."""
+        cache = DynamicCache()  # updated in place by each forward
+        embeds = self._prompt_embeds(image, question, system)
         ids: list[int] = []
-        while True:
-            tok = int(out.logits[0, -1].argmax())
+        while len(ids) < n_tokens:
+            logits = self.lm(inputs_embeds=embeds.unsqueeze(0), use_cache=True,
+                             **{self._cache_kwarg: cache}).logits
+            tok = int(logits[0, -1].argmax())
             if stop_at_eos and tok in self.stop_ids:
                 break
             ids.append(tok)
-            if len(ids) == n_tokens:
-                break
-            out = self.lm(inputs_embeds=self._embed([tok]).view(1, 1, -1),
-                          past_key_values=out.past_key_values, use_cache=True)
+            embeds = self._embed([tok])
         return ids
 
     def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None) -> str:

@@ -43,11 +43,13 @@ class TextFamily:
     def copy(self, out: str, src: str, shape: tuple[int, ...], want: QType = QType.F16) -> TensorSpec:
         return copy_spec(self.ckpt, out, src, shape, weight_type(shape, want))
 
-    def config_int(self, key: str, actual: int | None, default: int | None) -> int:
-        """A size from config.json, checked against what the tensors say when they say it."""
-        value = self.ckpt.config.get(key, default if actual is None else actual)
+    def config_int(self, keys: tuple[str, ...], actual: int | None, default: int | None) -> int:
+        """A size from config.json (first of `keys` set), checked against what the tensors say."""
+        value = next((self.ckpt.config[k] for k in keys if self.ckpt.config.get(k) is not None), None)
         if value is None:
-            raise ConvertError(f"config.json lacks {key} and it cannot be derived from the weights")
+            value = default if actual is None else actual
+        if value is None:
+            raise ConvertError(f"config.json lacks {keys[0]} and it cannot be derived from the weights")
         if actual is not None and value != actual:
-            raise ConvertError(f"config.json says {key}={value} but the weights have {actual}")
+            raise ConvertError(f"config.json says {keys[0]}={value} but the weights have {actual}")
         return int(value)

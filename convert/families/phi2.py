@@ -60,12 +60,12 @@ class Phi2(TextFamily):
         found = {int(m.group(1)) for name in ckpt.tensors if (m := layer_re.match(name))}
         if not found or found != set(range(len(found))):
             raise ConvertError(f"{ckpt.folder}: language-model layers are missing or not numbered 0..N-1")
-        self.n_layer = self.config_int("num_hidden_layers", len(found), None)
-        self.config_int("hidden_size", self.n_embd, None)
-        self.config_int("vocab_size", self.n_rows, None)
+        self.n_layer = self.config_int(("num_hidden_layers", "n_layer"), len(found), None)
+        self.config_int(("hidden_size", "n_embd"), self.n_embd, None)
+        self.config_int(("vocab_size",), self.n_rows, None)
         fc1 = k["layer"].format(0) + k["fc1"] + ".weight"
         self.require(fc1)
-        self.n_ff = self.config_int("intermediate_size", ckpt.shape(fc1)[0], None)
+        self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1)[0], None)
 
         self.n_head = int(cfg.get("num_attention_heads") or cfg.get("n_head") or PHI2_DEFAULTS["num_attention_heads"])
         if self.n_embd % self.n_head:

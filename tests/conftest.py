@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny Imp checkpoints and their converted GGUF pairs, built once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from factory import make_checkpoint  # noqa: E402
+
+IMP = str(Path(sys.executable).parent / "imp")  # the installed console script
+
+
+@pytest.fixture(scope="session")
+def imp_bin() -> str:
+    return IMP
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(layout="new", dtype="float16", aspect="square", **kw) -> folder (cached)."""
+    made: dict = {}
+
+    def get(layout: str = "new", dtype: str = "float16", aspect: str = "square", **kw) -> Path:
+        key = (layout, dtype, aspect, tuple(sorted(kw.items())))
+        if key not in made:
+            dest = tmp_path_factory.mktemp(f"ckpt-{layout}-{dtype}-{aspect}")
+            made[key] = make_checkpoint(dest, layout=layout, dtype=dtype, aspect=aspect, **kw)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(checkpoint, tmp_path_factory):
+    """converted(layout, dtype, aspect, quant="F16", mmproj_type="F16") -> (text, mmproj) paths."""
+    from convert.pipeline import convert
+
+    made: dict = {}
+
+    def get(layout: str = "new", dtype: str = "float16", aspect: str = "square",
+            quant: str = "F16", mmproj_type: str = "F16") -> tuple[Path, Path]:
+        key = (layout, dtype, aspect, quant, mmproj_type)
+        if key not in made:
+            out = tmp_path_factory.mktemp("gguf")
+            r = convert(str(checkpoint(layout, dtype, aspect)), out, quant=quant, mmproj_type=mmproj_type)
+            made[key] = (Path(r.text_path), Path(r.mmproj_path))
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def oracle_for(checkpoint):
+    """oracle_for(layout, dtype, aspect) -> the transformers reference on the same weights."""
+    from oracle import Oracle
+
+    made: dict = {}
+
+    def get(layout: str = "new", dtype: str = "float16", aspect: str = "square") -> "Oracle":
+        key = (layout, dtype, aspect)
+        if key not in made:
+            made[key] = Oracle(checkpoint(layout, dtype, aspect))
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory) -> Path:
+    """A small non-square photo-like PNG (smooth gradients plus noise)."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:72, 0:104]
+    base = np.stack([x * 2, y * 3, (x + y) * 1.5], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(pixels).save(path)
+    return path
