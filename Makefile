@@ -17,5 +17,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# The README's first command, on a picture shipped in the repo (samples/make_demo.py drew it).
+demo: install
+	$(VENV)/bin/imp ask samples/demo.jpg "What is in this picture?"
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -81,3 +81,29 @@ def photo(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "photo.png"
     Image.fromarray(pixels).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def hub_cache(checkpoint, tmp_path_factory):
+    """hub_cache(repo_id, **checkpoint_kw) -> (cache_dir, commit): a Hugging Face hub cache holding
+    a tiny checkpoint under repo_id at refs/main, as snapshot_download would have left it.
+    Use with HF_HUB_CACHE=cache_dir and HF_HUB_OFFLINE=1."""
+    import hashlib
+    import shutil
+
+    root = tmp_path_factory.mktemp("hub")
+
+    def get(repo_id: str, **kw) -> tuple[Path, str]:
+        src = checkpoint(**kw)
+        commit = hashlib.sha1(f"{repo_id}{sorted(kw.items())}".encode()).hexdigest()
+        repo = root / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit
+        if not snapshot.is_dir():
+            snapshot.mkdir(parents=True)
+            for f in src.iterdir():
+                shutil.copyfile(f, snapshot / f.name)
+            (repo / "refs").mkdir(exist_ok=True)
+            (repo / "refs" / "main").write_text(commit)
+        return root, commit
+
+    return get
