@@ -12,6 +12,11 @@ from typing import Optional
 
 import typer
 
+try:  # typer >= 0.21 vendors its own parser; older releases use click's exceptions
+    from typer import TyperException as _ParserError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import ClickException as _ParserError
+
 app = typer.Typer(
     name="imp",
     help="Run Imp vision-language models locally, quantized, through llama.cpp.",
@@ -229,7 +234,7 @@ def main() -> None:
         # and leaves usage errors and Ctrl-C to us.
         result = app(standalone_mode=False)
         code = result if isinstance(result, int) else 0
-    except typer.TyperException as e:  # usage errors (exit_code 2) and other CLI errors
+    except _ParserError as e:  # usage errors (exit_code 2) and other CLI errors
         e.show()
         code = getattr(e, "exit_code", 2)
     except (KeyboardInterrupt, typer.Abort):
