@@ -20,10 +20,11 @@ import argparse
 import json
 import math
 import random
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,7 @@ SYSTEM_PROMPT = (
 # predictable_ids). Scale logit comparisons by logits[predictable_ids()].std(): these rows sit far
 # below the others and inflate the std of the whole vector.
 UNUSED_ROW_BIAS = -10.0
+SELF_REPEAT_PENALTY = 1.0  # see _draw_lm_head_weight
 
 BIN_CANARY = "UNPICKLED"  # see make_bin_only_checkpoint
 
@@ -191,7 +193,9 @@ def predictable_ids() -> np.ndarray:
         text = tok.decode([i], skip_special_tokens=False)
         return text in ("\n", "\t") or (text.isascii() and text.isprintable())
 
-    return np.array([i for i in range(N_TOKENS) if i != IMAGE_ID and plain(i)])
+    ids = np.array([i for i in range(N_TOKENS) if i != IMAGE_ID and plain(i)])
+    ids.setflags(write=False)  # shared by every caller (lru_cache)
+    return ids
 
 
 def _write_tokenizer(dest: Path) -> None:
@@ -294,14 +298,14 @@ def _canonical_inits(s: Sizes) -> list[_Init]:
     return inits
 
 
-SELF_REPEAT_PENALTY = 1.0
-
-
 def _draw_lm_head_weight(init: _Init, embed: _Init, seed: int) -> np.ndarray:
-    # A trained model seldom predicts the token it has just read; random weights do often enough
-    # that greedy decoding falls into a one-token loop for a fair share of seeds. The hidden state
-    # carries the input embedding through the residual path, so subtracting each token's unit
-    # embedding from its own output row lowers that token's logit right after itself.
+    """Random rows minus SELF_REPEAT_PENALTY x the token's own unit embedding.
+
+    A trained model seldom predicts the token it has just read; plain random weights do, and
+    greedy decoding then falls into a one-token loop (2 seeds in 30 on TINY; 0 with this). The
+    hidden state carries the input embedding through the residual path, so this lowers a token's
+    logit right after itself.
+    """
     e = embed.draw(seed)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     w = init.draw(seed)
@@ -316,7 +320,7 @@ def _draw_lm_head_bias(init: _Init, seed: int) -> np.ndarray:
     return bias
 
 
-_OLD_NAMES = (  # new-layout prefix -> old-layout prefix (phi-msft), longest match first
+_OLD_NAMES = (  # new-layout prefix -> old-layout prefix (phi-msft), outside the layers
     ("model.final_layernorm.", "lm_head.ln."),
     ("model.embed_tokens.", "transformer.embd.wte."),
     ("model.mm_projector.", "transformer.mm_projector."),
@@ -327,38 +331,42 @@ _OLD_LAYER = {"input_layernorm": "ln", "self_attn.dense": "mixer.out_proj", "mlp
               "mlp.fc2": "mlp.fc2"}
 
 
+def _draw_fused(parts: list[_Init], seed: int) -> np.ndarray:
+    return np.concatenate([p.draw(seed) for p in parts])
+
+
 def _plan(s: Sizes, layout: str, seed: int) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(stored name, shape, float32 producer) for every tensor, in file order."""
     if layout not in ("new", "old"):
         raise ValueError(f"layout must be 'new' or 'old', not {layout!r}")
-    plan = []
-    by_name = {}
-    for init in _canonical_inits(s):
+    inits = _canonical_inits(s)
+    by_name = {i.name: i for i in inits}
+
+    def producer(init: _Init) -> Callable[[], np.ndarray]:
+        if init.name == "lm_head.weight":
+            return partial(_draw_lm_head_weight, init, by_name["model.embed_tokens.weight"], seed)
         if init.name == "lm_head.bias":
-            draw = lambda i=init: _draw_lm_head_bias(i, seed)  # noqa: E731
-        elif init.name == "lm_head.weight":
-            draw = lambda i=init: _draw_lm_head_weight(i, by_name["model.embed_tokens.weight"], seed)  # noqa: E731
+            return partial(_draw_lm_head_bias, init, seed)
+        return partial(init.draw, seed)
+
+    if layout == "new":
+        return [(i.name, i.shape, producer(i)) for i in inits]
+    plan = []
+    for init in inits:
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", init.name)
+        if not m:
+            new_prefix, old_prefix = next(p for p in _OLD_NAMES if init.name.startswith(p[0]))
+            plan.append((old_prefix + init.name[len(new_prefix):], init.shape, producer(init)))
+            continue
+        layer, module, kind = m.groups()
+        if module in ("self_attn.q_proj", "self_attn.k_proj"):
+            continue  # fused into Wqkv, written in v_proj's place
+        if module == "self_attn.v_proj":
+            parts = [by_name[f"model.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            plan.append((f"transformer.h.{layer}.mixer.Wqkv.{kind}", (3 * init.shape[0], *init.shape[1:]),
+                         partial(_draw_fused, parts, seed)))
         else:
-            draw = lambda i=init: i.draw(seed)  # noqa: E731
-        by_name[init.name] = init
-        if layout == "new":
-            plan.append((init.name, init.shape, draw))
-            continue
-        if init.name.startswith("model.layers."):
-            _, _, layer, rest = init.name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            if module in ("self_attn.q_proj", "self_attn.k_proj"):
-                continue  # folded into Wqkv when v_proj comes
-            if module == "self_attn.v_proj":
-                parts = [by_name[f"model.layers.{layer}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
-                shape = (3 * init.shape[0],) + init.shape[1:]
-                plan.append((f"transformer.h.{layer}.mixer.Wqkv.{kind}", shape,
-                             lambda ps=parts: np.concatenate([p.draw(seed) for p in ps])))
-                continue
-            plan.append((f"transformer.h.{layer}.{_OLD_LAYER[module]}.{kind}", init.shape, draw))
-            continue
-        new_prefix, old_prefix = next(p for p in _OLD_NAMES if init.name.startswith(p[0]))
-        plan.append((old_prefix + init.name[len(new_prefix):], init.shape, draw))
+            plan.append((f"transformer.h.{layer}.{_OLD_LAYER[module]}.{kind}", init.shape, producer(init)))
     return plan
 
 

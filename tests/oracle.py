@@ -102,9 +102,7 @@ class Oracle:
         if self.layout == "old":
             w = _rename_old_layout(w)
         lm = {k: v for k, v in w.items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
-        # transformers 5's SiglipVisionModel holds embeddings/encoder/post_layernorm directly
-        # (4.x wrapped them in .vision_model), so the prefix goes up to "vision_model.".
-        vis_prefix = "model.vision_tower.vision_tower.vision_model."
+        vis_prefix = "model.vision_tower.vision_tower."
         vis = {k[len(vis_prefix):]: v for k, v in w.items() if k.startswith(vis_prefix)}
         proj = {k[len("model.mm_projector."):]: v for k, v in w.items() if k.startswith("model.mm_projector.")}
 
@@ -130,7 +128,7 @@ class Oracle:
         layers = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers."))
         heads = _first(cfg, "num_attention_heads", "n_head", default=_PHI2["heads"])
         head_dim = hidden // heads
-        if "rotary_dim" in cfg and cfg["rotary_dim"] is not None:  # phi-msft configs
+        if cfg.get("rotary_dim") is not None:  # phi-msft configs
             factor = cfg["rotary_dim"] / head_dim
         else:
             factor = cfg.get("partial_rotary_factor", _PHI2["partial_rotary_factor"])
@@ -142,9 +140,8 @@ class Oracle:
             layer_norm_eps=_first(cfg, "layer_norm_eps", "layer_norm_epsilon", default=_PHI2["eps"]),
             max_position_embeddings=_first(cfg, "max_position_embeddings", "n_positions",
                                            default=_PHI2["max_positions"]),
-            # transformers 5 keeps rope_theta and partial_rotary_factor in rope_parameters.
-            rope_parameters={"rope_type": "default", "partial_rotary_factor": factor,
-                             "rope_theta": cfg.get("rope_theta", _PHI2["rope_theta"])},
+            # transformers 5 moves these two into config.rope_parameters; 4.x reads them as is.
+            partial_rotary_factor=factor, rope_theta=cfg.get("rope_theta", _PHI2["rope_theta"]),
             qk_layernorm=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
             tie_word_embeddings=False, attn_implementation="eager",
         )
@@ -154,7 +151,7 @@ class Oracle:
 
     @staticmethod
     def _build_vision(vcfg: dict, w: dict[str, torch.Tensor]) -> SiglipVisionModel:
-        kept = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("encoder.layers."))
+        kept = 1 + max(int(k.split(".")[3]) for k in w if k.startswith("vision_model.encoder.layers."))
         config = SiglipVisionConfig(
             hidden_size=vcfg["hidden_size"], intermediate_size=vcfg["intermediate_size"],
             num_attention_heads=vcfg["num_attention_heads"], num_hidden_layers=kept,
@@ -164,6 +161,9 @@ class Oracle:
             vision_use_head=False, attn_implementation="eager",
         )
         model = SiglipVisionModel(config)
+        if not any(k.startswith("vision_model.") for k in model.state_dict()):
+            # transformers 5 dropped the .vision_model wrapper that 4.x (and Imp's files) have.
+            w = {k.removeprefix("vision_model."): v for k, v in w.items()}
         model.load_state_dict(w, strict=True)  # includes the unused post_layernorm
         return model.float().eval()
 
@@ -252,13 +252,19 @@ class Oracle:
         ids = self.greedy(image, question, n_tokens, system=system)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def teacher_forced_top1(self, image: Image.Image, question: str, token_ids: list[int],
-                            system: str | None = None) -> list[int]:
-        """For each i, the argmax after prompt + token_ids[:i] (len(token_ids) predictions)."""
+    def teacher_forced_logits(self, image: Image.Image, question: str, token_ids: list[int],
+                              system: str | None = None) -> np.ndarray:
+        """Row i: the logits [vocab_rows] after prompt + token_ids[:i]; len(token_ids) rows.
+
+        Lets a test tell a real mismatch from a near-tie (small top-1/top-2 margin)."""
         if not token_ids:
-            return []
+            return np.zeros((0, self.vocab_rows), dtype=np.float32)
         with torch.no_grad():
             embeds = torch.cat([self._prompt_embeds(image, question, system),
                                 self._embed(list(token_ids[:-1]))])
-            logits = self._logits(embeds)[-len(token_ids):]
-        return logits.argmax(-1).tolist()
+            return self._logits(embeds)[-len(token_ids):].numpy()
+
+    def teacher_forced_top1(self, image: Image.Image, question: str, token_ids: list[int],
+                            system: str | None = None) -> list[int]:
+        """For each i, the argmax after prompt + token_ids[:i] (len(token_ids) predictions)."""
+        return self.teacher_forced_logits(image, question, token_ids, system).argmax(-1).tolist()
