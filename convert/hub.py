@@ -75,7 +75,8 @@ def download(repo_id: str, revision: str | None, show_progress: bool) -> Path:
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-        raise ConvertError(f"{repo_id}: not in the local Hugging Face cache and {why}") from None
+        label = repo_id + (f"@{revision}" if revision else "")
+        raise ConvertError(f"{label}: not in the local Hugging Face cache and {why}") from None
     except (HfHubHTTPError, OSError) as e:
         raise ConvertError(f"{repo_id}: download failed ({str(e).splitlines()[0]})") from None
     return Path(folder)

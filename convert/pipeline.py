@@ -178,6 +178,9 @@ def _check_outputs(out_dir: Path, paths: list[Path], force: bool) -> None:
         raise ConvertError(f"output path {out_dir} is not a folder")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise ConvertError(f"output folder {out_dir} is not writable")
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise ConvertError(f"output path {folders[0]} is a folder")
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         raise ConvertError(f"{existing[0]} already exists (use --force to replace it)")

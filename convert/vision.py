@@ -115,4 +115,4 @@ class VisionTower:
         return out
 
     def _copy(self, out: str, src: str, shape: tuple[int, ...], qtype: QType | None = None) -> TensorSpec:
-        return copy_spec(self.ckpt, out, src, shape, qtype or weight_type(shape, self.want))
+        return copy_spec(self.ckpt, out, src, shape, weight_type(shape, self.want) if qtype is None else qtype)

@@ -7,6 +7,7 @@ Heavy modules (numpy, Pillow, gguf, llama_cpp) are imported inside commands so t
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,17 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+class TextType(str, Enum):
+    Q4_K_M = "Q4_K_M"
+    Q8_0 = "Q8_0"
+    F16 = "F16"
+
+
+class MmprojType(str, Enum):
+    F16 = "F16"
+    Q8_0 = "Q8_0"
+
+
 VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Show llama.cpp logs and tracebacks.")
 
 
@@ -33,8 +45,8 @@ VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Sho
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder, or Hugging Face repo id (owner/name[@revision])."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for the two GGUF files."),
-    quant: str = typer.Option("Q4_K_M", "--quant", "-q", envvar="IMP_QUANT", help="Language model type: Q4_K_M, Q8_0 or F16."),
-    mmproj_type: str = typer.Option("F16", "--mmproj-type", help="Vision projector type: F16 or Q8_0."),
+    quant: TextType = typer.Option(TextType.Q4_K_M, "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
+    mmproj_type: MmprojType = typer.Option(MmprojType.F16, "--mmproj-type", case_sensitive=False, help="Vision projector type."),
     name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: the checkpoint's)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing output files."),
     threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", help="Quantization threads (0: all cores)."),
@@ -48,7 +60,7 @@ def convert(
     with _errors(output):
         from convert.pipeline import convert as run_convert
 
-        result = run_convert(source, out, quant=quant.upper(), mmproj_type=mmproj_type.upper(), force=force,
+        result = run_convert(source, out, quant=quant.value, mmproj_type=mmproj_type.value, force=force,
                              progress=output, threads=threads or None, name=name)
         if json_out:
             output.record(result.as_dict())
@@ -94,7 +106,7 @@ def ask(
 @app.command()
 def pull(
     model: str = typer.Argument("imp-v1-3b", help="A known model name or a Hugging Face repo id (owner/name[@revision])."),
-    quant: str = typer.Option("Q4_K_M", "--quant", "-q", envvar="IMP_QUANT", help="Language model type: Q4_K_M, Q8_0 or F16."),
+    quant: TextType = typer.Option(TextType.Q4_K_M, "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
     force: bool = typer.Option(False, "--force", "-f", help="Download and convert again even if installed."),
     threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: all cores)."),
     verbose: bool = VERBOSE,
@@ -106,7 +118,7 @@ def pull(
     with _errors(output):
         from .pull import pull as run_pull
 
-        entry = run_pull(model, output, quant=quant.upper(), force=force, threads=threads or None)
+        entry = run_pull(model, output, quant=quant.value, force=force, threads=threads or None)
         output.answer(f"{entry.folder}\n")
 
 
