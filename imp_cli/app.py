@@ -222,8 +222,13 @@ class _errors:
         return self
 
     def __exit__(self, kind, exc, tb):
+        if isinstance(exc, KeyboardInterrupt):
+            self.output.err.print("interrupted")
         if exc is None or isinstance(exc, (typer.Exit, KeyboardInterrupt, SystemExit)):
             return False
+        if isinstance(exc, BrokenPipeError):  # the reader went away (`| head`): stop quietly
+            _silence_stdout()
+            raise typer.Exit(141)
         from convert.errors import ConvertError
 
         from .errors import ImpError
@@ -239,6 +244,14 @@ class _errors:
         raise typer.Exit(1)
 
 
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the final flush cannot fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main() -> None:
     """Entry point: exit 0 ok, 1 error, 2 usage, 130 interrupted."""
     try:
@@ -249,9 +262,7 @@ def main() -> None:
     except _ParserError as e:  # usage errors (exit_code 2) and other CLI errors
         e.show()
         code = getattr(e, "exit_code", 2)
-    except (KeyboardInterrupt, typer.Abort):
-        sys.stdout.flush()
-        sys.stderr.write("\ninterrupted\n")
+    except (KeyboardInterrupt, typer.Abort):  # interrupted outside a command
         code = 130
     sys.stdout.flush()
     sys.exit(code)

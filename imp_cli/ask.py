@@ -48,15 +48,23 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
         engine.evaluate([head, embedding, tail])
         sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed)
         pieces: list[str] = []
-        started = False
-        for piece in engine.generate(sampling, req.max_tokens):
-            if not started:  # the answer follows "ASSISTANT:" after a space; drop leading blanks
-                piece = piece.lstrip()
-                started = bool(piece)
-            pieces.append(piece)
-            if piece and not output.json_mode:
-                output.answer(piece)
-        answer = "".join(pieces).rstrip()
+        blank = ""  # whitespace held back until more text follows: the answer is stripped
+        try:
+            for piece in engine.generate(sampling, req.max_tokens):
+                text = blank + piece
+                if not pieces:  # the answer follows "ASSISTANT:" after a space
+                    text = text.lstrip()
+                shown = text.rstrip()
+                blank = text[len(shown):]
+                if shown:
+                    pieces.append(shown)
+                    if not output.json_mode:
+                        output.answer(shown)
+        except KeyboardInterrupt:
+            if pieces and not output.json_mode:
+                output.answer("\n")  # end the partial answer's line
+            raise
+        answer = "".join(pieces)
         timings = engine.timings.as_dict()
 
     if output.json_mode:

@@ -16,13 +16,10 @@ def import_pair(text: Path, mmproj: Path | None, name: str, force: bool = False)
         raise ImpError(f"a model named {name!r} is already installed (use --force to replace it)")
     text = Path(text).expanduser()
     pair = read_pair(text, Path(mmproj).expanduser() if mmproj else find_mmproj(text))
-    install = store.Install(name)
-    try:
+    with store.Install(name) as install:
         text_copy = install.staging / f"{name}-{pair.text_type}.gguf"
         mmproj_copy = install.staging / f"{name}-mmproj-{pair.mmproj_type}.gguf"
         shutil.copyfile(pair.text_path, text_copy)
         shutil.copyfile(pair.mmproj_path, mmproj_copy)
         return install.commit(text_copy, mmproj_copy, pair.text_type, pair.mmproj_type,
                               f"import:{pair.text_path.resolve()}", None)
-    finally:
-        install.abort()

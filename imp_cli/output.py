@@ -35,10 +35,10 @@ class Output:
 
     # -- everything else (stderr) ----------------------------------------------------------------
     def error(self, message: str) -> None:
-        self.err.print(f"[bold red]error:[/] {_escape(message)}")
+        self.err.print(f"[bold red]error:[/] {_escape(_one_line(message))}")
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {_escape(message)}")
+        self.err.print(f"[yellow]warning:[/] {_escape(_one_line(message))}")
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -67,6 +67,11 @@ class Output:
             task = bar.add_task(description, total=total)
             yield lambda done: bar.update(task, completed=done)
             bar.update(task, completed=total)
+
+
+def _one_line(text: str) -> str:
+    """Errors are one line: control characters (from a file name, say) are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _escape(text: str) -> str:

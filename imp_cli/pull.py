@@ -24,6 +24,21 @@ def resolve_spec(spec: str) -> tuple[str, str, str | None]:
     return store.name_for_repo(repo_id), repo_id, revision
 
 
+def installed(name: str, repo_id: str, revision: str | None) -> store.Entry | None:
+    """The store entry for this repo (and revision, if one was asked for), if installed.
+
+    A store name taken by another repo is an error rather than a silent substitute."""
+    entry = store.get(name)
+    if entry is None:
+        return None
+    source = str(entry.manifest.get("source") or "")
+    if source.lower() != repo_id.lower():
+        raise ImpError(f"the store name {name} is taken by {source}: remove it first (`imp models rm {name}`)")
+    if revision and revision not in (entry.manifest.get("revision"), entry.manifest.get("ref")):
+        return None
+    return entry
+
+
 def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", force: bool = False,
          threads: int | None = None) -> store.Entry:
     from convert.hub import download
@@ -32,24 +47,22 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
     from .modelfiles import read_pair
 
     name, repo_id, revision = resolve_spec(spec)
-    existing = store.get(name)
-    if existing and not force and existing.manifest["text"]["type"] == quant and existing.manifest.get("revision") == revision:
+    existing = installed(name, repo_id, revision)
+    if existing and not force and existing.manifest["text"]["type"] == quant:
         output.info(f"{name} is already installed ({existing.folder})")
         return existing
     output.info(f"pulling {name} from {repo_id}" + (f"@{revision}" if revision else ""))
     folder = download(repo_id, revision, show_progress=True)
+    commit = folder.name  # snapshot_download returns .../snapshots/<commit>
     checkpoint_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     # The F16 intermediate is about the checkpoint's size; the final pair adds up to as much again.
     _check_disk(store.models_dir(), int(checkpoint_bytes * 1.3))
-    install = store.Install(name)
-    try:
+    with store.Install(name) as install:
         result = convert(str(folder), install.staging, quant=quant, mmproj_type=mmproj_type,
                          progress=output, threads=threads, name=name)
         text, mmproj = Path(result.text_path), Path(result.mmproj_path)
         read_pair(text, mmproj)  # verify the pair loads as the runtime will see it
-        entry = install.commit(text, mmproj, quant, mmproj_type, repo_id, revision)
-    finally:
-        install.abort()  # no-op once committed
+        entry = install.commit(text, mmproj, quant, mmproj_type, repo_id, commit, revision)
     output.info(f"installed {name} ({entry.folder})")
     return entry
 
@@ -76,8 +89,7 @@ def resolve_model(model: str | None, mmproj: str | None, output):
         return read_pair(*resolve_paths(spec, mmproj))
     entry = store.get(spec) if _plain_name(spec) else None
     if entry is None:
-        name = resolve_spec(spec)[0]
-        entry = store.get(name)
+        entry = installed(*resolve_spec(spec))
     if entry is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         if offline and not _in_hub_cache(spec):

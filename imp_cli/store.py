@@ -73,11 +73,17 @@ class Entry:
 
     @property
     def text_path(self) -> Path:
-        return self.folder / self.manifest["text"]["file"]
+        return self._file("text")
 
     @property
     def mmproj_path(self) -> Path:
-        return self.folder / self.manifest["mmproj"]["file"]
+        return self._file("mmproj")
+
+    def _file(self, kind: str) -> Path:
+        name = self.manifest[kind]["file"]
+        if Path(name).name != name or name.startswith("."):  # a hand-edited manifest can't lead out
+            raise ImpError(f"store entry {self.name!r} has a bad file name in its manifest")
+        return self.folder / name
 
     @property
     def size(self) -> int:
@@ -139,24 +145,38 @@ def sha256(path: Path) -> str:
 
 
 class Install:
-    """Build a store entry in a staging folder; `commit()` swaps it into place atomically."""
+    """Build a store entry in a staging folder; `commit()` swaps it into place atomically.
+
+    Use as a context manager: the staging folder is created in __enter__ and removed on exit
+    unless committed, so no Ctrl-C window leaves it behind.
+    """
 
     def __init__(self, name: str):
         self.name = check_name(name)
         self.final = entry_dir(name)
+        self.staging = self.final.parent / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+
+    def __enter__(self) -> "Install":
         self.final.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(self.final.parent)
-        self.staging = self.final.parent / f"{STAGING_PREFIX}{name}-{os.getpid()}"
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir()
+        try:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir()
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
 
     def commit(self, text: Path, mmproj: Path, text_type: str, mmproj_type: str,
-               source: str, revision: str | None) -> Entry:
+               source: str, revision: str | None, ref: str | None = None) -> Entry:
         from . import __version__
 
         manifest = {
-            "name": self.name, "source": source, "revision": revision, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "imp_version": __version__,
+            "name": self.name, "source": source, "revision": revision, "ref": ref,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "imp_version": __version__,
             "text": {"file": text.name, "type": text_type, "bytes": text.stat().st_size, "sha256": sha256(text)},
             "mmproj": {"file": mmproj.name, "type": mmproj_type, "bytes": mmproj.stat().st_size, "sha256": sha256(mmproj)},
         }

@@ -1,0 +1,404 @@
+"""`imp ask` as a program in a pipeline: what goes to stdout and stderr, exit codes, where images
+and options come from, and one clean line for every kind of bad input.
+
+Everything runs the installed `imp` command with stdout and stderr both pipes, in an environment
+with no IMP_* variables, an empty model store (IMP_HOME) and HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from factory import TINY
+
+QUESTION = "What is in the image?"
+N_TOKENS = 24
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def clean_env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("IMP_") and k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE",
+                                                        "TTY_INTERACTIVE", "COLUMNS")}
+    env.update(IMP_HOME=str(tmp_path / "imp-home"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    # One thread: on a busy 2-core machine llama.cpp's spinning threads make a 1 s run take 9 s.
+    env.update(IMP_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def run_imp(imp_bin: str, *args, env: dict, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
+    p = subprocess.run([imp_bin, *map(str, args)], input=stdin, capture_output=True, env=env, timeout=timeout)
+    out, err = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
+    assert "\x1b" not in out and "\x1b" not in err, (out, err)  # no colour or cursor codes on pipes
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *phrases: str) -> str:
+    """Exit 1, nothing on stdout, exactly one stderr line `error: ...` naming the problem."""
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == "", p.stdout
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and p.stderr.endswith("\n"), p.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    return lines[0]
+
+
+def assert_usage_error(p: subprocess.CompletedProcess, phrase: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.stdout == ""
+    assert phrase in p.stderr, p.stderr
+
+
+@pytest.fixture
+def env(tmp_path):
+    return clean_env(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model(converted) -> tuple[Path, Path]:
+    return converted("new", "float16", "square")
+
+
+@pytest.fixture(scope="module")
+def reference_answer(imp_bin, model, photo, tmp_path_factory) -> str:
+    """The answer for the photo given by path, with --model: what the other sources must give."""
+    env = clean_env(tmp_path_factory.mktemp("ref"))
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+# ------------------------------------------------------------------------- stdout is the answer
+def test_stdout_is_only_the_answer(imp_bin, model, photo, env, reference_answer):
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    assert p.returncode == 0
+    assert p.stderr == ""  # no progress, logs (llama.cpp's included) or warnings on success
+    assert p.stdout == reference_answer
+    answer = p.stdout[:-1]
+    assert p.stdout.endswith("\n") and "\n" not in answer  # this answer has no newline of its own
+    assert answer == answer.strip() and len(answer.split()) >= 5
+    assert answer.isprintable()
+
+
+def test_image_from_stdin(imp_bin, model, photo, env, reference_answer):
+    p = run_imp(imp_bin, "ask", "-", QUESTION, "--model", model[0], "-n", N_TOKENS, env=env,
+                stdin=photo.read_bytes())
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    assert p.stdout == reference_answer
+
+
+class _Images(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+
+    def do_GET(self):  # noqa: N802
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_base(photo):
+    handler = type("Handler", (_Images,), {"files": {"/photo.png": photo.read_bytes()}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_image_from_url(imp_bin, model, env, http_base, reference_answer):
+    p = run_imp(imp_bin, "ask", f"{http_base}/photo.png", QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    assert p.stdout == reference_answer
+
+
+def test_image_url_404(imp_bin, model, env, http_base):
+    url = f"{http_base}/missing.png"
+    p = run_imp(imp_bin, "ask", url, QUESTION, "--model", model[0], env=env)
+    assert_one_line_error(p, url, "404")
+
+
+def test_verbose_logs_go_to_stderr(imp_bin, model, photo, env, reference_answer):
+    """-v shows llama.cpp's logs, on stderr: stdout is still the answer alone."""
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, "-v", env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == reference_answer
+    assert len(p.stderr.splitlines()) > 10  # llama.cpp's model loading log
+
+
+# ---------------------------------------------------------------------------- environment vars
+def test_imp_model_env(imp_bin, model, photo, tmp_path, reference_answer):
+    env = clean_env(tmp_path, IMP_MODEL=str(model[0]))
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "-n", N_TOKENS, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == reference_answer
+
+
+def test_imp_max_tokens_env(imp_bin, model, photo, tmp_path, reference_answer):
+    short = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "--json",
+                    env=clean_env(tmp_path, IMP_MAX_TOKENS="5"))
+    assert short.returncode == 0, short.stderr
+    record = json.loads(short.stdout)
+    assert record["timings"]["generated_tokens"] == 5 and record["finish_reason"] == "length"
+    assert reference_answer.startswith(record["answer"]) and record["answer"] != reference_answer.strip()
+    # an explicit option beats the environment
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS,
+                env=clean_env(tmp_path, IMP_MAX_TOKENS="5"))
+    assert p.stdout == reference_answer
+
+
+# ------------------------------------------------------------------------------------ help
+def test_help_exits_0(imp_bin, env):
+    for args in (["--help"], ["ask", "--help"], ["ask", "-h"]):
+        p = run_imp(imp_bin, *args, env=env)
+        assert p.returncode == 0, (args, p.stderr)
+        assert "Usage" in p.stdout and "Traceback" not in p.stderr
+    assert "--model" in run_imp(imp_bin, "ask", "--help", env=env).stdout
+
+
+def test_help_does_not_import_heavy_modules(env):
+    """`imp --help` stays instant: llama.cpp, numpy, Pillow, gguf (and torch) are not imported.
+    Checked in a fresh interpreter (this one has imported them all already)."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from imp_cli.app import app\n"
+        "heavy = ('llama_cpp', 'numpy', 'PIL', 'gguf', 'torch')\n"
+        "assert not [m for m in heavy if m in sys.modules]\n"
+        "for args in (['--help'], ['ask', '--help']):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["ask", "--help"]])
+def test_installed_help_does_not_import_llama_cpp(imp_bin, env, args):
+    """The same through the installed entry point, by `python -X importtime` (no timing asserted)."""
+    p = subprocess.run([sys.executable, "-X", "importtime", imp_bin, *args], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "Usage" in p.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in p.stderr.splitlines() if line.startswith("import time:")}
+    assert "typer" in imported  # the trace is there
+    assert not imported & {"llama_cpp", "numpy", "PIL", "gguf", "torch"}
+
+
+# ------------------------------------------------------------------------------- bad inputs
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, photo, model, checkpoint) -> dict[str, Path]:
+    """One file per kind of bad input."""
+    from convert.pipeline import convert
+
+    d = tmp_path_factory.mktemp("bad")
+    files = {}
+    files["text"] = d / "notes.txt"
+    files["text"].write_text("this is not an image\n")
+    jpeg = d / "full.jpg"
+    Image.open(photo).convert("RGB").save(jpeg, quality=90)
+    data = jpeg.read_bytes()
+    files["half_jpeg"] = d / "half.jpg"
+    files["half_jpeg"].write_bytes(data[: len(data) // 2])
+
+    # A checkpoint whose text model is 96 wide: its text GGUF cannot take the 64-wide projector.
+    wide = checkpoint("new", "float16", "square", sizes=replace(TINY, hidden_size=96, num_heads=4))
+    r = convert(str(wide), d / "wide", quant="F16", mmproj_type="F16")
+    files["wide_text"], files["wide_mmproj"] = Path(r.text_path), Path(r.mmproj_path)
+
+    import gguf
+    import numpy as np
+
+    files["llama_gguf"] = d / "llama" / "tiny-llama.gguf"
+    files["llama_gguf"].parent.mkdir()
+    w = gguf.GGUFWriter(str(files["llama_gguf"]), "llama")
+    w.add_name("not imp")
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_head_count(4)
+    w.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    text = model[0].read_bytes()
+    files["half_gguf"] = d / "half-F16.gguf"
+    files["half_gguf"].write_bytes(text[: len(text) // 2])
+
+    files["alone"] = d / "alone" / "lonely-F16.gguf"  # a text GGUF with no mmproj beside it
+    files["alone"].parent.mkdir()
+    shutil.copyfile(model[0], files["alone"])
+    return files
+
+
+def _cases(photo, model, f):
+    """name -> (argv after `imp`, extra env, stdin, phrases the error line must contain)."""
+    text, mmproj = model
+    return {
+        "missing image file": (["ask", "/nonexistent/cat.png", QUESTION, "-m", text], {}, b"",
+                               ["/nonexistent/cat.png", "not found"]),
+        "not an image": (["ask", f["text"], QUESTION, "-m", text], {}, b"", [str(f["text"]), "not an image"]),
+        "truncated image": (["ask", f["half_jpeg"], QUESTION, "-m", text], {}, b"", [str(f["half_jpeg"]), "truncated"]),
+        "empty stdin": (["ask", "-", QUESTION, "-m", text], {}, b"", ["standard input"]),
+        "mismatched pair": (["ask", photo, QUESTION, "-m", f["wide_text"], "--mmproj", mmproj], {}, b"",
+                            ["mismatched model pair", "64", "96"]),
+        "mismatched pair, other way": (["ask", photo, QUESTION, "-m", text, "--mmproj", f["wide_mmproj"]], {},
+                                       b"", ["mismatched model pair", "64", "96"]),
+        "not an image, json mode": (["ask", f["text"], QUESTION, "-m", text, "--json"], {}, b"",
+                                    [str(f["text"]), "not an image"]),
+        "gguf that is not imp": (["ask", photo, QUESTION, "-m", f["llama_gguf"], "--mmproj", mmproj], {}, b"",
+                                 ["llama", str(f["llama_gguf"])]),
+        "truncated gguf": (["ask", photo, QUESTION, "-m", f["half_gguf"], "--mmproj", mmproj], {}, b"",
+                           [str(f["half_gguf"]), "truncated"]),
+        "model is not gguf": (["ask", photo, QUESTION, "-m", f["text"], "--mmproj", mmproj], {}, b"",
+                              [str(f["text"]), "not a GGUF"]),
+        "mmproj given as model": (["ask", photo, QUESTION, "-m", mmproj], {}, b"", ["vision projector"]),
+        "missing model file": (["ask", photo, QUESTION, "-m", "/nonexistent/model.gguf"], {}, b"",
+                               ["/nonexistent/model.gguf", "not found"]),
+        "no mmproj beside model": (["ask", photo, QUESTION, "-m", f["alone"]], {}, b"", ["no mmproj", "--mmproj"]),
+        "question longer than context": (["ask", photo, "tell me " * 300, "-m", text, "--ctx", "64"], {}, b"",
+                                         ["context", "64"]),
+        "empty question": (["ask", photo, "   ", "-m", text], {}, b"", ["question is empty"]),
+        # No --model, no IMP_MODEL, an empty store, offline: the default model cannot be had.
+        "no model anywhere": (["ask", photo, QUESTION], {}, b"", ["not installed", "imp pull"]),
+    }
+
+
+CASE_NAMES = ["missing image file", "not an image", "not an image, json mode", "truncated image", "empty stdin",
+              "mismatched pair", "mismatched pair, other way",
+              "gguf that is not imp", "truncated gguf", "model is not gguf", "mmproj given as model",
+              "missing model file", "no mmproj beside model", "question longer than context",
+              "empty question", "no model anywhere"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_bad_input_one_line_error(imp_bin, photo, model, bad_files, tmp_path, case):
+    argv, extra, stdin, phrases = _cases(photo, model, bad_files)[case]
+    p = run_imp(imp_bin, *argv, env=clean_env(tmp_path, **extra), stdin=stdin)
+    assert_one_line_error(p, *phrases)
+
+
+def test_error_line_stays_one_line_for_a_name_with_a_newline(imp_bin, model, tmp_path):
+    p = run_imp(imp_bin, "ask", tmp_path / "a\nb.png", QUESTION, "-m", model[0], env=clean_env(tmp_path))
+    assert_one_line_error(p, "not found")
+
+
+def test_question_longer_than_the_trained_context(imp_bin, model, photo, env):
+    """Thousands of words with the default context: refused with the token count."""
+    p = run_imp(imp_bin, "ask", photo, "word " * 4000, "-m", model[0], env=env)
+    line = assert_one_line_error(p, "context")
+    assert "prompt is" in line
+
+
+# ----------------------------------------------------------------------------- usage errors
+@pytest.mark.parametrize("argv,phrase", [
+    (["ask", "photo.png"], "Missing argument"),
+    (["ask", "photo.png", "q", "--bogus"], "No such option"),
+    (["ask", "photo.png", "q", "--max-tokens", "0"], "--max-tokens"),
+    (["ask", "photo.png", "q", "--temperature", "hot"], "--temperature"),
+    (["frobnicate"], "No such command"),
+], ids=["missing question", "unknown option", "max-tokens 0", "temperature not a number", "unknown command"])
+def test_usage_errors_exit_2(imp_bin, env, argv, phrase):
+    assert_usage_error(run_imp(imp_bin, *argv, env=env), phrase)
+
+
+def test_no_arguments_shows_help(imp_bin, env):
+    p = run_imp(imp_bin, env=env)
+    assert "Usage" in p.stdout + p.stderr and "Traceback" not in p.stderr
+    assert p.returncode in (0, 2)  # click's no_args_is_help: help, exit 0 (or 2 in newer click)
+
+
+# ----------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_exits_130(imp_bin, model, photo, env):
+    """SIGINT mid-answer: exit 130, no traceback. The tiny model needs ~3000 tokens (several
+    seconds) to fill a 3072 context, so the answer is still streaming when the signal lands."""
+    proc = subprocess.Popen([imp_bin, "ask", str(photo), QUESTION, "-m", str(model[0]), "-n", "100000",
+                             "--ctx", "3072"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        first = proc.stdout.read(1)  # the answer has started
+        assert first, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err_text = err.decode("utf-8", "replace")
+    assert proc.returncode == 130, (proc.returncode, err_text)
+    assert time.monotonic() - t0 < 10  # stopped promptly, not at the end of the context
+    assert "Traceback" not in err_text and "error" not in err_text, err_text
+    assert "\x1b" not in err_text
+    assert len(first + out) < 3000 * 4  # interrupted well before the context was full
+
+
+def test_reader_closing_the_pipe_early_is_not_an_error(imp_bin, model, photo, env):
+    """`imp ask ... | head -c 20`: imp stops quietly when nobody reads its answer any more."""
+    proc = subprocess.Popen([imp_bin, "ask", str(photo), QUESTION, "-m", str(model[0]), "-n", "100000",
+                             "--ctx", "3072"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.read(1)
+        proc.stdout.close()  # as `head` does once it has what it wants
+        err = proc.stderr.read().decode("utf-8", "replace")
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "internal error" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode in (0, 1, 141, -signal.SIGPIPE)
+
+
+def test_answer_cut_off_by_the_context(imp_bin, model, photo, env, reference_answer):
+    """Generation that fills the context: exit 0, the answer so far, one warning line on stderr."""
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "-m", model[0], "-n", "100000", "--ctx", "80", env=env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "--ctx" in lines[0], p.stderr
+    # the prompt is 57 tokens here, so ~22 answer tokens fit: about the 24-token reference answer
+    assert p.stdout.endswith("\n")
+    assert reference_answer.startswith(p.stdout[:-1]) and len(p.stdout) > 20
+
+
+def test_model_given_as_a_folder(imp_bin, model, photo, env, reference_answer):
+    """--model may name the folder holding the pair."""
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0].parent, "-n", N_TOKENS, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == reference_answer
