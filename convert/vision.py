@@ -51,7 +51,8 @@ class VisionTower:
         if side * side != n_pos:
             raise ConvertError(f"vision position embedding has {n_pos} rows, not a square grid")
         self.image_size = int(vcfg.get("image_size") or side * self.patch)
-        if self.image_size != side * self.patch:
+        # The patch convolution drops a partial last patch: SigLIP-so400m's 384 px / 14 = 27.
+        if self.image_size // self.patch != side:
             raise ConvertError(
                 f"vision config image_size {self.image_size} does not match {n_pos} positions of patch {self.patch}"
             )

@@ -403,3 +403,26 @@ def test_sampling_is_reproducible_with_a_seed(imp_bin, converted, photo, env):
     assert first == second
     assert first  # something was sampled
     # (another seed may or may not give another answer on random weights: not asserted)
+
+
+def test_image_size_not_a_multiple_of_the_patch(checkpoint, tmp_path, photo):
+    """SigLIP-so400m is 384 px with 14 px patches: the convolution drops the partial last patch
+    (27 x 27 tokens). A tiny tower with the same property (62 px -> 4 x 4) must convert and match
+    the oracle, at the configured size, not a rounded one."""
+    import dataclasses
+
+    from convert.pipeline import convert
+    from factory import TINY
+    from oracle import Oracle
+
+    sizes = dataclasses.replace(TINY, image_size=62)
+    folder = checkpoint("new", "float16", "square", sizes=sizes)
+    r = convert(str(folder), tmp_path, quant="F16")
+    oracle = Oracle(folder)
+    image = as_imp_sees_it(photo)
+    with open_engine(Path(r.text_path), Path(r.mmproj_path)) as engine:
+        assert engine.pair.image_size == 62 and engine.pair.image_tokens == 16
+        head, embd, tail = prompt_segments(engine, photo)
+        assert rel_diff(embd.data, oracle.image_embeddings(image)) < EMBD_TOL
+        engine.evaluate([head, embd, tail])
+        assert rel_diff(live(engine.last_logits()), live(oracle.first_logits(image, QUESTION))) < LOGITS_TOL
