@@ -80,3 +80,22 @@ def download(repo_id: str, revision: str | None, show_progress: bool) -> Path:
     except (HfHubHTTPError, OSError) as e:
         raise ConvertError(f"{repo_id}: download failed ({str(e).splitlines()[0]})") from None
     return Path(folder)
+
+
+def remote_size(repo_id: str, revision: str | None) -> int | None:
+    """Bytes a download of the needed files would take, or None when the Hub can't say
+    (offline, unreachable): a best-effort figure for checking disk space first."""
+    import fnmatch
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=10)
+    except Exception:  # any failure only means we cannot check early
+        return None
+    return sum(
+        f.size or 0 for f in info.siblings or []
+        if any(fnmatch.fnmatch(f.rfilename, pattern) for pattern in NEEDED_FILES)
+    )

@@ -41,7 +41,7 @@ def installed(name: str, repo_id: str, revision: str | None) -> store.Entry | No
 
 def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", force: bool = False,
          threads: int | None = None) -> store.Entry:
-    from convert.hub import download
+    from convert.hub import download, remote_size
     from convert.pipeline import convert
 
     from .modelfiles import read_pair
@@ -52,10 +52,14 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
         output.info(f"{name} is already installed ({existing.folder})")
         return existing
     output.info(f"pulling {name} from {repo_id}" + (f"@{revision}" if revision else ""))
+    # The download needs the checkpoint's size (in the Hugging Face cache); conversion about 1.3x
+    # more in the store (the F16 intermediate, then the final pair). Checked before and after.
+    expected = remote_size(repo_id, revision)
+    if expected:
+        _check_disk(store.models_dir(), int(expected * 2.3))
     folder = download(repo_id, revision, show_progress=True)
     commit = folder.name  # snapshot_download returns .../snapshots/<commit>
     checkpoint_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    # The F16 intermediate is about the checkpoint's size; the final pair adds up to as much again.
     _check_disk(store.models_dir(), int(checkpoint_bytes * 1.3))
     with store.Install(name) as install:
         result = convert(str(folder), install.staging, quant=quant, mmproj_type=mmproj_type,

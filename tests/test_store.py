@@ -639,3 +639,24 @@ def test_sigint_just_after_staging_is_created_still_cleans_up(tmp_path, hub):
     assert r.returncode == 130, r.stderr
     assert ctx.visible_folders() == []
     assert ctx.staging() == []
+
+
+_LITTLE_DISK = """
+import shutil, sys
+from collections import namedtuple
+from imp_cli.app import main
+real = shutil.disk_usage
+shutil.disk_usage = lambda p: namedtuple("usage", "total used free")(10**12, 10**12 - 1000, 1000)
+sys.argv = ["imp", *sys.argv[1:]]
+main()
+"""
+
+
+def test_pull_checks_free_disk_space_first(tmp_path, hub):
+    """A disk too small for the conversion is refused before any file is written."""
+    ctx = Ctx(tmp_path, hub=hub["cache"])
+    r = subprocess.run([sys.executable, "-c", _LITTLE_DISK, "pull", TINY_REPO], env=ctx.env, cwd=ctx.cwd,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    line = fails(r, after_progress=True)
+    assert "not enough disk space" in line and "GB free" in line
+    assert ctx.visible_folders() == [] and ctx.staging() == []
