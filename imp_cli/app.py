@@ -86,6 +86,7 @@ def ask(
     system: Optional[str] = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt."),
     threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores)."),
     ctx: int = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens (for benchmarks)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (answer, model, image, timings) at the end."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     verbose: bool = VERBOSE,
@@ -99,7 +100,7 @@ def ask(
 
         request = Request(image=image, question=question, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
-                          threads=threads, ctx=ctx, verbose=verbose)
+                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos)
         run_ask(request, output, stats=stats)
 
 

@@ -23,6 +23,7 @@ class Request:
     threads: int = 0
     ctx: int = 4096
     verbose: bool = False
+    ignore_eos: bool = False
 
 
 def run_ask(req: Request, output: Output, stats: bool = False) -> None:
@@ -46,7 +47,7 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
                            f"{engine.n_ctx}: shorten the question or raise --ctx")
         embedding = engine.encode_image(pixels, image.sha256)
         engine.evaluate([head, embedding, tail])
-        sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed)
+        sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos)
         pieces: list[str] = []
         blank = ""  # whitespace held back until more text follows: the answer is stripped
         try:

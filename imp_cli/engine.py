@@ -87,6 +87,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks compare fixed counts)
 
 
 @dataclass
@@ -308,7 +309,7 @@ class Engine:
                 t.generated_tokens += 1
                 if t.generated_tokens == 1:
                     t.first_token_ms = (time.perf_counter() - t0) * 1000
-                if lc.llama_vocab_is_eog(self._vocab, token):
+                if lc.llama_vocab_is_eog(self._vocab, token) and not sampling.ignore_eos:
                     t.finish_reason = "stop"
                     break
                 text = decoder.decode(self._piece(token))

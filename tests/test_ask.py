@@ -426,3 +426,37 @@ def test_image_size_not_a_multiple_of_the_patch(checkpoint, tmp_path, photo):
         assert rel_diff(embd.data, oracle.image_embeddings(image)) < EMBD_TOL
         engine.evaluate([head, embd, tail])
         assert rel_diff(live(engine.last_logits()), live(oracle.first_logits(image, QUESTION))) < LOGITS_TOL
+
+
+@pytest.fixture(scope="module")
+def eager_to_stop(tmp_path_factory) -> Path:
+    """A tiny model whose `</s>` logit always wins: it answers with end-of-turn at once."""
+    import json as _json
+
+    from safetensors.numpy import load_file, save_file
+
+    from convert.pipeline import convert
+    from factory import EOS_ID, make_checkpoint
+
+    folder = make_checkpoint(tmp_path_factory.mktemp("eager-stop"))
+    index = _json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"]["lm_head.bias"]
+    tensors = load_file(shard)
+    bias = tensors["lm_head.bias"].copy()
+    bias[EOS_ID] = 1e4
+    tensors["lm_head.bias"] = bias
+    save_file(tensors, shard)
+    out = tmp_path_factory.mktemp("eager-stop-gguf")
+    return Path(convert(str(folder), out, quant="F16").text_path)
+
+
+def test_end_of_turn_stops_and_ignore_eos_does_not(imp_bin, eager_to_stop, photo, env):
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", eager_to_stop, "-n", 12, "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    record = json.loads(p.stdout)
+    assert record["answer"] == "" and record["finish_reason"] == "stop"
+    assert record["timings"]["generated_tokens"] == 1
+    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", eager_to_stop, "-n", 12, "--json", "--ignore-eos", env=env)
+    assert p.returncode == 0, p.stderr
+    record = json.loads(p.stdout)
+    assert record["finish_reason"] == "length" and record["timings"]["generated_tokens"] == 12
