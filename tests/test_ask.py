@@ -14,7 +14,6 @@ gets exactly that (decoded here by the test, not by imp_cli) and does Imp's prep
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image, features
 
 from factory import ENDOFTEXT_ID, EOS_ID, predictable_ids
+from cli_env import clean_env  # noqa: E402
 
 QUESTION = "What is in the image?"
 N_TOKENS = 24
@@ -41,19 +41,6 @@ REUSE_TOL = 1e-4
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def clean_env(tmp_path: Path, **extra: str) -> dict:
-    """The environment of a user who set nothing: no IMP_* options, no forced colours, an empty
-    model store, and no network use."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("IMP_") and k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE",
-                                                        "TTY_INTERACTIVE", "COLUMNS")}
-    env.update(IMP_HOME=str(tmp_path / "imp-home"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    # One thread: on a busy 2-core machine llama.cpp's spinning threads make a 1 s run take 9 s.
-    env.update(IMP_THREADS="1")
-    env.update(extra)
-    return env
-
-
 def run_imp(imp_bin: str, *args, env: dict, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the installed command with stdout and stderr both pipes; text decoded strictly."""
     p = subprocess.run([imp_bin, *map(str, args)], input=stdin if stdin is not None else b"",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -23,23 +22,13 @@ import pytest
 from PIL import Image
 
 from factory import TINY
+from cli_env import clean_env  # noqa: E402
 
 QUESTION = "What is in the image?"
 N_TOKENS = 24
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def clean_env(tmp_path: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("IMP_") and k not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE",
-                                                        "TTY_INTERACTIVE", "COLUMNS")}
-    env.update(IMP_HOME=str(tmp_path / "imp-home"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    # One thread: on a busy 2-core machine llama.cpp's spinning threads make a 1 s run take 9 s.
-    env.update(IMP_THREADS="1")
-    env.update(extra)
-    return env
-
-
 def run_imp(imp_bin: str, *args, env: dict, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
     p = subprocess.run([imp_bin, *map(str, args)], input=stdin, capture_output=True, env=env, timeout=timeout)
     out, err = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
