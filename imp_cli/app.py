@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -74,8 +74,8 @@ def convert(
 
 @app.command()
 def ask(
-    image: str = typer.Argument(..., help="Image: a path, - for standard input, or an http(s) URL."),
-    question: str = typer.Argument(..., help="The question about the image."),
+    images: List[str] = typer.Argument(..., metavar="IMAGE...", help="Image(s): a path, - for standard input, or an http(s) URL; one answer per image."),
+    question: str = typer.Argument(..., help="The question about the image(s)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Text GGUF (mmproj found beside it) or a folder holding the pair."),
     mmproj: Optional[str] = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens."),
@@ -91,14 +91,14 @@ def ask(
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     verbose: bool = VERBOSE,
 ) -> None:
-    """Answer a question about an image, streaming the answer to stdout."""
+    """Answer a question about an image (or each of several), streaming the answer to stdout."""
     from .output import Output
 
     output = Output(json_mode=json_out, verbose=verbose)
     with _errors(output):
         from .ask import Request, run_ask
 
-        request = Request(image=image, question=question, model=model, mmproj=mmproj, max_tokens=max_tokens,
+        request = Request(images=list(images), question=question, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
                           threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos)
         run_ask(request, output, stats=stats)

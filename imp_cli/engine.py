@@ -169,6 +169,10 @@ class Engine:
         self._images: list[ImageEmbedding] = []
         self.timings.load_ms = (time.perf_counter() - t0) * 1000
 
+    def start_request(self) -> None:
+        """Fresh per-answer timings (the load time stays: it was paid once)."""
+        self.timings = Timings(load_ms=self.timings.load_ms)
+
     # -- text -----------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Tokens of `text` with special tokens parsed, as Imp's HF tokenizer does; no BOS."""

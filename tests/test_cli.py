@@ -87,6 +87,23 @@ def test_stdout_is_only_the_answer(imp_bin, model, photo, env, reference_answer)
     assert answer.isprintable()
 
 
+def test_several_images_one_answer_each(imp_bin, model, photo, env, reference_answer, tmp_path):
+    """Each image's answer equals a run on that image alone (the shared prefix reuse must not
+    leak one image into the next); plain output has `head`-style headers, --json one line each."""
+    other = tmp_path / "other.png"
+    Image.open(photo).rotate(90, expand=True).save(other)
+    alone = run_imp(imp_bin, "ask", other, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    assert alone.returncode == 0 and alone.stdout != reference_answer
+    p = run_imp(imp_bin, "ask", photo, other, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"==> {photo} <==\n{reference_answer}\n==> {other} <==\n{alone.stdout}"
+    p = run_imp(imp_bin, "ask", photo, other, QUESTION, "--model", model[0], "-n", N_TOKENS, "--json", env=env)
+    records = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["image"]["source"] for r in records] == [str(photo), str(other)]
+    assert [r["answer"] + "\n" for r in records] == [reference_answer, alone.stdout]
+    assert records[1]["timings"]["reused_tokens"] > 0  # the system prompt was not evaluated twice
+
+
 def test_image_from_stdin(imp_bin, model, photo, env, reference_answer):
     p = run_imp(imp_bin, "ask", "-", QUESTION, "--model", model[0], "-n", N_TOKENS, env=env,
                 stdin=photo.read_bytes())
