@@ -132,9 +132,10 @@ Segment = Union[list, ImageEmbedding]  # list[int] of token ids, or an image
 class Engine:
     def __init__(self, pair: ModelPair, n_ctx: int = 4096, threads: int = 0, verbose: bool = False,
                  n_batch: int = 512):
-        t0 = time.perf_counter()
         import llama_cpp
         from llama_cpp import mtmd_cpp
+
+        t0 = time.perf_counter()  # load time: the two files, not the Python import
 
         self._llama_cpp, self._mtmd = llama_cpp, mtmd_cpp
         native_log.install(verbose)
