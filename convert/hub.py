@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def parse_repo_id(text: str) -> tuple[str, str | None] | None:
     return repo, (rev or None)
 
 
-def resolve(source: str, show_progress: bool = True) -> Source:
+def resolve(source: str, show_progress: bool | None = None) -> Source:
     """A local folder wins over a repo id of the same spelling."""
     path = Path(source).expanduser()
     if path.exists():
@@ -48,8 +49,9 @@ def resolve(source: str, show_progress: bool = True) -> Source:
     return Source(download(repo_id, revision, show_progress), repo_id, revision)
 
 
-def download(repo_id: str, revision: str | None, show_progress: bool) -> Path:
-    """Fetch only what conversion needs into the standard hub cache (resumable, reused)."""
+def download(repo_id: str, revision: str | None, show_progress: bool | None = None) -> Path:
+    """Fetch only what conversion needs into the standard hub cache (resumable, reused).
+    Progress bars (on stderr) by default only when stderr is a terminal: no carriage-return noise in logs."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -60,6 +62,8 @@ def download(repo_id: str, revision: str | None, show_progress: bool) -> Path:
     )
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
     if show_progress:
         enable_progress_bars()
     else:

@@ -57,7 +57,7 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
     expected = remote_size(repo_id, revision)
     if expected:
         _check_disk(store.models_dir(), int(expected * 2.3))
-    folder = download(repo_id, revision, show_progress=True)
+    folder = download(repo_id, revision)
     commit = folder.name  # snapshot_download returns .../snapshots/<commit>
     checkpoint_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     _check_disk(store.models_dir(), int(checkpoint_bytes * 1.3))
