@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# Speed and memory on a full-size synthetic Imp-3B against the stock llama-cpp-python handler and
+# transformers (see README, Performance). Not part of `make test`: ~35 min on 2 cores.
+bench: install
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
 # The README's first command, on a picture shipped in the repo (samples/make_demo.py drew it).
 demo: install
 	$(VENV)/bin/imp ask samples/demo.jpg "What is in this picture?"
