@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# Speed and memory on a full-size synthetic Imp-3B against the stock llama-cpp-python handler and
-# transformers (see README, Performance). Not part of `make test`: ~35 min on 2 cores.
+# make bench: imp convert / imp ask speed and memory on a full-size synthetic Imp-3B (real shapes,
+# random weights) against llama-cpp-python's Llava15ChatHandler and transformers float32.
+# ~30 min on 2 cores (+5 min the first time: the model is written once to bench/cache/, ~17 GB).
+# Results: bench/results/latest.md, latest.png and a raw JSON. Options: BENCH_ARGS="--runs 1 ...".
 bench: install
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
