@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint
 from .errors import ConvertError
 from .families import detect
 from .gguf_out import write_gguf
-from .quantize import TEXT_FTYPES, default_threads, quantize_text
+from .quantize import default_threads, quantize_text
 from .vision import VisionTower
 
 TEXT_TYPES = ("Q4_K_M", "Q8_0", "F16")
@@ -185,5 +185,3 @@ def _check_outputs(out_dir: Path, paths: list[Path], force: bool) -> None:
     if existing and not force:
         raise ConvertError(f"{existing[0]} already exists (use --force to replace it)")
 
-
-__all__ = ["convert", "ConvertResult", "TEXT_TYPES", "MMPROJ_TYPES", "TEXT_FTYPES"]

@@ -233,9 +233,6 @@ class Engine:
         return img
 
     # -- prompt evaluation with prefix reuse ----------------------------------------------------
-    def prompt_length(self, segments: list[Segment]) -> int:
-        return sum(s.n_tokens if isinstance(s, ImageEmbedding) else len(s) for s in segments)
-
     def evaluate(self, segments: list[Segment]) -> None:
         """Bring the KV cache to exactly `segments`, evaluating only what is not cached yet."""
         if not segments or isinstance(segments[-1], ImageEmbedding) or not segments[-1]:
