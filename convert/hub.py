@@ -27,6 +27,11 @@ class Source:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
 
+def offline() -> bool:
+    """Whether the user asked huggingface_hub never to touch the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def parse_repo_id(text: str) -> tuple[str, str | None] | None:
     """`owner/name[@rev]` -> (repo_id, revision); None if it is not shaped like a repo id."""
     repo, _, rev = text.partition("@")
@@ -77,8 +82,7 @@ def download(repo_id: str, revision: str | None, show_progress: bool | None = No
     except RepositoryNotFoundError:
         raise ConvertError(f"{repo_id}: no such repository on the Hugging Face Hub") from None
     except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
         label = repo_id + (f"@{revision}" if revision else "")
         raise ConvertError(f"{label}: not in the local Hugging Face cache and {why}") from None
     except (HfHubHTTPError, OSError) as e:
@@ -91,7 +95,7 @@ def remote_size(repo_id: str, revision: str | None) -> int | None:
     (offline, unreachable): a best-effort figure for checking disk space first."""
     import fnmatch
 
-    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    if offline():
         return None
     try:
         from huggingface_hub import HfApi

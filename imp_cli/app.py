@@ -138,7 +138,9 @@ def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON ar
 
         rows = [e.summary() for e in store.entries()]
         if json_out:
-            output.answer(__import__("json").dumps(rows, indent=2) + "\n")
+            import json
+
+            output.answer(json.dumps(rows, indent=2) + "\n")
             return
         if not rows:
             output.info(f"no models installed in {store.models_dir()}: try `imp pull`")
@@ -205,12 +207,13 @@ def models_import(
         output.answer(f"{entry.folder}\n")
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return str(n)
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
 
 
 class _errors:

@@ -6,6 +6,7 @@ whole process; everything checkable is checked here first and becomes a one-line
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,28 +32,87 @@ class ModelPair:
 
 
 def _read(path: Path) -> dict:
-    """All key/values of a GGUF file, after checking its tensors lie inside the file."""
-    from gguf import GGUFReader
+    """The scalar and short-array key/values of a GGUF file, after checking that every tensor's
+    data lies inside the file. Long arrays (the tokenizer's) are skipped, not decoded: gguf's own
+    reader decodes them all in Python, over a second per model, which llama.cpp then redoes."""
+    import mmap
 
     if not path.is_file():
         raise ImpError(f"model file {path} not found")
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            if f.read(4) != b"GGUF":
+                raise ImpError(f"{path} is not a GGUF file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                fields, end = _scan(data)
     except OSError as e:
         raise ImpError(f"cannot read {path}: {e.strerror}") from None
-    if magic != b"GGUF":
-        raise ImpError(f"{path} is not a GGUF file")
-    try:
-        reader = GGUFReader(path)
-        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError, MemoryError):
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError, struct.error):
         raise ImpError(f"{path} is truncated or corrupt (unreadable GGUF header)") from None
     if end > path.stat().st_size:
         raise ImpError(f"{path} is truncated (tensor data ends past the end of the file)")
-    fields["__n_tensors__"] = len(reader.tensors)
     return fields
+
+
+# GGUF value types (gguf spec): scalar struct formats; 8 = string, 9 = array.
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY, _SHORT_ARRAY = 8, 9, 16
+
+
+def _scan(data) -> tuple[dict, int]:
+    """Parse a GGUF header from a buffer: (fields, end of the last tensor's data)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        value = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return value[0]
+
+    def string(keep: bool = True):
+        nonlocal pos
+        n = take("Q")
+        if pos + n > len(data):
+            raise ValueError("string past the end")
+        pos += n
+        return bytes(data[pos - n:pos]).decode("utf-8") if keep else None
+
+    def value(kind: int, keep: bool = True):
+        if kind in _SCALAR:
+            return take(_SCALAR[kind])
+        if kind == _STRING:
+            return string(keep)
+        if kind == _ARRAY:
+            item, n = take("I"), take("Q")
+            keep = keep and n <= _SHORT_ARRAY
+            if item in _SCALAR and not keep:  # skip fixed-size items in one step
+                nonlocal pos
+                pos += n * struct.calcsize(_SCALAR[item])
+                return None
+            items = [value(item, keep) for _ in range(n)]
+            return items if keep else None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    take("I")  # version
+    n_tensors, n_kv = take("Q"), take("Q")
+    fields = {}
+    for _ in range(n_kv):
+        key = string()
+        fields[key] = value(take("I"))
+    last = 0
+    for _ in range(n_tensors):
+        string(keep=False)
+        dims = [take("Q") for _ in range(take("I"))]
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(take("I"))]
+        offset = take("Q")
+        count = 1
+        for d in dims:
+            count *= d
+        last = max(last, offset + count // block * size)
+    align = int(fields.get("general.alignment") or 32)
+    return fields, -(-pos // align) * align + last
 
 
 def _need(fields: dict, key: str, path: Path):

@@ -95,8 +95,9 @@ def resolve_model(model: str | None, mmproj: str | None, output):
     if entry is None:
         entry = installed(*resolve_spec(spec))
     if entry is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        if offline and not _in_hub_cache(spec):
+        from convert.hub import offline
+
+        if offline() and not _in_hub_cache(spec):
             raise ImpError(f"model {spec} is not installed and HF_HUB_OFFLINE is set: run `imp pull {spec}` when online")
         output.info(f"model {spec} is not installed yet: pulling it first")
         entry = pull(spec, output)
