@@ -35,6 +35,18 @@ TextType = Enum("TextType", {t: t for t in TEXT_TYPES}, type=str)
 MmprojType = Enum("MmprojType", {t: t for t in MMPROJ_TYPES}, type=str)
 
 
+# Options shared by the commands that answer (ask, chat, serve): declared once.
+MODEL_OPTION = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Store name, known name, repo id, text GGUF (mmproj found beside it) or folder holding the pair.")
+MMPROJ_OPTION = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model.")
+MAX_TOKENS_OPTION = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens.")
+TEMPERATURE_OPTION = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic).")
+TOP_P_OPTION = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0)
+TOP_K_OPTION = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k.")
+SEED_OPTION = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0).")
+SYSTEM_OPTION = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt.")
+THREADS_OPTION = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores).")
+CTX_OPTION = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context).")
+NO_CACHE_OPTION = typer.Option(False, "--no-cache", help="Neither read nor write the prompt cache (also IMP_CACHE=off).")
 VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Show llama.cpp logs and tracebacks.")
 
 
@@ -74,17 +86,17 @@ def ask(
     args: List[str] = typer.Argument(..., metavar="IMAGE... [QUESTION]", help="Image(s): a path, - for standard input, or an http(s) URL; then the question, unless given with -q."),
     questions: Optional[List[str]] = typer.Option(None, "--question", "-q", help="A question (repeatable); every positional argument is then an image."),
     questions_from: Optional[str] = typer.Option(None, "--questions-from", metavar="FILE|-", help="Questions, one per line, from a file or standard input."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Store name, known name, repo id, text GGUF (mmproj found beside it) or folder holding the pair."),
-    mmproj: Optional[str] = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic)."),
-    top_p: float = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0),
-    top_k: int = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k."),
-    seed: int = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0)."),
-    system: Optional[str] = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt."),
-    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores)."),
-    ctx: int = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the prompt cache (also IMP_CACHE=off)."),
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_p: float = TOP_P_OPTION,
+    top_k: int = TOP_K_OPTION,
+    seed: int = SEED_OPTION,
+    system: Optional[str] = SYSTEM_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens (for benchmarks)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
