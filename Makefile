@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# make bench: imp convert / imp ask speed and memory on a full-size synthetic Imp-3B (real shapes,
-# random weights) against llama-cpp-python's Llava15ChatHandler and transformers float32.
-# ~30 min on 2 cores (+5 min the first time: the model is written once to bench/cache/, ~17 GB).
-# Results: bench/results/latest.md, latest.png and a raw JSON. Options: BENCH_ARGS="--runs 1 ...".
+# make bench: imp on full-size synthetic Imp-3B models (384 and 196 px; real shapes, random weights):
+# a second question about an image in a new process (prompt cache) against the first, and against
+# llama.cpp's own llama-mtmd-cli (built once from the llama-cpp-python sdist into bench/cache/).
+# The first run writes the models to bench/cache/ (~10 GB, a few minutes each) and builds the CLI.
+# Results: bench/results/latest.md and a raw JSON. Options: BENCH_ARGS="--runs 1 --skip llava,...".
 bench: install
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 

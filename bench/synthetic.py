@@ -100,77 +100,17 @@ def ensure_gguf(quant: str, size: int = 384, cache: Path = DEFAULT_CACHE) -> tup
     p = paths(size, cache)
     text, mmproj = p[quant], p["mmproj"]
     marker = p["gguf"] / f"{MARKER[:-5]}-{quant}.json"
-    cached = _marker_ok(marker, [text, mmproj])
-    if cached and not json.loads(marker.read_text()).get("workaround"):
+    if _marker_ok(marker, [text, mmproj]):
         _log(f"{quant} cached: {text.name}")
         return text, mmproj
     ckpt = ensure_checkpoint(size, cache, quiet=True)
-    from convert.errors import ConvertError
     from convert.pipeline import convert
 
-    def run(source: Path):
-        _log(f"converting {source.name} to {quant} + mmproj {MMPROJ_TYPE} ...")
-        return convert(str(source), p["gguf"], quant=quant, mmproj_type=MMPROJ_TYPE, force=True,
-                       name=base_name(size))
-
-    # Always the real checkpoint first; a refusal is instant (convert checks before writing).
-    source, workaround = ckpt, ""
-    try:
-        result = run(ckpt)
-    except ConvertError as e:
-        if "positions of patch" not in str(e):
-            raise
-        if cached:
-            _log(f"{quant} cached (converter still refuses the real config: {e}): {text.name}")
-            return text, mmproj
-        source, workaround = _make_compat_checkpoint(ckpt, str(e))
-        _log(f"converter refused the real config; {workaround}")
-        result = run(source)
-    _write_marker(marker, [text, mmproj], seconds=result.seconds, source=str(source), workaround=workaround)
-    state = p["root"] / "source.json"
-    state.write_text(json.dumps({"source": str(source), "workaround": workaround}) + "\n")
-    if not workaround:
-        shutil.rmtree(p["root"] / COMPAT, ignore_errors=True)
+    _log(f"converting {ckpt.name} to {quant} + mmproj {MMPROJ_TYPE} ...")
+    result = convert(str(ckpt), p["gguf"], quant=quant, mmproj_type=MMPROJ_TYPE, force=True, name=base_name(size))
+    _write_marker(marker, [text, mmproj], seconds=result.seconds)
     _log(f"{quant} done in {result.seconds:.0f} s: {text.name} {text.stat().st_size / 1e9:.2f} GB")
     return text, mmproj
-
-
-COMPAT = "checkpoint-compat"
-
-
-def conversion_source(size: int = 384, cache: Path = DEFAULT_CACHE) -> tuple[Path, str]:
-    """The folder the cached GGUFs were converted from and, if not the real checkpoint, why.
-
-    Converters before commit 0ba1fe7 required image_size == sqrt(positions) * patch, but
-    SigLIP-so400m/14@384 has 729 = 27 x 27 positions and 27 x 14 = 378 != 384 (the patch
-    convolution drops the last 6 pixels), so they refused every real 384-px Imp checkpoint. With
-    such a converter the benchmark converts a sibling folder (symlinked weights, same tensors)
-    whose config says image_size 378: the same 729 image tokens, the same compute per image.
-    """
-    p = paths(size, cache)
-    state = p["root"] / "source.json"
-    if state.is_file():
-        d = json.loads(state.read_text())
-        return Path(d["source"]), d.get("workaround", "")
-    return p["checkpoint"], ""
-
-
-def _make_compat_checkpoint(ckpt: Path, error: str) -> tuple[Path, str]:
-    compat = ckpt.parent / COMPAT
-    if compat.exists():
-        shutil.rmtree(compat)
-    compat.mkdir()
-    for f in ckpt.iterdir():
-        if f.is_file() and f.name not in ("config.json", MARKER):
-            (compat / f.name).symlink_to(f.resolve())
-    cfg = json.loads((ckpt / "config.json").read_text())
-    v = cfg["vision_tower_config"]
-    side = v["image_size"] // v["patch_size"]
-    old, v["image_size"] = v["image_size"], side * v["patch_size"]
-    (compat / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    why = (f"converter refuses vision image_size {old} ({error}); converted a copy whose config says "
-           f"image_size {v['image_size']} ({side}x{side} = {side * side} image tokens, identical compute)")
-    return compat, why
 
 
 def ensure_all(size: int = 384, cache: Path = DEFAULT_CACHE, quants=QUANTS) -> dict:
