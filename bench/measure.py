@@ -226,13 +226,13 @@ def imp_convert(source: Path, quant: str, out_dir: Path, threads: int) -> dict:
 
 
 def imp_ask(text: Path, mmproj: Path, image: Path, question: str, tokens: int, threads: int, home: Path,
-            as_json: bool) -> dict:
+            as_json: bool, extra: tuple[str, ...] = ()) -> dict:
     """One `imp ask` process, exactly `tokens` generated (--ignore-eos). Plain: the answer streams,
     so the first stdout byte is the first answer byte. --json: one record after the answer, with
     the engine's timings; the process's time after that record is the prompt-cache write it waits
     for (plus the exit itself)."""
     cmd = [IMP, "ask", str(image), question, "--model", str(text), "--mmproj", str(mmproj), "-n", str(tokens),
-           "--threads", str(threads), "--ignore-eos"] + (["--json"] if as_json else [])
+           "--threads", str(threads), "--ignore-eos", *extra] + (["--json"] if as_json else [])
     r = run_measured(cmd, env=imp_env(home))
     if r["rc"] != 0:
         return {"error": _tail(r["stderr"])}
@@ -252,7 +252,7 @@ def imp_cache(home: Path, action: str) -> dict | None:
 
 
 def cold_warm(text: Path, mmproj: Path, image: Path, questions: tuple[str, str], tokens: int, threads: int,
-              home: Path) -> dict:
+              home: Path, extra: tuple[str, ...] = ()) -> dict:
     """Issue 8's figure: the first question about an image in a fresh process with an empty prompt
     cache (cold), then a second question about the same image in a NEW process with the same
     IMP_HOME (warm: the [system, image] prefix comes from the cache). Done twice: --json for the
@@ -261,10 +261,10 @@ def cold_warm(text: Path, mmproj: Path, image: Path, questions: tuple[str, str],
     for mode in ("json", "plain"):
         imp_cache(home, "clear")
         log(f"  cold ({mode}) ...")
-        cold = imp_ask(text, mmproj, image, questions[0], tokens, threads, home, mode == "json")
+        cold = imp_ask(text, mmproj, image, questions[0], tokens, threads, home, mode == "json", extra)
         entry = imp_cache(home, "info")
         log(f"  warm ({mode}) ...")
-        warm = imp_ask(text, mmproj, image, questions[1], tokens, threads, home, mode == "json")
+        warm = imp_ask(text, mmproj, image, questions[1], tokens, threads, home, mode == "json", extra)
         out[mode] = {"cold": cold, "warm": warm, "cache_after_cold": entry}
         for k, v in (("cold", cold), ("warm", warm)):
             if "error" in v:

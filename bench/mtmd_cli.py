@@ -21,6 +21,7 @@ from measure import log, run_measured
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
 TARGET = "llama-mtmd-cli"
+CHAT_TEMPLATE = "vicuna"
 
 
 def llama_cpp_python_version() -> str:
@@ -94,9 +95,15 @@ _DECODE = re.compile(r"image decoded \(batch \d+/\d+\) in (\d+) ms")
 def run(binary: Path, text: Path, mmproj: Path, image: Path, prompt: str, tokens: int, threads: int,
         env: dict | None = None) -> dict:
     """One `llama-mtmd-cli` process with its defaults (sampling, warm-up, context), timed like
-    `imp ask`: wall clock, launch to first stdout byte, peak RSS; its phases from its log."""
+    `imp ask`: wall clock, launch to first stdout byte, peak RSS; its phases from its log.
+
+    Two options are not its defaults: imp's GGUFs carry no chat template (imp renders Imp's own) and
+    without one the CLI refuses to start, so `--chat-template vicuna`, which its error message
+    suggests for LLaVA-style models and which is Imp-Phi-2's "SYSTEM USER: <image>\nQ ASSISTANT:"
+    format; and `--ignore-eos`, so that both sides generate exactly `tokens` (imp runs with it too)."""
     r = run_measured([str(binary), "-m", str(text), "--mmproj", str(mmproj), "--image", str(image),
-                      "-p", prompt, "-n", str(tokens), "-t", str(threads)], env=env)
+                      "-p", prompt, "-n", str(tokens), "-t", str(threads), "--chat-template", CHAT_TEMPLATE, "--ignore-eos"],
+                     env=env)
     if r["rc"] != 0:
         return {"error": f"exit {r['rc']}: " + " | ".join(r["stderr"].strip().splitlines()[-3:])}
     err = r["stderr"]

@@ -77,7 +77,8 @@ def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path 
         out["cold_warm"] = []
         for i in range(a.runs):
             log(f"{size} px: cold/warm, run {i + 1}/{a.runs}")
-            out["cold_warm"].append(measure.cold_warm(text, mmproj, image, QUESTIONS, a.tokens, threads, home))
+            out["cold_warm"].append(measure.cold_warm(text, mmproj, image, QUESTIONS, a.tokens, threads, home,
+                                                      tuple(shlex.split(a.imp_args))))
         shutil.rmtree(home, ignore_errors=True)
     if "mtmd_cli" not in skip:
         if native is None:
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="384,196", help="image sizes of the Imp-3B variants (384, 196)")
     ap.add_argument("--quant", default="Q4_K_M", help="text model type (default Q4_K_M)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: " + ",".join(STEPS))
+    ap.add_argument("--imp-args", default="", help="extra options for every `imp ask` (e.g. engine settings)")
     ap.add_argument("--cache", type=Path, default=BENCH / "cache")
     ap.add_argument("--quiet-wait", type=float, default=30.0,
                     help="before each measurement, wait up to this many seconds for other processes to go idle")
@@ -122,7 +124,7 @@ def main() -> None:
     res: dict = {"machine": measure.machine(threads),
                  "command": shlex.join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]]),
                  "settings": {"runs": a.runs, "tokens": a.tokens, "threads": threads, "sizes": sizes,
-                              "quant": a.quant, "questions": QUESTIONS, "skip": sorted(skip),
+                              "quant": a.quant, "questions": QUESTIONS, "skip": sorted(skip), "imp_args": a.imp_args,
                               "quiet_wait_s": a.quiet_wait, "quiet_threshold": measure.QUIET.threshold}}
     log(f"machine: {res['machine']['cpu_model']}, {threads} threads, load {res['machine']['loadavg']}")
     image = test_image(a.cache / "bench-image.png")
