@@ -84,11 +84,11 @@ def _build(cache: Path, jobs: int) -> Path:
     return binary
 
 
-# llama.cpp's own log lines (the baseline's only report of its phases)
+# llama.cpp's own log lines (the baseline's only report of its phases), as this version words them
 _LOAD = re.compile(r"load time =\s+([\d.]+) ms")
 _PROMPT = re.compile(r"prompt eval time =\s+([\d.]+) ms /\s+(\d+) tokens")
 _EVAL = re.compile(r"\beval time =\s+([\d.]+) ms /\s+(\d+) runs")
-_ENCODE = re.compile(r"image slice encoded in (\d+) ms")
+_ENCODE = re.compile(r"mtmd batch encoding done in (\d+) ms")
 _DECODE = re.compile(r"image decoded \(batch \d+/\d+\) in (\d+) ms")
 
 
@@ -100,9 +100,10 @@ def run(binary: Path, text: Path, mmproj: Path, image: Path, prompt: str, tokens
     Two options are not its defaults: imp's GGUFs carry no chat template (imp renders Imp's own) and
     without one the CLI refuses to start, so `--chat-template vicuna`, which its error message
     suggests for LLaVA-style models and which is Imp-Phi-2's "SYSTEM USER: <image>\nQ ASSISTANT:"
-    format; and `--ignore-eos`, so that both sides generate exactly `tokens` (imp runs with it too)."""
+    format; and `--ignore-eos`, so that both sides generate exactly `tokens` (imp runs with it too).
+    `-v` only makes it log its timings (llama_perf_context_print, image decode), on stderr."""
     r = run_measured([str(binary), "-m", str(text), "--mmproj", str(mmproj), "--image", str(image),
-                      "-p", prompt, "-n", str(tokens), "-t", str(threads), "--chat-template", CHAT_TEMPLATE, "--ignore-eos"],
+                      "-p", prompt, "-n", str(tokens), "-t", str(threads), "--chat-template", CHAT_TEMPLATE, "--ignore-eos", "-v"],
                      env=env)
     if r["rc"] != 0:
         return {"error": f"exit {r['rc']}: " + " | ".join(r["stderr"].strip().splitlines()[-3:])}
