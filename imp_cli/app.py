@@ -118,6 +118,41 @@ def ask(
         run_ask(request, output, stats=stats)
 
 
+@app.command()
+def chat(
+    image: Optional[str] = typer.Argument(None, metavar="[IMAGE]", help="The image to talk about: a path, - for standard input, or an http(s) URL (/image changes it)."),
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_p: float = TOP_P_OPTION,
+    top_k: int = TOP_K_OPTION,
+    seed: int = SEED_OPTION,
+    system: Optional[str] = SYSTEM_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens per answer."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per turn instead of the streamed text."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Talk about an image: a REPL in a terminal (/help for its commands), or one question per input line from a pipe."""
+    from .output import Output
+
+    output = Output(json_mode=json_out, verbose=verbose)
+    with _errors(output):
+        from .ask import Request
+        from .chat import run_chat
+
+        options = Request(images=[image] if image is not None else [], questions=[], model=model, mmproj=mmproj,
+                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                          system=system, threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos,
+                          cache=not no_cache)
+        code = run_chat(options, output)
+    if code:
+        raise typer.Exit(code)
+
+
 def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:
     """`imp ask IMAGE... QUESTION`, or with -q/--questions-from every positional is an image."""
     if questions or questions_from:

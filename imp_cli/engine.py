@@ -123,6 +123,7 @@ class Engine:
         self._mtmd = None
         self._mtmd_ctx = None  # the vision tower: loaded on the first image that must be encoded
         self._cached: list = []  # one key per KV-cache position: token id or (image key, i)
+        self.generated: list[int] = []  # the last answer's token ids (a conversation feeds them back)
         self._images: list[ImageEmbedding] = []
         self.timings.load_ms = (time.perf_counter() - t0) * 1000
 
@@ -326,6 +327,7 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         t = self.timings
         t.generated_tokens, t.finish_reason = 0, "length"
+        self.generated = []
         t0 = time.perf_counter()
         try:
             while t.generated_tokens < max_tokens:
@@ -336,6 +338,7 @@ class Engine:
                 if lc.llama_vocab_is_eog(self._vocab, token) and not sampling.ignore_eos:
                     t.finish_reason = "stop"
                     break
+                self.generated.append(token)
                 text = decoder.decode(self._piece(token))
                 if text:
                     yield text

@@ -18,6 +18,10 @@ PHI2_SYSTEM = (
 class Turn:
     question: str
     answer: str
+    # The answer's token ids as the model generated them, when known: a conversation feeds these
+    # back rather than re-tokenizing the text, which can split it otherwise (then the KV cache
+    # would no longer match and the whole answer would be evaluated again).
+    tokens: tuple[int, ...] | None = None
 
 
 def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = None) -> tuple[str, str]:

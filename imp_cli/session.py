@@ -63,6 +63,7 @@ class Answer:
     reused_tokens: int
     prompt_tokens: int
     completion_tokens: int
+    tokens: list[int] = field(default_factory=list)  # the answer's ids as generated (no stop token)
 
 
 class AnswerStream:
@@ -92,6 +93,9 @@ class AnswerStream:
                     yield shown
             interrupted = False
         finally:
+            close = getattr(self._pieces, "close", None)
+            if close is not None:  # an interrupted generator finishes its timings now, not when collected
+                close()
             self.result = self._finish(self.text, interrupted)
 
     def collect(self) -> Answer:
@@ -111,11 +115,39 @@ def make_prompt(engine: Engine, staged: Staged | None, question: str, history: S
                 system: str | None = None) -> Prompt:
     """The family's template around the image; each side tokenized on its own, as Imp does."""
     pair = engine.pair
-    before, after = build_prompt(pair.prompt_family, question, history, system)
+    before, pieces = render_conversation(pair.prompt_family, question, history, system)
+
+    def tokens(pieces: list) -> list[int]:
+        return [t for p in pieces for t in (engine.tokenize(p) if isinstance(p, str) else p)]
+
     if staged is None:  # a conversation without a picture: no "<image>\n" at all
-        return Prompt(engine.tokenize(before + after.removeprefix("\n")), None, [], None)
+        return Prompt(tokens([before + pieces[0].removeprefix("\n"), *pieces[1:]]), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
-    return Prompt(engine.tokenize(before), image, engine.tokenize(after), staged)
+    return Prompt(engine.tokenize(before), image, tokens(pieces), staged)
+
+
+def render_conversation(family: str, question: str, history: Sequence[Turn] = (),
+                        system: str | None = None) -> tuple[str, list]:
+    """The template's text before the image, then the rest as pieces: text to tokenize, or an
+    earlier answer's ids as the model generated them (Turn.tokens), in place of its text. The
+    blanks a template puts before an answer are then the model's own (its first token has them).
+    The KV cache thus holds exactly what was evaluated and generated, and a follow-up evaluates
+    only its new tokens. Works for any template that repeats earlier turns verbatim."""
+    history = list(history)
+    before, after = build_prompt(family, question, history, system)
+    pieces: list = []
+    done = 0  # characters of `after` already in pieces
+    for k, turn in enumerate(history):
+        if turn.tokens is None:
+            continue
+        _, asked = build_prompt(family, turn.question, history[:k], system)  # ends where the model answered
+        start = after.find(turn.answer, len(asked))
+        if not after.startswith(asked) or start < 0 or after[len(asked):start].strip():
+            continue  # this template does not repeat the turn verbatim: its text stands
+        pieces += [after[done:len(asked)], list(turn.tokens)]
+        done = start + len(turn.answer)
+    pieces.append(after[done:])
+    return before, pieces
 
 
 def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int) -> int:
@@ -227,7 +259,8 @@ class Session:
                 t.finish_reason = "interrupted"
             timings = t.as_dict()
             timings.update(cache=status, reused_tokens=reused)
-            return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens)
+            return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens,
+                          list(engine.generated))
 
         return AnswerStream(engine.generate(sampling, max_tokens), finish)
 

@@ -232,8 +232,10 @@ class Oracle:
                system: str | None = None) -> list[int]:
         """Greedy (argmax, first index on ties) answer ids, at most n_tokens; a stop token
         (</s> or <|endoftext|>) ends the answer and is not included."""
+        return self._greedy_from(self._prompt_embeds(image, question, system), n_tokens, stop_at_eos)
+
+    def _greedy_from(self, embeds: torch.Tensor, n_tokens: int, stop_at_eos: bool = True) -> list[int]:
         cache = DynamicCache()  # updated in place by each forward
-        embeds = self._prompt_embeds(image, question, system)
         ids: list[int] = []
         while len(ids) < n_tokens:
             logits = self.lm(inputs_embeds=embeds.unsqueeze(0), use_cache=True,
@@ -244,6 +246,23 @@ class Oracle:
             ids.append(tok)
             embeds = self._embed([tok])
         return ids
+
+    @torch.no_grad()
+    def chat_greedy(self, image: Image.Image, questions: list[str], n_tokens: int,
+                    system: str | None = None) -> list[list[int]]:
+        """A conversation's greedy answers, turn by turn: each answer goes back as the token ids
+        the model generated, where Imp's template puts the answer, then `</s>` and the next turn:
+        `{system} USER: <image>\\n{q1} ASSISTANT:{a1 ids}</s>USER: {q2} ASSISTANT:` (the blank
+        before an answer is the model's own: its first token carries it). Every turn is run from
+        scratch over the whole conversation."""
+        embeds = self._prompt_embeds(image, questions[0], system)
+        answers: list[list[int]] = []
+        for question in questions:
+            if answers:
+                turn = self.tokenizer.encode(f"</s>USER: {question} ASSISTANT:", add_special_tokens=False).ids
+                embeds = torch.cat([embeds, self._embed(answers[-1] + turn)])
+            answers.append(self._greedy_from(embeds, n_tokens))
+        return answers
 
     def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None) -> str:
         """The greedy answer as a user sees it: the ids decoded byte-level, special tokens
