@@ -213,7 +213,8 @@ class Session:
                     self._save(prompt)
         elif prompt.image is not None and status == "miss":
             status = "hit"  # the prefix is still in memory from an earlier answer
-        engine.evaluate([*prefix[:1], *([image_segment] if image_segment else []), prompt.tail])
+        # (without an image the whole prompt is the head: no empty tail, a prompt ends with text)
+        engine.evaluate([prompt.head, image_segment, prompt.tail] if image_segment else [prompt.head])
         evaluated += engine.timings.prompt_tokens
         reused = prompt.n_tokens - evaluated
         engine.timings.prompt_tokens, engine.timings.reused_tokens = evaluated, reused

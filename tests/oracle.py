@@ -248,14 +248,19 @@ class Oracle:
         return ids
 
     @torch.no_grad()
-    def chat_greedy(self, image: Image.Image, questions: list[str], n_tokens: int,
+    def chat_greedy(self, image: Image.Image | None, questions: list[str], n_tokens: int,
                     system: str | None = None) -> list[list[int]]:
         """A conversation's greedy answers, turn by turn: each answer goes back as the token ids
         the model generated, where Imp's template puts the answer, then `</s>` and the next turn:
         `{system} USER: <image>\\n{q1} ASSISTANT:{a1 ids}</s>USER: {q2} ASSISTANT:` (the blank
         before an answer is the model's own: its first token carries it). Every turn is run from
-        scratch over the whole conversation."""
-        embeds = self._prompt_embeds(image, questions[0], system)
+        scratch over the whole conversation. Without an image (None) the first turn is plain
+        `{system} USER: {q1} ASSISTANT:`."""
+        if image is None:
+            first = f"{DEFAULT_SYSTEM if system is None else system} USER: {questions[0]} ASSISTANT:"
+            embeds = self._embed(self.tokenizer.encode(first, add_special_tokens=False).ids)
+        else:
+            embeds = self._prompt_embeds(image, questions[0], system)
         answers: list[list[int]] = []
         for question in questions:
             if answers:

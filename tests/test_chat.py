@@ -90,6 +90,29 @@ def test_conversation_equals_oracle_and_reuses_the_cache(converted, oracle_for, 
         assert after.prompt_tokens == before.prompt_tokens + len(before.tokens) + len(new_turn)
 
 
+def test_answers_go_back_as_generated(converted, photo):
+    """An earlier answer's ids stand where the template puts its text; ids that are the text's
+    own tokenization give exactly the text-rendered prompt."""
+    from imp_cli.images import load_image
+    from imp_cli.session import Turn
+
+    q1, q2 = QUESTIONS[:2]
+    answer = "The cat sat on the mat."
+    with open_session(*converted("new", "float16", "square")) as session:
+        tok = session.engine.tokenize
+        staged = session.stage(load_image(str(photo)))
+        as_text = session.prompt(staged, q2, [Turn(q1, answer)])
+        assert as_text.tail == tok(f"\n{q1} ASSISTANT: {answer}</s>USER: {q2} ASSISTANT:")
+        canonical = session.prompt(staged, q2, [Turn(q1, answer, tuple(tok(" " + answer)))])
+        assert (canonical.head, canonical.tail) == (as_text.head, as_text.tail)
+
+        odd = tuple(tok(" T") + tok("he cat sat on the mat.") + tok("  "))  # same text, other split
+        assert odd != tuple(tok(" " + answer))
+        spliced = session.prompt(staged, q2, [Turn(q1, answer, odd)])
+        assert spliced.tail == tok(f"\n{q1} ASSISTANT:") + list(odd) + tok(f"</s>USER: {q2} ASSISTANT:")
+        assert spliced.head == as_text.head
+
+
 @pytest.mark.parametrize("layout", ["new", "old"])
 def test_piped_conversation_equals_oracle(imp_bin, converted, oracle_for, photo, env, layout):
     text, _ = converted(layout, "float16", "square")
@@ -113,6 +136,21 @@ def test_piped_conversation_equals_oracle(imp_bin, converted, oracle_for, photo,
     assert [r["cache"] for r in records] == ["hit", "hit", "hit"]
     assert records[0]["timings"]["image_encode_ms"] == 0
     assert all(r["timings"]["prompt_tokens"] < 16 for r in records)
+
+
+def test_conversation_without_an_image(imp_bin, converted, oracle_for, env):
+    text, _ = converted("new", "float16", "square")
+    oracle = oracle_for("new", "float16", "square")
+    expected = oracle.chat_greedy(None, QUESTIONS[:2], N_TOKENS)
+
+    p = chat_piped(imp_bin, None, text, QUESTIONS[:2], "--json", env=env)
+    assert p.returncode == 0, p.stderr
+    records = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["answer"] for r in records] == [oracle.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                                               for ids in expected]
+    assert [(r["image"], r["cache"]) for r in records] == [(None, "off"), (None, "off")]
+    new_turn = oracle.tokenizer.encode(f"</s>USER: {QUESTIONS[1]} ASSISTANT:", add_special_tokens=False).ids
+    assert records[1]["timings"]["prompt_tokens"] == 1 + len(new_turn)
 
 
 def test_chat_after_ask_starts_from_the_prompt_cache(imp_bin, converted, photo, env):
