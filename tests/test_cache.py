@@ -429,3 +429,18 @@ def test_native_load_failure_names_the_cause(model, tmp_path):
         Engine(replace(pair, text_path=cut), n_ctx=256, threads=1)
     message = str(e.value)
     assert "could not load cut.gguf" in message and "file bounds" in message, message
+
+
+def test_answer_without_an_image(model):
+    """A conversation with no picture: the template without `<image>\\n`, the vision tower never
+    loaded, the cache not involved."""
+    with _session(*model) as s:
+        prompt = s.prompt(None, QUESTION)
+        assert prompt.image is None and prompt.tail == []
+        expected = s.engine.tokenize(
+            "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+            f"helpful, detailed, and polite answers to the user's questions. USER: {QUESTION} ASSISTANT:")
+        assert prompt.head == expected
+        result = s.answer(None, QUESTION, max_tokens=4).collect()
+        assert result.cache == "off" and result.prompt_tokens == len(expected)
+        assert result.completion_tokens >= 1 and not s.engine.vision_loaded
