@@ -213,8 +213,8 @@ class Session:
                     self._save(prompt)
         elif prompt.image is not None and status == "miss":
             status = "hit"  # the prefix is still in memory from an earlier answer
-        # (without an image the whole prompt is the head: no empty tail, a prompt ends with text)
-        engine.evaluate([prompt.head, image_segment, prompt.tail] if image_segment else [prompt.head])
+        segments = [prompt.head, image_segment, prompt.tail] if prompt.image else [prompt.head]
+        engine.evaluate([s for s in segments if s])
         evaluated += engine.timings.prompt_tokens
         reused = prompt.n_tokens - evaluated
         engine.timings.prompt_tokens, engine.timings.reused_tokens = evaluated, reused
