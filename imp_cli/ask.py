@@ -160,7 +160,7 @@ def _answer(session, staged, question, req: Request, sampling, output):
             if not output.json_mode and req.constraint is None:  # constrained: printed once complete
                 output.answer(piece)
     except KeyboardInterrupt:
-        if stream.text and not output.json_mode:
+        if stream.text and not output.json_mode and req.constraint is None:
             output.answer("\n")  # end the partial answer's line
         raise
     return stream.result

@@ -103,12 +103,19 @@ def from_schema(spec: str) -> Constraint:
         schema = json.loads(text)
     except ValueError as e:
         raise ConstraintError(f"--json-schema is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConstraintError("--json-schema is nested too deeply") from None
     if not isinstance(schema, dict):
         raise ConstraintError("--json-schema must be a JSON object (a schema)")
-    check_schema(schema)
     try:
+        check_schema(schema)
         grammar = schema_to_gbnf(schema)
-    except (AssertionError, KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
+    except RecursionError:
+        raise ConstraintError("--json-schema is nested too deeply") from None
+    except (AssertionError, KeyError, ValueError, TypeError, AttributeError) as e:
+        if isinstance(e, ConstraintError):
+            raise
+        # The converter's own complaints (a $ref it cannot resolve, a pattern it cannot read).
         raise ConstraintError(f"--json-schema cannot be used: {e or type(e).__name__}") from None
     _check_gbnf(grammar, "--json-schema")
     return Constraint(grammar, schema)
@@ -131,6 +138,36 @@ def _check_gbnf(grammar: str, option: str) -> None:
         raise ConstraintError(f"{option}: the grammar does not parse: {problem}")
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _dict_of_dicts(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
+
+
+# What each keyword's value must be (a malformed schema is a usage error, not a traceback).
+_SHAPES = {
+    "type": (lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(t, str) for t in v)),
+             "a type name or a non-empty list of them"),
+    "properties": (_dict_of_dicts, "an object of schemas"),
+    "$defs": (_dict_of_dicts, "an object of schemas"),
+    "definitions": (_dict_of_dicts, "an object of schemas"),
+    "required": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+    "additionalProperties": (lambda v: isinstance(v, (bool, dict)), "true, false or a schema"),
+    "items": (lambda v: isinstance(v, dict) or (isinstance(v, list) and all(isinstance(x, dict) for x in v)),
+              "a schema or a list of schemas"),
+    "prefixItems": (lambda v: isinstance(v, list) and v and all(isinstance(x, dict) for x in v),
+                    "a non-empty list of schemas"),
+    "anyOf": (lambda v: isinstance(v, list) and v and all(isinstance(x, dict) for x in v),
+              "a non-empty list of schemas"),
+    "enum": (lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list"),
+    "$ref": (lambda v: isinstance(v, str), "a string"),
+    "pattern": (lambda v: isinstance(v, str), "a string"),
+    "format": (lambda v: isinstance(v, str), "a string"),
+    **{k: (_count, "a non-negative integer") for k in ("minItems", "maxItems", "minLength", "maxLength")},
+}
+
 # Keywords the converter honours (or we add), and annotations that constrain nothing.
 _ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "default", "examples",
                 "deprecated", "readOnly", "writeOnly"}
@@ -150,10 +187,14 @@ def check_schema(schema: Any, where: str = "the schema") -> None:
     for key in schema:
         if key not in _HONOURED and key not in _ANNOTATIONS:
             raise ConstraintError(f"--json-schema: unsupported keyword {key!r} in {where}")
+        shape = _SHAPES.get(key)
+        if shape and not shape[0](schema[key]):
+            raise ConstraintError(f"--json-schema: {key} in {where} must be {shape[1]}")
     kind = schema.get("type")
     for t in kind if isinstance(kind, list) else [kind] if kind is not None else []:
         if t not in _TYPES:
             raise ConstraintError(f"--json-schema: unknown type {t!r} in {where}")
+    _check_precedence(schema, where)
     fmt = schema.get("format")
     if fmt is not None and fmt not in _FORMATS:
         raise ConstraintError(f"--json-schema: format {fmt!r} in {where} cannot be enforced "
@@ -166,11 +207,14 @@ def check_schema(schema: Any, where: str = "the schema") -> None:
             raise ConstraintError(f"--json-schema: minimum/maximum in {where} are enforced for "
                                   "\"type\": \"integer\" only")
         integer_bounds(schema, where)
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        if schema.get(low, 0) > schema.get(high, math.inf):
+            raise ConstraintError(f"--json-schema: {low} exceeds {high} in {where}")
+    if ("minItems" in schema or "maxItems" in schema) and "items" not in schema:
+        raise ConstraintError(f"--json-schema: minItems/maxItems in {where} need items")
     if "prefixItems" in schema and any(k in schema for k in ("items", "minItems", "maxItems")):
         raise ConstraintError(f"--json-schema: prefixItems with items/minItems/maxItems in {where}")
     props = schema.get("properties", {})
-    if not isinstance(props, dict):
-        raise ConstraintError(f"--json-schema: properties in {where} must be an object")
     for name in schema.get("required", []):
         if name not in props:
             raise ConstraintError(f"--json-schema: required property {name!r} in {where} is not "
@@ -185,14 +229,41 @@ def check_schema(schema: Any, where: str = "the schema") -> None:
         check_schema(sub, f"items of {where}")
     for i, sub in enumerate(schema.get("prefixItems", [])):
         check_schema(sub, f"prefixItems[{i}] of {where}")
-    alternatives = schema.get("anyOf")
-    if alternatives is not None and not (isinstance(alternatives, list) and alternatives):
-        raise ConstraintError(f"--json-schema: anyOf in {where} must be a non-empty list")
-    for i, sub in enumerate(alternatives or []):
+    for i, sub in enumerate(schema.get("anyOf", [])):
         check_schema(sub, f"anyOf[{i}] of {where}")
     for defs in ("$defs", "definitions"):
         for name, sub in schema.get(defs, {}).items():
             check_schema(sub, f"{defs}/{name}")
+
+
+def _check_precedence(schema: dict, where: str) -> None:
+    """The converter reads one keyword and ignores its siblings, in this order: $ref, anyOf, a
+    list of types, const, enum. Siblings that would constrain something are refused."""
+    quiet = _ANNOTATIONS | {"$defs", "definitions"}
+    for key, allowed in (("$ref", set()), ("anyOf", set()), ("const", {"type"}), ("enum", {"type"})):
+        if key in schema:
+            ignored = sorted(set(schema) - quiet - allowed - {key})
+            if ignored:
+                raise ConstraintError(f"--json-schema: {key} with {', '.join(ignored)} in {where}: "
+                                      f"only {key} would be enforced")
+    if isinstance(schema.get("type"), list):
+        ignored = sorted(set(schema) - quiet - {"type"})
+        if ignored:
+            raise ConstraintError(f"--json-schema: a list of types with {', '.join(ignored)} in {where}: "
+                                  "use anyOf with one schema per type")
+    kind = schema.get("type")
+    for value in schema.get("enum", []) + ([schema["const"]] if "const" in schema else []):
+        if isinstance(kind, str) and not _json_type_is(value, kind):
+            raise ConstraintError(f"--json-schema: {value!r} in {where} is not of type {kind!r}")
+
+
+def _json_type_is(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {"string": str, "boolean": bool, "null": type(None), "object": dict,
+                              "array": list}[kind])
 
 
 # An integer bound left open is capped: JSON numbers past 2**53 lose precision in most readers.

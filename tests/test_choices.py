@@ -414,3 +414,52 @@ def test_unusable_schema_or_grammar_is_a_usage_error(imp_bin, photo, env, option
 def test_one_constraint_at_a_time(imp_bin, photo, env):
     p = run_imp(imp_bin, "ask", photo, QUESTION, "--choices", "a,b", "--grammar", 'root ::= "a"', env=env)
     assert_usage_line(p, "--choices and --grammar cannot be combined")
+
+
+_KEYWORDS = ["type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+             "maxItems", "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "pattern", "format",
+             "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "description", "not"]
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 30) | st.floats(-5, 5, allow_nan=False)
+    | st.sampled_from(["string", "integer", "number", "object", "array", "boolean", "null", "date",
+                       "email", "^[a-z]+$", "#/$defs/a", "a", ""]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(_KEYWORDS + ["a", "b"]), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(schema=_JSON)
+def test_any_schema_is_usable_or_a_usage_error(schema):
+    """Whatever the JSON, from_schema gives a grammar llama.cpp parses, or a ConstraintError
+    (a one-line usage error), never another exception."""
+    from imp_cli.constrain import ConstraintError, from_schema
+    from imp_cli.engine import check_grammar
+
+    try:
+        constraint = from_schema(json.dumps(schema))
+    except ConstraintError as e:
+        assert "\n" not in str(e)
+        return
+    assert check_grammar(constraint.grammar) == ""
+
+
+@pytest.mark.parametrize("schema,phrase", [
+    ({"type": "integer", "minimum": 0, "enum": [1, 50]}, "enum with minimum"),
+    ({"type": "string", "enum": ["a", 1]}, "1 in the schema is not of type 'string'"),
+    ({"anyOf": [{"type": "string"}], "maxLength": 3}, "anyOf with maxLength"),
+    ({"type": ["string", "null"], "maxLength": 3}, "a list of types with maxLength"),
+    ({"type": "array", "maxItems": 2}, "minItems/maxItems in the schema need items"),
+    ({"type": "array", "items": {"type": "string"}, "minItems": 3, "maxItems": 2}, "minItems exceeds maxItems"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "no pattern or format"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "uri"}}}, "format 'uri' in property 'a'"),
+    ({"enum": []}, "enum in the schema must be a non-empty list"),
+    ({"type": "object", "properties": []}, "properties in the schema must be an object of schemas"),
+])
+def test_keywords_the_converter_would_ignore_are_refused(schema, phrase):
+    """The converter reads one keyword of several and drops the rest: answers would then not
+    validate, so such schemas are refused (exit 2 through the CLI, as tested above)."""
+    from imp_cli.constrain import ConstraintError, from_schema
+
+    with pytest.raises(ConstraintError) as e:
+        from_schema(json.dumps(schema))
+    assert phrase in str(e.value)
