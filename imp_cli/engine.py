@@ -36,7 +36,8 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks compare fixed counts)
-    grammar: str = ""  # GBNF (root rule `root`): only tokens it allows; check_grammar() it first
+    grammar: str = ""  # GBNF: only tokens it allows; check_grammar() it first
+    grammar_root: str = "root"
 
 
 @dataclass
@@ -417,7 +418,8 @@ class Engine:
         lc = self._llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if s.grammar:  # first: top-k after it could otherwise leave only forbidden tokens
-            grammar = lc.llama_sampler_init_grammar(self._vocab, s.grammar.encode("utf-8"), b"root")
+            grammar = lc.llama_sampler_init_grammar(self._vocab, s.grammar.encode("utf-8"),
+                                                   s.grammar_root.encode("utf-8"))
             if not grammar:
                 lc.llama_sampler_free(chain)
                 raise EngineError(f"llama.cpp refused the grammar: {native_log.last_error() or 'parse error'}")

@@ -14,7 +14,7 @@ import hashlib
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 from .engine import Engine, ImageRef, Sampling, prompt_keys
@@ -242,6 +242,8 @@ class Session:
         prompt = self.prompt(image, question, history, system)
         status, reused = self.prefill(prompt)
         engine = self.engine
+        if sampling.grammar:
+            sampling = self._grammar_after_lead(sampling)
 
         def finish(text: str, interrupted: bool) -> Answer:
             t = engine.timings
@@ -252,6 +254,20 @@ class Session:
             return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens)
 
         return AnswerStream(engine.generate(sampling, max_tokens), finish)
+
+    def _grammar_after_lead(self, sampling: Sampling) -> Sampling:
+        """A grammar constrains the answer itself: the text the template puts before an answer
+        (Phi-2's space after `ASSISTANT:`) comes first, as the model learned to write it."""
+        import json
+
+        from .prompts import answer_frame
+
+        lead, _ = answer_frame(self.pair.prompt_family)
+        if not lead:
+            return sampling
+        rule = f"imp-answer-lead-{sampling.grammar_root}"
+        grammar = f"{sampling.grammar}\n{rule} ::= {json.dumps(lead)} {sampling.grammar_root}\n"
+        return replace(sampling, grammar=grammar, grammar_root=rule)
 
     def score(self, image: Staged | None, question: str, answers: Sequence[str], history: Sequence[Turn] = (),
               system: str | None = None) -> Scores:

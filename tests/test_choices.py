@@ -321,6 +321,16 @@ def test_every_grammar_answer_matches(session, staged, constraints, seed, temper
     assert GRAMMAR_RE.fullmatch(answer.text), answer.text
 
 
+@pytest.mark.parametrize("name", ["enum", "grammar"])
+def test_constrained_answer_starts_as_the_template_writes_answers(session, staged, constraints, name):
+    """Phi-2 answers after `ASSISTANT:` with a space (`ASSISTANT: {answer}</s>`): the grammar's
+    first token must carry it, as the model learned; the printed answer is the value alone."""
+    answer = sample(session, staged, constraints[name], seed=3, temperature=1.0)
+    first = session.engine._cached[session.prompt(staged, "Describe the image as JSON.").n_tokens]
+    assert session.engine.detokenize([first]).startswith(" ")
+    assert answer.finish_reason == "stop" and answer.text == answer.text.strip() != ""
+
+
 def test_unconstrained_answers_would_not_validate(session, staged):
     """The constraint is what makes the answers valid: the same model unconstrained does not
     write JSON (so the tests above can fail)."""
