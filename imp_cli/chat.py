@@ -217,10 +217,11 @@ def write_atomically(path: str, text: str) -> None:
 class Terminal:
     """Lines typed at a prompt, with line editing and a history file (GNU readline, when there)."""
 
-    def __init__(self, output: Output):
+    def __init__(self, output: Output, commands=()):
         from . import store
 
         self.output = output
+        self.commands = sorted(commands)
         self.history = store.home() / "chat_history"
         colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         # \001 and \002 tell readline the colour codes take no room on the line
@@ -236,6 +237,16 @@ class Terminal:
                 readline.read_history_file(str(self.history))
             except OSError:
                 pass  # none yet (or unreadable: start afresh)
+            readline.set_completer(self._complete)  # Tab completes /commands
+            readline.set_completer_delims(" \t\n")
+            readline.parse_and_bind("tab: complete")
+
+    def _complete(self, text: str, state: int) -> str | None:
+        line = self.readline.get_line_buffer()
+        if line.startswith("/") and " " not in line:
+            matches = [c + " " for c in self.commands if c.startswith(text)]
+            return matches[state] if state < len(matches) else None
+        return None
 
     def read(self) -> str | None:
         """The next line; None to leave (Ctrl-D, or Ctrl-C at an empty prompt)."""
@@ -313,7 +324,7 @@ def run_chat(opts: Request, output: Output) -> int:
             return 1 if failed else 0
         image = f", image {chat.image.source}" if chat.image else ""
         output.info(f"imp chat: model {session.pair.name}{image}. /help for commands, Ctrl-D to leave.")
-        terminal = Terminal(output)
+        terminal = Terminal(output, chat.commands)
         try:
             while (line := terminal.read()) is not None and _turn(chat, line, output) != "exit":
                 pass

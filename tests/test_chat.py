@@ -321,7 +321,9 @@ def test_terminal_conversation(imp_bin, converted, photo, flipped, env):
     child.sendline(q2)
     child.expect_exact(f"{follow_up}\r\n\r\n")  # with the first turn in its context
     child.expect_exact(">>> ")
-    child.sendline("/help")
+    child.send("/he\t")  # Tab completes a command
+    child.expect_exact("/help ")
+    child.sendline("")
     child.expect_exact("/image PATH|URL")
     child.expect_exact(">>> ")
     child.sendline("/reset")
