@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .ask import Request
 from .errors import ImpError
@@ -169,7 +170,8 @@ class Chat:
     def cmd_save(self, arg: str) -> None:
         if not arg:
             raise ImpError("/save needs a file name")
-        write_atomically(os.path.expanduser(arg), json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n")
+        text = json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n"
+        write_atomically(os.path.expanduser(arg), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         self.output.info(f"saved {len(self.said)} turn{'s' if len(self.said) != 1 else ''} to {arg}")
 
     def cmd_stats(self, arg: str) -> None:
@@ -197,19 +199,15 @@ class Chat:
         }
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+def write_atomically(path: str, write) -> None:
+    """write(temporary path) beside `path`, then rename: readers never see half a file."""
+    from convert.atomic import Staging
+
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        with Staging() as staging:
+            write(str(staging.path_for(Path(path))))
+            staging.commit()
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise ImpError(f"cannot write '{path}': {e.strerror or e}") from None
 
 
@@ -272,10 +270,8 @@ class Terminal:
             return
         try:
             self.history.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.history.with_name(f".{self.history.name}.{os.getpid()}.tmp")
-            self.readline.write_history_file(str(tmp))
-            os.replace(tmp, self.history)
-        except OSError as e:
+            write_atomically(str(self.history), self.readline.write_history_file)
+        except (OSError, ImpError) as e:
             self.output.note(f"could not save the chat history: {e}")
 
 

@@ -243,16 +243,18 @@ def test_bad_lines_do_not_end_the_conversation(imp_bin, converted, photo, tmp_pa
     text, _ = converted("new", "float16", "square")
     [first] = first_turns(imp_bin, text, QUESTIONS[0], env, photo)
     too_long = "Why? " * 200
-    lines = ["/frobnicate", f"/image {tmp_path / 'missing.png'}", too_long, "/save", QUESTIONS[0]]
+    nowhere = tmp_path / "no" / "such" / "talk.json"
+    lines = ["/frobnicate", f"/image {tmp_path / 'missing.png'}", too_long, "/save", f"/save {nowhere}", QUESTIONS[0]]
     p = chat_piped(imp_bin, photo, text, lines, "--ctx", "256", env=env)
     assert p.returncode == 1  # a script is told that some lines failed
     assert p.stdout == f"{first}\n\n"  # and the good line was still answered, as a first turn
     errors = p.stderr.splitlines()
-    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
+    assert len(errors) == 5 and all(line.startswith("error: ") for line in errors)
     assert errors[0] == "error: unknown command /frobnicate (/help lists them)"
     assert errors[1] == f"error: cannot read image '{tmp_path / 'missing.png'}': file not found"
     assert "more than the context of 256" in errors[2]
     assert errors[3] == "error: /save needs a file name"
+    assert errors[4] == f"error: cannot write '{nowhere}': No such file or directory"
     assert "Traceback" not in p.stderr
 
 
