@@ -82,10 +82,9 @@ def test_conversation_equals_oracle_and_reuses_the_cache(converted, oracle_for, 
     # Turn 1 evaluates everything (no prompt cache here); each follow-up only the previous
     # answer's last token (generated, never evaluated: the answer hit the limit there) and its own.
     assert answers[0].reused_tokens == 0 and answers[0].timings["prompt_tokens"] == answers[0].prompt_tokens
-    for before, after in zip(answers, answers[1:]):
+    for before, after, question in zip(answers, answers[1:], QUESTIONS[1:]):
         assert after.reused_tokens == before.prompt_tokens + len(before.tokens) - 1
-        new_turn = oracle.tokenizer.encode(f"</s>USER: {QUESTIONS[answers.index(after)]} ASSISTANT:",
-                                           add_special_tokens=False).ids
+        new_turn = oracle.tokenizer.encode(f"</s>USER: {question} ASSISTANT:", add_special_tokens=False).ids
         assert after.timings["prompt_tokens"] == 1 + len(new_turn)
         assert after.prompt_tokens == before.prompt_tokens + len(before.tokens) + len(new_turn)
 
