@@ -28,7 +28,9 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 def is_public(ip: Address) -> bool:
     """True for an address a server may fetch from on a client's behalf."""
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is that IPv4 address
+            return is_public(ip.ipv4_mapped)
+        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
         if embedded is not None and not is_public(embedded):
             return False
     return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast

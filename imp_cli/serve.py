@@ -242,6 +242,7 @@ class Outcome:
     finish_reason: str  # stop | length
     prompt_tokens: int
     completion_tokens: int
+    reused_tokens: int  # of the prompt, from the KV cache or the prompt cache (for the log)
     cancelled: bool
 
 
@@ -266,32 +267,42 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    """Jobs in arrival order, one running, at most `max_queue` waiting."""
+    """Jobs in arrival order, one running, at most `max_queue` waiting for it."""
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
+        self._running = False
         self._closed = False
 
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def full(self) -> bool:
+        # An idle engine takes the next job at once: that one does not count as waiting.
+        return len(self._waiting) >= self.max_queue + (0 if self._running else 1)
+
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", "server_error", "shutting_down")
-            if len(self._waiting) >= self.max_queue:
+            if self.full():
                 raise QueueFull()
             self._waiting.append(job)
             self._cond.notify()
 
     def take(self) -> Job | None:
-        """The next job, or None once closed."""
+        """The next job (it is running until done()), or None once closed."""
         with self._cond:
             while not self._waiting and not self._closed:
                 self._cond.wait()
+            self._running = bool(self._waiting)
             return self._waiting.popleft() if self._waiting else None
+
+    def done(self) -> None:
+        with self._cond:
+            self._running = False
 
     def close(self) -> list[Job]:
         """No more jobs; those still waiting are returned (to be refused)."""
@@ -333,6 +344,7 @@ class Worker(threading.Thread):
                     self.answer(job)
                 except Exception as e:  # the server lives on; this request gets a 500
                     job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+                self.scheduler.done()
                 self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (time.perf_counter() - t0)
         finally:
             self.session.close()
@@ -342,7 +354,7 @@ class Worker(threading.Thread):
 
         r = job.request
         if job.cancel.is_set():  # the client left while it waited
-            job.post("end", Outcome("stop", 0, 0, True))
+            job.post("end", Outcome("stop", 0, 0, 0, True))
             return
         try:
             stream = self.session.answer(job.staged, r.question, r.history, r.system, r.sampling, r.max_tokens,
@@ -374,7 +386,7 @@ class Worker(threading.Thread):
         # The end-of-turn token that ended an answer is not part of it: not counted.
         completion = a.completion_tokens - (1 if a.finish_reason == "stop" else 0)
         finish = "length" if a.finish_reason in ("length", "context") else "stop"
-        job.post("end", Outcome(finish, a.prompt_tokens, completion, job.cancel.is_set()))
+        job.post("end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set()))
 
 
 # -- the HTTP side -------------------------------------------------------------------------------
@@ -474,7 +486,7 @@ class Api:
                         "server_error", "queue_full", headers={"Retry-After": str(seconds)})
 
     async def chat(self, request):
-        if self.scheduler.waiting() >= self.options.max_queue:
+        if self.scheduler.full():
             raise self._queue_full()  # before reading a body we would not serve
         body = await _read_body(request, self.options.max_body)
         try:
@@ -541,6 +553,7 @@ class Api:
                 obj["usage"] = None
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        ended = False
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
@@ -548,9 +561,11 @@ class Api:
                 if kind == "text":
                     yield chunk({"content": value})
                 elif kind == "error":  # the status is sent already: an error event ends the stream
+                    ended = True
                     yield f"data: {json.dumps(value.body())}\n\n"
                     return
                 else:
+                    ended = True
                     self._note(request, value)
                     yield chunk({}, value.finish_reason)
                     if r.include_usage:
@@ -558,11 +573,27 @@ class Api:
                     yield "data: [DONE]\n\n"
                     return
         finally:
-            job.cancel.set()  # a no-op after the end; on a disconnect it stops the generation
+            if not ended:  # the client went away (or the server stops): stop the generation now
+                job.cancel.set()
+                await self._settle(request, job)
+
+    async def _settle(self, request, job: Job) -> None:
+        """After a disconnect: wait (shielded from the cancellation, bounded) for the worker to
+        stop, so that the request's log line says how far it got."""
+        import anyio
+
+        request.state.note = "client gone"
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            while True:
+                kind, value = await job.events.get()
+                if kind == "end":
+                    self._note(request, value)
+                if kind in ("end", "error"):
+                    return
 
     @staticmethod
     def _note(request, outcome: Outcome) -> None:
-        request.state.usage = (outcome.prompt_tokens, outcome.completion_tokens)
+        request.state.usage = (outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
         if outcome.cancelled:
             request.state.note = "client gone"
 
@@ -648,7 +679,7 @@ class Guard:
             await self.app(scope, receive, sending)
         finally:
             usage = state.get("usage")
-            tokens = f"{usage[0]}+{usage[1]} tokens" if usage else "-"
+            tokens = f"{usage[0]}+{usage[1]} tokens ({usage[2]} reused)" if usage else "-"
             note = f" ({state['note']})" if state.get("note") else ""
             path = "".join(c if c.isprintable() else "?" for c in scope["path"])[:200]
             self.log(f"{scope['method']} {path} {status[0] or '-'} {tokens} "
