@@ -314,7 +314,7 @@ def test_client_killed_mid_stream_does_not_stall_others(servers, expected, photo
     assert line.startswith("POST /v1/chat/completions 200 ") and generated < 2900, line
 
 
-def test_full_queue_gets_503_with_retry_after(imp_bin, converted, env, photo, expected):
+def test_full_queue_gets_503_and_ctrl_c_finishes_the_running_answer(imp_bin, converted, env, photo, expected):
     """--max-queue 0: while one answer runs, the next request is refused, not queued."""
     text, _ = converted("new", "float16", "square")
     server = Server(imp_bin, text, env, "--max-queue", "0")
@@ -331,8 +331,23 @@ def test_full_queue_gets_503_with_retry_after(imp_bin, converted, env, photo, ex
         reply = server.client().chat.completions.create(model=server.model, messages=[user(QUESTION, url)],
                                                         max_tokens=N_TOKENS)
         assert reply.choices[0].message.content == expected("new", QUESTION)[0]
+
+        # Ctrl-C while an answer streams: it is finished, then the server exits 0.
+        sock = _open_stream(server.port, {"model": server.model, "messages": [user(QUESTION, url)],
+                                          "max_tokens": 300, "stream": True}, key=None)
+        server.proc.send_signal(signal.SIGINT)
+        rest = b""
+        for _ in range(100000):
+            data = sock.recv(65536)
+            rest += data
+            if not data or b"data: [DONE]" in rest:
+                break
+        sock.close()
+        assert b"data: [DONE]" in rest and b'"finish_reason": "length"' in rest
+        assert server.proc.wait(60) == 0, server.log()
     finally:
-        assert server.stop(signal.SIGINT) == 0, server.log()
+        if server.proc.poll() is None:
+            server.stop()
 
 
 def _hostile_cases(photo: Path, model: str, port: int) -> list[tuple[str, dict | bytes, int, str]]:
