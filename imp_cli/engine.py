@@ -107,6 +107,7 @@ class Engine:
         self.n_ctx = max(64, min(n_ctx, pair.n_ctx_train))  # past the trained context Phi-2 degrades
         self.threads = threads or _physical_cores()
         self.verbose = verbose
+        native_log.clear()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(pair.text_path), n_ctx=self.n_ctx, n_batch=n_batch, n_ubatch=n_batch,
@@ -139,6 +140,7 @@ class Engine:
         params.print_timings = False
         params.n_threads = self.threads
         params.warmup = False  # a whole extra image encode at start-up; one-shot runs don't want it
+        native_log.clear()
         ctx = mtmd_cpp.mtmd_init_from_file(str(self.pair.mmproj_path).encode(), self.llm.model, params)
         if not ctx:
             raise EngineError(f"llama.cpp could not load {self.pair.mmproj_path.name}: "
