@@ -188,7 +188,8 @@ def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) 
     if options is not None and not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = _flag(options or {}, "include_usage", "stream_options.include_usage")
-    n = _number(body, "n", 1, 1, integer=True)  # noqa: F841 - only n=1 is served
+    if _number(body, "n", 1, 2**31 - 1, integer=True) not in (None, 1):
+        raise _bad("'n' must be 1: one answer per request", "n")
     max_tokens = _number(body, "max_completion_tokens", 1, 2**31 - 1, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", 1, 2**31 - 1, integer=True)
@@ -491,8 +492,8 @@ class Api:
         body = await _read_body(request, self.options.max_body)
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _bad(f"the body is not valid JSON ({e})", code="invalid_json") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
+            raise _bad(f"the body is not valid JSON ({str(e)[:200]})", code="invalid_json") from None
         if not isinstance(data, dict):
             raise _bad("the body must be a JSON object", code="invalid_json")
         r = parse_chat(data, self.options.max_tokens, self.options.temperature)
@@ -691,17 +692,17 @@ class Guard:
 
 
 # -- running it ----------------------------------------------------------------------------------
-def _listen(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int) -> socket.socket:
+    """Bound, not listening yet: a taken port fails before the model loads, and nobody can
+    connect (and hang) while it loads."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(128)
     except OSError as e:
         raise ImpError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -717,14 +718,16 @@ def run_serve(options: ServeOptions, output) -> None:
     return (exit 0)."""
     import uvicorn
 
+    sock = _bind(options.host, options.port)
     scheduler = Scheduler(options.max_queue)
     worker = Worker(options, output, scheduler)
     worker.start()
     worker.ready.wait()
     if worker.error is not None:
+        sock.close()
         raise worker.error
     try:
-        sock = _listen(options.host, options.port)
+        sock.listen(128)
         host, port = sock.getsockname()[:2]
         api = Api(options, worker, scheduler, output.info)
         if not _is_loopback(host) and not options.api_key:

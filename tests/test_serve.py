@@ -366,6 +366,7 @@ def _hostile_cases(photo: Path, model: str, port: int) -> list[tuple[str, dict |
         ("broken JSON", b'{"model": ', 400, "invalid_json"),
         ("empty body", b"", 400, "invalid_json"),
         ("JSON array", b"[1, 2]", 400, "invalid_json"),
+        ("JSON nested 100000 deep", b"[" * 100000 + b"]" * 100000, 400, "invalid_json"),
         ("JSON string", b'"hi"', 400, "invalid_json"),
         ("not UTF-8", b"\xff\xfe\x00{", 400, "invalid_json"),
         ("NaN temperature", json.dumps(chat()).replace('"max_tokens": 4', '"temperature": NaN').encode(), 400, "invalid_value"),
@@ -472,6 +473,25 @@ def test_remote_images_refused_without_the_flag(servers, photo):
     status, _, data = raw(server.port, "POST", "/v1/chat/completions", body)
     error = json.loads(data)["error"]
     assert (status, error["code"]) == (400, "invalid_image") and "--allow-remote-images" in error["message"]
+
+
+def test_start_up_errors_are_one_line_and_exit_1(imp_bin, converted, env, tmp_path):
+    text, _ = converted("new", "float16", "square")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = str(taken.getsockname()[1])
+        for args, message in [
+            (["--model", str(tmp_path / "nothing.gguf"), "--port", "0"], "not found"),
+            (["--model", str(text), "--port", port], f"error: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        ]:
+            p = subprocess.run([imp_bin, "serve", *args], capture_output=True, env=env, timeout=120)
+            err = p.stderr.decode()
+            assert (p.returncode, p.stdout) == (1, b""), err
+            assert len(err.splitlines()) == 1 and message in err, err
+    finally:
+        taken.close()
 
 
 # ------------------------------------------------------------------------------- in-process parts
