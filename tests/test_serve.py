@@ -24,7 +24,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from cli_env import clean_env
-from test_ask import _torch_one_thread  # noqa: F401 - the oracle on one thread (an autouse fixture)
+from test_ask import _torch_one_thread, eager_to_stop  # noqa: F401 - fixtures: the oracle on one thread; a model that stops at once
 
 QUESTION = "What is in the image?"
 QUESTIONS = [QUESTION, "Describe the picture.", "What colour is it?", "Is there a cat?"]
@@ -230,6 +230,23 @@ def test_stop_sequences_cut_the_answer(servers, expected, photo):
     assert reply.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut
     assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_end_of_turn_finishes_with_stop_and_is_not_counted(imp_bin, eager_to_stop, env, photo):
+    """A model whose first token is always `</s>`: an empty answer, finish_reason stop, and the
+    end-of-turn token is not in completion_tokens (1 was generated)."""
+    server = Server(imp_bin, eager_to_stop, env)
+    try:
+        client = server.client()
+        messages = [user(QUESTION, data_url(photo))]
+        reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=12)
+        chunks = list(client.chat.completions.create(model=server.model, messages=messages, max_tokens=12,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("", "stop")
+        assert reply.usage.completion_tokens == 0 and chunks[-1].usage.completion_tokens == 0
+        assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, "stop"]
+    finally:
+        assert server.stop() == 0, server.log()
 
 
 def test_models_endpoints(servers):
