@@ -719,6 +719,9 @@ def run_serve(options: ServeOptions, output) -> None:
     import uvicorn
 
     sock = _bind(options.host, options.port)
+    if not _is_loopback(sock.getsockname()[0]) and not options.api_key:
+        output.warn(f"listening on {options.host}, not a loopback address, without --api-key: "
+                    "anyone who can reach it can use the model")
     scheduler = Scheduler(options.max_queue)
     worker = Worker(options, output, scheduler)
     worker.start()
@@ -730,9 +733,6 @@ def run_serve(options: ServeOptions, output) -> None:
         sock.listen(128)
         host, port = sock.getsockname()[:2]
         api = Api(options, worker, scheduler, output.info)
-        if not _is_loopback(host) and not options.api_key:
-            output.warn(f"listening on {host}, not a loopback address, without --api-key: "
-                        "anyone who can reach it can use the model")
         shown = f"[{host}]" if ":" in host else host
         ready = (f"imp serve: {api.model_id} on http://{shown}:{port}/v1 "
                  f"(max queue {options.max_queue}{', API key required' if options.api_key else ''})")

@@ -509,6 +509,13 @@ def test_start_up_errors_are_one_line_and_exit_1(imp_bin, converted, env, tmp_pa
             assert len(err.splitlines()) == 1 and message in err, err
     finally:
         taken.close()
+    # The warning comes as soon as the address is bound (it never listens here: the model is missing).
+    p = subprocess.run([imp_bin, "serve", "--model", str(tmp_path / "nothing.gguf"), "--host", "0.0.0.0", "--port", "0"],
+                       capture_output=True, env=env, timeout=120)
+    lines = p.stderr.decode().splitlines()
+    assert p.returncode == 1 and len(lines) == 2, lines
+    assert lines[0] == ("warning: listening on 0.0.0.0, not a loopback address, without --api-key: "
+                        "anyone who can reach it can use the model")
 
 
 # ------------------------------------------------------------------------------- in-process parts
