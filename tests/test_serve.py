@@ -627,3 +627,15 @@ def test_remote_fetch_checks_every_hop_and_pins_the_address(image_host, photo):
     mixed = lambda host, p: [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("127.0.0.2")]  # noqa: E731
     with pytest.raises(ImageError, match="not a public address"):
         fetch_public(f"http://images.test:{port}/img.png", max_bytes=MAX_BODY, allow=only_one, resolver=mixed)
+
+
+def test_stop_text_finds_a_stop_split_across_pieces():
+    from imp_cli.serve import StopText
+
+    stopper = StopText(["o w", "XYZ"])
+    out = [stopper.feed(p) for p in ["Hel", "lo", " ", "world"]]
+    assert out == [("Hel", False), ("l", False), ("", False), ("", True)]  # "lo" held: "o" may start "o w"
+    stopper = StopText(["o w"])
+    assert [stopper.feed(p) for p in ["go", "!"]] + [stopper.flush()] == [("g", False), ("o!", False), ""]
+    stopper = StopText(["o w"])
+    assert stopper.feed("go") == ("g", False) and stopper.flush() == "o"  # the end releases what was held
