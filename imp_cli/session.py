@@ -24,7 +24,12 @@ from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
 
-__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "context_for"]
+__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "PromptTooLong",
+           "context_for"]
+
+
+class PromptTooLong(ImpError):
+    """The prompt does not fit the context (a server answers this one with its own status)."""
 
 
 @dataclass(frozen=True)
@@ -120,19 +125,20 @@ def stage_image(pair: ModelPair, image: LoadedImage) -> Staged:
 
 
 def prompt_texts(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
-                 system: str | None = None) -> tuple[str, str]:
+                 system: str | None = None, image_turn: int = 0) -> tuple[str, str]:
     """The template's text before and after the image (all of it before, without an image)."""
-    before, after = build_prompt(family, question, history, system)
+    before, after = build_prompt(family, question, history, system, image_turn if with_image else 0)
     if not with_image:  # a conversation without a picture: no "<image>\n" at all
         return before + after.removeprefix("\n"), ""
     return before, after
 
 
 def make_prompt(engine: Engine, staged: Staged | None, question: str, history: Sequence[Turn] = (),
-                system: str | None = None) -> Prompt:
-    """The family's template around the image; each side tokenized on its own, as Imp does."""
+                system: str | None = None, image_turn: int = 0) -> Prompt:
+    """The family's template around the image (in user turn `image_turn`); each side tokenized
+    on its own, as Imp does."""
     pair = engine.pair
-    before, after = prompt_texts(pair.prompt_family, staged is not None, question, history, system)
+    before, after = prompt_texts(pair.prompt_family, staged is not None, question, history, system, image_turn)
     if staged is None:
         return Prompt(engine.tokenize(before), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
@@ -172,12 +178,12 @@ class Session:
         return stage_image(self.pair, image)
 
     def prompt(self, staged: Staged | None, question: str, history: Sequence[Turn] = (),
-               system: str | None = None) -> Prompt:
-        return make_prompt(self.engine, staged, question, history, system)
+               system: str | None = None, image_turn: int = 0) -> Prompt:
+        return make_prompt(self.engine, staged, question, history, system, image_turn)
 
     def check_fits(self, prompt: Prompt, max_tokens: int = 0) -> None:
         if prompt.n_tokens + 1 > self.engine.n_ctx:
-            raise ImpError(f"prompt is {prompt.n_tokens} tokens"
+            raise PromptTooLong(f"prompt is {prompt.n_tokens} tokens"
                            + (f" (image {prompt.image.n_tokens})" if prompt.image else "")
                            + f", more than the context of {self.engine.n_ctx}: shorten it or raise --ctx")
 
@@ -236,10 +242,11 @@ class Session:
 
     # -- answers --------------------------------------------------------------------------------
     def answer(self, image: Staged | None, question: str, history: Sequence[Turn] = (),
-               system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512) -> AnswerStream:
+               system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512,
+               image_turn: int = 0) -> AnswerStream:
         """Prefill now (errors surface here), stream the answer as the result is iterated."""
         self.engine.start_request()
-        prompt = self.prompt(image, question, history, system)
+        prompt = self.prompt(image, question, history, system, image_turn)
         status, reused = self.prefill(prompt)
         engine = self.engine
         if sampling.grammar:
