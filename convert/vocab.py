@@ -178,9 +178,10 @@ def _check_agree(fast: _FileSet, slow: _FileSet) -> None:
         i = min(i for i in fast.vocab.keys() | slow.vocab.keys() if fast.vocab.get(i) != slow.vocab.get(i))
         raise differ(f"token {i}", repr(fast.vocab.get(i)), repr(slow.vocab.get(i)))
     if fast.merges != slow.merges:
-        k = next((k for k, (a, b) in enumerate(zip(fast.merges, slow.merges)) if a != b),
-                 min(len(fast.merges), len(slow.merges)))
-        raise differ(f"merge {k}", f"{len(fast.merges)} merges", f"{len(slow.merges)}")
+        k = next((k for k, (a, b) in enumerate(zip(fast.merges, slow.merges)) if a != b), None)
+        if k is None:
+            raise differ("the merges", f"{len(fast.merges)}", f"{len(slow.merges)}")
+        raise differ(f"merge {k}", repr(fast.merges[k]), repr(slow.merges[k]))
     # Added tokens: those the slow set lists must be the fast set's; an added token that the
     # slow set keeps in vocab.json instead (Phi-2's <|endoftext|>) must have the same text there.
     for i in sorted(fast.added.keys() | slow.added.keys()):
