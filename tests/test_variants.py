@@ -427,3 +427,99 @@ def test_hub_repo_with_tower_folder_and_no_tokenizer_json(hub_cache, plain, tmp_
         got = Path(result[kind])
         assert GGUFReader(got).fields["imp.source"].contents() == f"{HUB_REPO}@{commit}"
         assert gguf_content(got) == gguf_content(Path(getattr(want, kind)))
+
+
+# -------------------------------------------------------------------------- online Hub source
+class FakeHub:
+    """A local stand-in for the Hub's HTTP API (the few routes huggingface_hub uses to resolve a
+    revision, list a repo's files and download them), serving one folder as one repo at one
+    commit; it records every file download (GET .../resolve/...)."""
+
+    def __init__(self, repo_id: str, folder: Path, commit: str):
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        self.downloaded: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
+                self.send_response(status)
+                for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def _route(self, head: bool):
+                from urllib.parse import unquote, urlparse
+
+                path = unquote(urlparse(self.path).path)
+                api = f"/api/models/{repo_id}/"
+                if path.startswith(api + "revision/"):
+                    info = {"id": repo_id, "sha": commit, "private": False,
+                            "siblings": [{"rfilename": f, "size": len(b)} for f, b in files.items()]}
+                    return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+                if path.startswith(api + "tree/"):
+                    tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                            for f, b in files.items()]
+                    return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
+                prefix = f"/{repo_id}/resolve/"
+                if path.startswith(prefix):
+                    _, _, name = path[len(prefix):].partition("/")
+                    if name not in files:
+                        return self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
+                    if not head:
+                        hub.downloaded.append(name)
+                    return self._send(200, files[name], {"X-Repo-Commit": commit,
+                                                         "ETag": f'"{hashlib.sha1(files[name]).hexdigest()}"'}, head)
+                return self._send(404, b"", {"X-Error-Code": "RepoNotFound"}, head)
+
+            def do_GET(self):
+                self._route(head=False)
+
+            def do_HEAD(self):
+                self._route(head=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_online_download_fetches_exactly_the_needed_files(plain, tmp_path):
+    """`imp convert owner/name` against a Hub (a local stand-in): only the files the conversion
+    reads are downloaded, and the pair equals the plain one."""
+    ck = make_checkpoint(tmp_path / "repo", layout="old", tower_config="folder", tokenizer_files="no-tokenizer-json")
+    (ck / "README.md").write_text("# a model card\n")
+    (ck / "pytorch_model.bin").write_bytes(b"not to be fetched")
+    (ck / tower_folder_name(TINY) / "model.safetensors").write_bytes(b"the tower's own weights: not needed")
+    commit = "c0ffee" * 6 + "c0ff"
+    with FakeHub(HUB_REPO, ck, commit) as hub:
+        env = clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "cache"),
+                        HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
+        r = run_imp("convert", HUB_REPO, "--out", tmp_path / "out", "-q", "F16", "--name", "imp", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(hub.downloaded) == sorted([
+        "config.json", "model.safetensors.index.json", "vocab.json", "merges.txt", "added_tokens.json",
+        "tokenizer_config.json", "special_tokens_map.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", f"{tower_folder_name(TINY)}/config.json"])
+    result = json.loads(r.stdout)
+    assert result["source"] == f"{HUB_REPO}@{commit}"
+    _, want = plain("old", TINY)
+    for kind in ("text_path", "mmproj_path"):
+        assert gguf_content(Path(result[kind])) == gguf_content(Path(getattr(want, kind)))
