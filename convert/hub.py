@@ -62,8 +62,9 @@ def resolve(source: "str | Source", show_progress: bool | None = None) -> Source
 def download(repo_id: str, revision: str | None, show_progress: bool | None = None) -> Source:
     """Fetch exactly what conversion needs into the standard hub cache (resumable, reused).
 
-    First the small files at the resolved commit (config.json and the index name the rest), then
-    the shards and the tower folder's config.json that needed_files picks from the repo's file list.
+    One call resolves the revision and lists the repo's files; then the small files (config.json
+    and the index name the rest), then the shards and the tower folder's config.json that
+    needed_files picks. Offline or with the Hub unreachable, the same choice from the cache.
     Progress bars (on stderr) by default only when stderr is a terminal: no carriage-return noise in logs."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
@@ -74,19 +75,46 @@ def download(repo_id: str, revision: str | None, show_progress: bool | None = No
     else:
         disable_progress_bars()
     label = repo_id + (f"@{revision}" if revision else "")
-    first = Path(_snapshot(repo_id, revision, NEEDED_FILES, label))
+    remote = None if offline() else _remote_listing(repo_id, revision)
+    local = remote is None
+    first = Path(_snapshot(repo_id, remote[0] if remote else revision, NEEDED_FILES, label, local))
     commit = first.name  # snapshot_download returns .../snapshots/<commit>
+    listing = remote[1] if remote else [p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()]
     config, index = _read_json(first / "config.json"), _read_json(first / "model.safetensors.index.json")
     try:
-        files = needed_files(_listing(repo_id, commit, first), config if isinstance(config, dict) else None, index)
+        files = needed_files(listing, config if isinstance(config, dict) else None, index)
     except ConvertError as e:
         raise ConvertError(f"{label}: {e}") from None
-    folder = Path(_snapshot(repo_id, commit, files, label))
+    folder = Path(_snapshot(repo_id, commit, files, label, local))
     return Source(folder, repo_id, revision, commit)
 
 
-def _snapshot(repo_id: str, revision: str | None, files: list[str], label: str) -> str:
+def _remote_listing(repo_id: str, revision: str | None) -> tuple[str, list[str]] | None:
+    """(commit, the repo's files) from the Hub, or None when it cannot be reached or fails (the
+    cache is then used, as huggingface_hub itself does)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+    except (RevisionNotFoundError, GatedRepoError, RepositoryNotFoundError) as e:
+        raise _hub_error(e, repo_id, revision, repo_id) from None
+    except Exception:  # unreachable, or the Hub failing: what the cache holds
+        return None
+    return info.sha, [s.rfilename for s in info.siblings or []]
+
+
+def _snapshot(repo_id: str, revision: str | None, files: list[str], label: str, local: bool) -> str:
     from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=files, local_files_only=local)
+    except Exception as e:
+        raise _hub_error(e, repo_id, revision, label) from None
+
+
+def _hub_error(e: Exception, repo_id: str, revision: str | None, label: str) -> Exception:
+    """A huggingface_hub failure as one line (anything else is re-raised as it is)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -95,32 +123,18 @@ def _snapshot(repo_id: str, revision: str | None, files: list[str], label: str) 
         RevisionNotFoundError,
     )
 
-    try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=files)
-    except RevisionNotFoundError:
-        raise ConvertError(f"{repo_id}: revision {revision!r} not found on the Hub") from None
-    except GatedRepoError:
-        raise ConvertError(f"{repo_id}: gated repository; log in with `hf auth login` first") from None
-    except RepositoryNotFoundError:
-        raise ConvertError(f"{repo_id}: no such repository on the Hugging Face Hub") from None
-    except LocalEntryNotFoundError:
+    if isinstance(e, RevisionNotFoundError):
+        return ConvertError(f"{repo_id}: revision {revision!r} not found on the Hub")
+    if isinstance(e, GatedRepoError):
+        return ConvertError(f"{repo_id}: gated repository; log in with `hf auth login` first")
+    if isinstance(e, RepositoryNotFoundError):
+        return ConvertError(f"{repo_id}: no such repository on the Hugging Face Hub")
+    if isinstance(e, LocalEntryNotFoundError):
         why = "HF_HUB_OFFLINE is set" if offline() else "the Hub cannot be reached"
-        raise ConvertError(f"{label}: not in the local Hugging Face cache and {why}") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ConvertError(f"{repo_id}: download failed ({str(e).splitlines()[0]})") from None
-
-
-def _listing(repo_id: str, commit: str, snapshot: Path) -> list[str]:
-    """The repo's files at `commit`: from the Hub, or (offline) what the cached snapshot holds."""
-    if not offline():
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import HfHubHTTPError
-
-        try:
-            return HfApi().list_repo_files(repo_id, revision=commit)
-        except (HfHubHTTPError, OSError) as e:
-            raise ConvertError(f"{repo_id}: cannot list the repository's files ({str(e).splitlines()[0]})") from None
-    return [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+        return ConvertError(f"{label}: not in the local Hugging Face cache and {why}")
+    if isinstance(e, (HfHubHTTPError, OSError)):
+        return ConvertError(f"{repo_id}: download failed ({str(e).splitlines()[0]})")
+    return e
 
 
 def _read_json(path: Path):

@@ -463,7 +463,7 @@ class FakeHub:
 
                 path = unquote(urlparse(self.path).path)
                 api = f"/api/models/{repo_id}/"
-                if path.startswith(api + "revision/"):
+                if path.startswith(api + "revision/") or path == api.rstrip("/"):
                     info = {"id": repo_id, "sha": commit, "private": False,
                             "siblings": [{"rfilename": f, "size": len(b)} for f, b in files.items()]}
                     return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
@@ -523,3 +523,34 @@ def test_online_download_fetches_exactly_the_needed_files(plain, tmp_path):
     _, want = plain("old", TINY)
     for kind in ("text_path", "mmproj_path"):
         assert gguf_content(Path(result[kind])) == gguf_content(Path(getattr(want, kind)))
+
+
+def test_unreachable_hub_uses_the_cache(hub_cache, plain, tmp_path):
+    """Online mode but the Hub cannot be reached (nothing listens at HF_ENDPOINT): the cached
+    snapshot of a tower-folder repo converts, as huggingface_hub itself falls back to it."""
+    import socket
+
+    cache, commit = hub_cache(HUB_REPO, layout="old", tower_config="folder", tokenizer_files="no-tokenizer-json")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = clean_env(tmp_path, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{port}",
+                    HF_HUB_DISABLE_TELEMETRY="1")
+    r = run_imp("convert", HUB_REPO, "--out", tmp_path / "out", "-q", "F16", "--name", "imp", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["source"] == f"{HUB_REPO}@{commit}"
+    assert result["vision_config_from"] == f"{tower_folder_name(TINY)}/config.json"
+    _, want = plain("old", TINY)
+    for kind in ("text_path", "mmproj_path"):
+        assert gguf_content(Path(result[kind])) == gguf_content(Path(getattr(want, kind)))
+
+
+def test_online_unknown_repo_is_a_one_line_error(tmp_path):
+    ck = make_checkpoint(tmp_path / "repo")
+    with FakeHub(HUB_REPO, ck, "ab" * 20) as hub:
+        env = clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "cache"),
+                        HF_HUB_DISABLE_TELEMETRY="1")
+        r = run_imp("convert", "MILVLG/no-such-repo", "--out", tmp_path / "out", env=env)
+    one_line_error(r, "MILVLG/no-such-repo", "no such repository")
+    assert hub.downloaded == []
