@@ -555,3 +555,33 @@ def test_online_unknown_repo_is_a_one_line_error(tmp_path):
         r = run_imp("convert", "MILVLG/no-such-repo", "--out", tmp_path / "out", env=env)
     one_line_error(r, "MILVLG/no-such-repo", "no such repository")
     assert hub.downloaded == []
+
+
+def test_tower_folder_with_a_whole_siglip_config(plain, tmp_path):
+    """The tower folder may hold a whole SiglipConfig (text + vision, as google/siglip-so400m-*
+    publishes it): its vision_config is the tower's."""
+    from convert.pipeline import convert
+
+    ck = make_checkpoint(tmp_path / "ck", tower_config="folder")
+    path = ck / tower_folder_name(TINY) / "config.json"
+    vision = json.loads(path.read_text())
+    path.write_text(json.dumps({"model_type": "siglip", "architectures": ["SiglipModel"],
+                                "text_config": {"hidden_size": 1152, "num_attention_heads": 16},
+                                "vision_config": vision}))
+    got = convert(str(ck), tmp_path / "out", quant="F16", name="imp")
+    _, want = plain("new", TINY)
+    assert got.vision_config_from == f"{tower_folder_name(TINY)}/config.json"
+    for kind in ("text_path", "mmproj_path"):
+        assert gguf_content(Path(getattr(got, kind))) == gguf_content(Path(getattr(want, kind)))
+
+
+def test_several_tower_folders_none_named_is_an_error():
+    from convert.checkpoint import needed_files
+    from convert.errors import ConvertError
+
+    listing = [*REAL_LISTING, "siglip-so400m-patch14-384/config.json"]
+    with pytest.raises(ConvertError, match="several vision tower folders"):
+        needed_files(listing, {"mm_vision_tower": "google/siglip-base-patch16-224"}, REAL_INDEX)
+    # ... unless mm_vision_tower names one of them.
+    assert needed_files(listing, {"mm_vision_tower": "google/siglip-so400m-patch14-384"}, REAL_INDEX)[-1] == \
+        "siglip-so400m-patch14-384/config.json"
