@@ -101,6 +101,9 @@ def ask(
     ctx: int = CTX_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens (for benchmarks)."),
+    choices: Optional[str] = typer.Option(None, "--choices", metavar="A,B,...|@FILE", help="Print the likeliest of these answers (scored, not generated; --json adds their probabilities)."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="SCHEMA|@FILE", help="Generate JSON valid against this JSON schema (inline or a file)."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", metavar="@FILE", help="Generate only what this GBNF grammar (root rule `root`) allows."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     verbose: bool = VERBOSE,
@@ -110,6 +113,7 @@ def ask(
 
     images, asked = _split_ask_args(list(args), list(questions or []), questions_from)
     output = Output(json_mode=json_out, verbose=verbose)
+    choice_list, constraint = _constraints(choices, json_schema, grammar, output)
     with _errors(output):
         from .ask import Request, read_questions, run_ask
 
@@ -117,8 +121,25 @@ def ask(
             asked += read_questions(questions_from)
         request = Request(images=images, questions=asked, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
-                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache)
-        run_ask(request, output, stats=stats)
+                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache,
+                          choices=choice_list, constraint=constraint)
+        status = run_ask(request, output, stats=stats)
+    if status:
+        raise typer.Exit(status)
+
+
+def _constraints(choices: str | None, json_schema: str | None, grammar: str | None, output):
+    """--choices / --json-schema / --grammar, checked before any model work: a value that cannot
+    be used is a one-line usage error (exit 2)."""
+    if choices is None and json_schema is None and grammar is None:
+        return None, None
+    from .constrain import ConstraintError, from_options
+
+    try:
+        return from_options(choices, json_schema, grammar)
+    except ConstraintError as e:
+        output.error(str(e))
+        raise typer.Exit(2) from None
 
 
 def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:

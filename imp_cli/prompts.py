@@ -41,3 +41,16 @@ TEMPLATES = {"phi2": phi2_prompt}
 
 def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None) -> tuple[str, str]:
     return TEMPLATES[family](question, list(history), system)
+
+
+def answer_frame(family: str) -> tuple[str, str]:
+    """(text before an answer, text after it) as the family's template writes an answered turn:
+    Phi-2 `ASSISTANT: {answer}</s>` gives (" ", "</s>USER: ..."). Read off the template itself
+    (an answered turn with a marker for the answer), so every family scores its own way."""
+    marker = "\x00answer\x00"
+    _, asked = build_prompt(family, "?")
+    _, answered = build_prompt(family, "!", [Turn("?", marker)])
+    if not answered.startswith(asked) or marker not in answered:
+        raise ValueError(f"the {family} template does not put an answer right after the question")
+    lead, _, after = answered[len(asked):].partition(marker)
+    return lead, after

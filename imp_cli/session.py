@@ -14,7 +14,7 @@ import hashlib
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 from .engine import Engine, ImageRef, Sampling, prompt_keys
@@ -24,7 +24,7 @@ from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
 
-__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "context_for"]
+__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "context_for"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,18 @@ class Answer:
     reused_tokens: int
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass
+class Scores:
+    """Log-likelihoods of given answers (continuations), in the order they were given."""
+
+    logprobs: list[float]
+    tokens: list[list[int]]  # each answer as scored: its text's tokens and the end-of-turn token
+    timings: dict
+    cache: str
+    reused_tokens: int
+    prompt_tokens: int
 
 
 class AnswerStream:
@@ -107,13 +119,22 @@ def stage_image(pair: ModelPair, image: LoadedImage) -> Staged:
     return Staged(image.source, image.size[0], image.size[1], image.sha256, pixels, key)
 
 
+def prompt_texts(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
+                 system: str | None = None) -> tuple[str, str]:
+    """The template's text before and after the image (all of it before, without an image)."""
+    before, after = build_prompt(family, question, history, system)
+    if not with_image:  # a conversation without a picture: no "<image>\n" at all
+        return before + after.removeprefix("\n"), ""
+    return before, after
+
+
 def make_prompt(engine: Engine, staged: Staged | None, question: str, history: Sequence[Turn] = (),
                 system: str | None = None) -> Prompt:
     """The family's template around the image; each side tokenized on its own, as Imp does."""
     pair = engine.pair
-    before, after = build_prompt(pair.prompt_family, question, history, system)
-    if staged is None:  # a conversation without a picture: no "<image>\n" at all
-        return Prompt(engine.tokenize(before + after.removeprefix("\n")), None, [], None)
+    before, after = prompt_texts(pair.prompt_family, staged is not None, question, history, system)
+    if staged is None:
+        return Prompt(engine.tokenize(before), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
     return Prompt(engine.tokenize(before), image, engine.tokenize(after), staged)
 
@@ -221,6 +242,8 @@ class Session:
         prompt = self.prompt(image, question, history, system)
         status, reused = self.prefill(prompt)
         engine = self.engine
+        if sampling.grammar:
+            sampling = self._grammar_after_lead(sampling)
 
         def finish(text: str, interrupted: bool) -> Answer:
             t = engine.timings
@@ -231,6 +254,45 @@ class Session:
             return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens)
 
         return AnswerStream(engine.generate(sampling, max_tokens), finish)
+
+    def _grammar_after_lead(self, sampling: Sampling) -> Sampling:
+        """A grammar constrains the answer itself: the text the template puts before an answer
+        (Phi-2's space after `ASSISTANT:`) comes first, as the model learned to write it."""
+        import json
+
+        from .prompts import answer_frame
+
+        lead, _ = answer_frame(self.pair.prompt_family)
+        if not lead:
+            return sampling
+        rule = f"imp-answer-lead-{sampling.grammar_root}"
+        grammar = f"{sampling.grammar}\n{rule} ::= {json.dumps(lead)} {sampling.grammar_root}\n"
+        return replace(sampling, grammar=grammar, grammar_root=rule)
+
+    def score(self, image: Staged | None, question: str, answers: Sequence[str], history: Sequence[Turn] = (),
+              system: str | None = None) -> Scores:
+        """How likely the model is to give each of `answers` (exactly that text, then end its
+        turn): the sum of the log-probabilities of its tokens, teacher-forced after the prompt.
+        The prompt is evaluated once for all answers; each answer is written as the family's
+        template writes one (Phi-2: " yes</s>")."""
+        from .prompts import answer_frame
+
+        self.engine.start_request()
+        prompt = self.prompt(image, question, history, system)
+        status, reused = self.prefill(prompt)
+        engine = self.engine
+        lead, after = answer_frame(self.pair.prompt_family)
+        end = engine.tokenize(after)[:1]
+        if not end or not engine.is_end_of_generation(end[0]):
+            raise ImpError(f"the {self.pair.prompt_family} template ends an answer with {after[:12]!r}, "
+                           "which is not an end-of-turn token of this model")
+        before, after_image = prompt_texts(self.pair.prompt_family, image is not None, question, history, system)
+        context, asked = (after_image, prompt.tail) if image is not None else (before, prompt.head)
+        tokens = [_answer_tokens(engine, context, asked, lead + a) + end for a in answers]
+        logprobs = engine.score_continuations(tokens)
+        timings = engine.timings.as_dict()
+        timings.update(cache=status, reused_tokens=reused)
+        return Scores(logprobs, tokens, timings, status, reused, prompt.n_tokens)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _identify(self) -> None:
@@ -249,6 +311,16 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _answer_tokens(engine: Engine, context: str, context_tokens: list[int], answer: str) -> list[int]:
+    """The answer's tokens as the model saw answers in training: the conversation tokenized as
+    one text (a SentencePiece tokenizer writes a word after a newline differently from a word
+    that starts a text), unless that re-tokenizes the prompt's end; then the answer on its own."""
+    joint = engine.tokenize(context + answer)
+    if joint[:len(context_tokens)] == context_tokens and len(joint) > len(context_tokens):
+        return joint[len(context_tokens):]
+    return engine.tokenize(answer)
 
 
 def default_cache(output, use_cache: bool = True) -> PromptCache | None:

@@ -264,6 +264,14 @@ class Oracle:
                                 self._embed(list(token_ids[:-1]))])
             return self._logits(embeds)[-len(token_ids):].numpy()
 
+    def answer_logprob(self, image: Image.Image, question: str, answer: str, system: str | None = None) -> float:
+        """log P(the model answers exactly `answer`): Imp writes an answer as
+        `ASSISTANT: {answer}</s>`, so the tokens of " {answer}</s>" (tokenized on their own, as
+        generated) after the prompt, each token's log-softmax over all rows, summed."""
+        ids = self.tokenizer.encode(f" {answer}</s>", add_special_tokens=False).ids
+        logits = torch.from_numpy(self.teacher_forced_logits(image, question, ids, system)).double()
+        return float(torch.log_softmax(logits, dim=-1)[torch.arange(len(ids)), ids].sum())
+
     def teacher_forced_top1(self, image: Image.Image, question: str, token_ids: list[int],
                             system: str | None = None) -> list[int]:
         """For each i, the argmax after prompt + token_ids[:i] (len(token_ids) predictions)."""
