@@ -79,6 +79,9 @@ def convert(
                 f"{result.mmproj_path}\t{result.mmproj_type}\t{_size(result.mmproj_bytes)}\n"
             )
             output.info(f"converted {result.source} ({result.family}, {result.layout} layout) in {result.seconds:.1f} s")
+            output.info(f"read the vocabulary from {result.tokenizer_from}, the context length "
+                        f"({result.context_length}) from {result.context_from}, the vision tower from "
+                        f"{result.vision_config_from}")
 
 
 @app.command()
