@@ -79,6 +79,9 @@ def convert(
                 f"{result.mmproj_path}\t{result.mmproj_type}\t{_size(result.mmproj_bytes)}\n"
             )
             output.info(f"converted {result.source} ({result.family}, {result.layout} layout) in {result.seconds:.1f} s")
+            output.info(f"read the vocabulary from {result.tokenizer_from}, the context length "
+                        f"({result.context_length}) from {result.context_from}, the vision tower from "
+                        f"{result.vision_config_from}")
 
 
 @app.command()
@@ -172,6 +175,36 @@ def chat(
         code = run_chat(options, output)
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", envvar="IMP_HOST", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8080, "--port", "-p", envvar="IMP_PORT", min=0, max=65535, help="Port (0: any free port, printed at start)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="IMP_API_KEY", help="Require `Authorization: Bearer KEY` on every request but /health."),
+    max_queue: int = typer.Option(16, "--max-queue", envvar="IMP_MAX_QUEUE", min=0, help="Requests that may wait for the engine; more get 503."),
+    max_body: int = typer.Option(50 * 1024 * 1024, "--max-body", envvar="IMP_MAX_BODY", min=1024, help="Largest request body in bytes (413 beyond)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs (never from loopback or private addresses)."),
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
+    from .output import Output
+
+    output = Output(verbose=verbose)
+    with _errors(output):
+        from .serve import ServeOptions, run_serve
+
+        run_serve(ServeOptions(model=model, mmproj=mmproj, host=host, port=port, api_key=api_key, max_queue=max_queue,
+                               max_body=max_body, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
+                               temperature=temperature, threads=threads, ctx=ctx, cache=not no_cache,
+                               verbose=verbose), output)
 
 
 def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:

@@ -24,7 +24,12 @@ from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
 
-__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "context_for"]
+__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "PromptTooLong",
+           "context_for"]
+
+
+class PromptTooLong(ImpError):
+    """The prompt does not fit the context (a server answers this one with its own status)."""
 
 
 @dataclass(frozen=True)
@@ -124,54 +129,66 @@ def stage_image(pair: ModelPair, image: LoadedImage) -> Staged:
 
 
 def prompt_texts(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
-                 system: str | None = None) -> tuple[str, str]:
+                 system: str | None = None, image_turn: int = 0) -> tuple[str, str]:
     """The template's text before and after the image (all of it before, without an image)."""
-    before, after = build_prompt(family, question, history, system)
+    before, after = build_prompt(family, question, history, system, image_turn if with_image else 0)
     if not with_image:  # a conversation without a picture: no "<image>\n" at all
         return before + after.removeprefix("\n"), ""
     return before, after
 
 
 def make_prompt(engine: Engine, staged: Staged | None, question: str, history: Sequence[Turn] = (),
-                system: str | None = None) -> Prompt:
-    """The family's template around the image; each side tokenized on its own, as Imp does."""
+                system: str | None = None, image_turn: int = 0) -> Prompt:
+    """The family's template around the image (in user turn `image_turn`); each side tokenized
+    on its own, as Imp does."""
     pair = engine.pair
-    before, pieces = render_conversation(pair.prompt_family, staged is not None, question, history, system)
+    before, after = render_conversation(pair.prompt_family, staged is not None, question, history, system,
+                                        image_turn)
 
     def tokens(pieces: list) -> list[int]:
         return [t for p in pieces for t in (engine.tokenize(p) if isinstance(p, str) else p)]
 
     if staged is None:
-        return Prompt(tokens(pieces), None, [], None)
+        return Prompt(tokens(before + after), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
-    return Prompt(engine.tokenize(before), image, tokens(pieces), staged)
+    return Prompt(tokens(before), image, tokens(after), staged)
 
 
 def render_conversation(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
-                        system: str | None = None) -> tuple[str, list]:
-    """prompt_texts, with the text after the image (all of it, without an image: then the first
-    is "") as pieces: text to tokenize, or an earlier answer's ids as the model generated them
-    (Turn.tokens) in place of its text. The blanks a template puts before an answer are then the
-    model's own (its first token has them). The KV cache thus holds exactly what was evaluated
-    and generated, and a follow-up evaluates only its new tokens. Works for any template that
-    repeats earlier turns verbatim."""
+                        system: str | None = None, image_turn: int = 0) -> tuple[list, list]:
+    """prompt_texts as pieces, before and after the image: text to tokenize, or an earlier
+    answer's ids as the model generated them (Turn.tokens) in place of its text. The blanks a
+    template puts before an answer are then the model's own (its first token has them). The KV
+    cache thus holds exactly what was evaluated and generated, and a follow-up evaluates only its
+    new tokens. Works for any template that repeats earlier turns verbatim."""
     history = list(history)
-    side = 1 if with_image else 0  # where the conversation's text is
-    texts = prompt_texts(family, with_image, question, history, system)
-    text = texts[side]
-    pieces: list = []
-    done = 0  # characters of `text` already in pieces
+    before, after = prompt_texts(family, with_image, question, history, system, image_turn)
+    text, cut = before + after, len(before)  # the conversation, and where the image sits in it
+    spans: list = []  # (start, end, the answer's ids or None for text)
+    done = 0  # characters of `text` already in spans
     for k, turn in enumerate(history):
         if turn.tokens is None:
             continue
-        asked = prompt_texts(family, with_image, turn.question, history[:k], system)[side]  # ends where it answered
+        seen = with_image and k >= image_turn  # the image was in the prompt this turn answered
+        asked = "".join(prompt_texts(family, seen, turn.question, history[:k], system, image_turn if seen else 0))
         start = text.find(turn.answer, len(asked))
-        if not text.startswith(asked) or start < 0 or text[len(asked):start].strip():
+        end = start + len(turn.answer)
+        if (not text.startswith(asked) or start < 0 or text[len(asked):start].strip()
+                or len(asked) < cut < end):
             continue  # this template does not repeat the turn verbatim: its text stands
-        pieces += [text[done:len(asked)], list(turn.tokens)]
-        done = start + len(turn.answer)
-    pieces.append(text[done:])
-    return (texts[0] if with_image else ""), pieces
+        spans += [(done, len(asked), None), (len(asked), end, list(turn.tokens))]
+        done = end
+    spans.append((done, len(text), None))
+    sides: tuple[list, list] = ([], [])
+    for a, b, ids in spans:
+        if ids is not None:
+            sides[a >= cut].append(ids)
+            continue
+        if a < cut:
+            sides[0].append(text[a:min(b, cut)])
+        if b > cut:
+            sides[1].append(text[max(a, cut):b])
+    return sides
 
 
 def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int) -> int:
@@ -207,12 +224,12 @@ class Session:
         return stage_image(self.pair, image)
 
     def prompt(self, staged: Staged | None, question: str, history: Sequence[Turn] = (),
-               system: str | None = None) -> Prompt:
-        return make_prompt(self.engine, staged, question, history, system)
+               system: str | None = None, image_turn: int = 0) -> Prompt:
+        return make_prompt(self.engine, staged, question, history, system, image_turn)
 
     def check_fits(self, prompt: Prompt, max_tokens: int = 0) -> None:
         if prompt.n_tokens + 1 > self.engine.n_ctx:
-            raise ImpError(f"prompt is {prompt.n_tokens} tokens"
+            raise PromptTooLong(f"prompt is {prompt.n_tokens} tokens"
                            + (f" (image {prompt.image.n_tokens})" if prompt.image else "")
                            + f", more than the context of {self.engine.n_ctx}: shorten it or raise --ctx")
 
@@ -271,10 +288,11 @@ class Session:
 
     # -- answers --------------------------------------------------------------------------------
     def answer(self, image: Staged | None, question: str, history: Sequence[Turn] = (),
-               system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512) -> AnswerStream:
+               system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512,
+               image_turn: int = 0) -> AnswerStream:
         """Prefill now (errors surface here), stream the answer as the result is iterated."""
         self.engine.start_request()
-        prompt = self.prompt(image, question, history, system)
+        prompt = self.prompt(image, question, history, system, image_turn)
         status, reused = self.prefill(prompt)
         engine = self.engine
         if sampling.grammar:

@@ -100,8 +100,7 @@ def hub_cache(checkpoint, tmp_path_factory):
         snapshot = repo / "snapshots" / commit
         if not snapshot.is_dir():
             snapshot.mkdir(parents=True)
-            for f in src.iterdir():
-                shutil.copyfile(f, snapshot / f.name)
+            shutil.copytree(src, snapshot, dirs_exist_ok=True)  # with a tower folder, if any
             (repo / "refs").mkdir(exist_ok=True)
             (repo / "refs" / "main").write_text(commit)
         return root, commit

@@ -197,12 +197,16 @@ class Oracle:
         return self._image_embeds(image).numpy()
 
     # --- text ---------------------------------------------------------------------------------
-    def prompt_ids(self, question: str, system: str | None = None) -> tuple[list[int], list[int]]:
-        """Token ids before and after <image> in `{system} USER: <image>\\n{question} ASSISTANT:`.
+    def prompt_ids(self, question: str, system: str | None = None,
+                   history: tuple = ()) -> tuple[list[int], list[int]]:
+        """Token ids before and after <image> in `{system} USER: <image>\\n{question} ASSISTANT:`,
+        or with earlier (question, answer) turns in `history` (the image in the first turn):
+        `{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {question} ASSISTANT:`.
 
         Each side is tokenized on its own, as Imp's tokenizer_image_token does; no BOS.
         """
-        prompt = f"{DEFAULT_SYSTEM if system is None else system} USER: <image>\n{question} ASSISTANT:"
+        earlier = "".join(f"{q} ASSISTANT: {a}</s>USER: " for q, a in history)
+        prompt = f"{DEFAULT_SYSTEM if system is None else system} USER: <image>\n{earlier}{question} ASSISTANT:"
         before, after = prompt.split("<image>")
         return (self.tokenizer.encode(before, add_special_tokens=False).ids,
                 self.tokenizer.encode(after, add_special_tokens=False).ids)
@@ -210,8 +214,9 @@ class Oracle:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
 
-    def _prompt_embeds(self, image: Image.Image, question: str, system: str | None) -> torch.Tensor:
-        before, after = self.prompt_ids(question, system)
+    def _prompt_embeds(self, image: Image.Image, question: str, system: str | None,
+                       history: tuple = ()) -> torch.Tensor:
+        before, after = self.prompt_ids(question, system, history)
         return torch.cat([self._embed(before), self._image_embeds(image), self._embed(after)])
 
     @torch.no_grad()
@@ -229,10 +234,10 @@ class Oracle:
 
     @torch.no_grad()
     def greedy(self, image: Image.Image, question: str, n_tokens: int, stop_at_eos: bool = True,
-               system: str | None = None) -> list[int]:
+               system: str | None = None, history: tuple = ()) -> list[int]:
         """Greedy (argmax, first index on ties) answer ids, at most n_tokens; a stop token
         (</s> or <|endoftext|>) ends the answer and is not included."""
-        return self._greedy_from(self._prompt_embeds(image, question, system), n_tokens, stop_at_eos)
+        return self._greedy_from(self._prompt_embeds(image, question, system, history), n_tokens, stop_at_eos)
 
     def _greedy_from(self, embeds: torch.Tensor, n_tokens: int, stop_at_eos: bool = True) -> list[int]:
         cache = DynamicCache()  # updated in place by each forward
@@ -269,11 +274,12 @@ class Oracle:
             answers.append(self._greedy_from(embeds, n_tokens))
         return answers
 
-    def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None) -> str:
+    def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None,
+                    history: tuple = ()) -> str:
         """The greedy answer as a user sees it: the ids decoded byte-level, special tokens
         (<|endoftext|>, </s>, <image>) skipped, NO clean_up_tokenization_spaces, then str.strip()
         on both ends (as Imp's own scripts do with `.strip()`)."""
-        ids = self.greedy(image, question, n_tokens, system=system)
+        ids = self.greedy(image, question, n_tokens, system=system, history=history)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def teacher_forced_logits(self, image: Image.Image, question: str, token_ids: list[int],

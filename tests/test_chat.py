@@ -93,6 +93,7 @@ def test_answers_go_back_as_generated(converted, photo):
     """An earlier answer's ids stand where the template puts its text; ids that are the text's
     own tokenization give exactly the text-rendered prompt."""
     from imp_cli.images import load_image
+    from imp_cli.prompts import PHI2_SYSTEM
     from imp_cli.session import Turn
 
     q1, q2 = QUESTIONS[:2]
@@ -110,6 +111,15 @@ def test_answers_go_back_as_generated(converted, photo):
         spliced = session.prompt(staged, q2, [Turn(q1, answer, odd)])
         assert spliced.tail == tok(f"\n{q1} ASSISTANT:") + list(odd) + tok(f"</s>USER: {q2} ASSISTANT:")
         assert spliced.head == as_text.head
+
+        # the image in the second user turn (as `imp serve` may put it): the ids before it
+        later = session.prompt(staged, q2, [Turn(q1, answer, odd)], image_turn=1)
+        assert later.head == tok(f"{PHI2_SYSTEM} USER: {q1} ASSISTANT:") + list(odd) + tok("</s>USER: ")
+        assert later.tail == tok(f"\n{q2} ASSISTANT:")
+        # and without an image at all
+        plain = session.prompt(None, q2, [Turn(q1, answer, odd)])
+        assert plain.head == (tok(f"{PHI2_SYSTEM} USER: {q1} ASSISTANT:") + list(odd)
+                              + tok(f"</s>USER: {q2} ASSISTANT:"))
 
 
 @pytest.mark.parametrize("layout", ["new", "old"])
