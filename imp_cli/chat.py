@@ -235,6 +235,7 @@ class Terminal:
                 readline.read_history_file(str(self.history))
             except OSError:
                 pass  # none yet (or unreadable: start afresh)
+            self._loaded = readline.get_current_history_length()
             readline.set_completer(self._complete)  # Tab completes /commands
             readline.set_completer_delims(" \t\n")
             readline.parse_and_bind("tab: complete")
@@ -268,10 +269,15 @@ class Terminal:
     def close(self) -> None:
         if self.readline is None:
             return
+        new = self.readline.get_current_history_length() - self._loaded
+        if new <= 0:
+            return
         try:
+            # Appended (then trimmed to HISTORY_LENGTH), so that two chats at once both keep theirs
             self.history.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(str(self.history), self.readline.write_history_file)
-        except (OSError, ImpError) as e:
+            self.history.touch()
+            self.readline.append_history_file(new, str(self.history))
+        except OSError as e:
             self.output.note(f"could not save the chat history: {e}")
 
 

@@ -316,16 +316,23 @@ def finish(child) -> str:
 
 
 def test_terminal_conversation(imp_bin, converted, photo, flipped, env):
-    """Prompt, streamed answers, /image, /reset, /help, line history, Ctrl-D: exit 0."""
+    """Prompt, streamed answers, /image, /reset, /help, Tab, line history, Ctrl-D: exit 0."""
     text, _ = converted("new", "float16", "square")
     other = flipped
     q1, q2 = QUESTIONS[:2]
     first, other_first = first_turns(imp_bin, text, q1, env, photo, other)
     follow_up = chat_piped(imp_bin, photo, text, [q1, q2], env=env).stdout.split("\n\n")[1]
 
+    history = Path(env["IMP_HOME"]) / "chat_history"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    history.write_text("What colour is the sky?\n")  # from an earlier chat
+
     child = spawn_chat(imp_bin, env, photo, "--model", text, "-n", N_TOKENS)
     child.expect_exact(f", image {photo}. /help for commands, Ctrl-D to leave.")  # the banner
     child.expect_exact(">>> ")
+    child.send("\x1b[A")  # arrow up: the earlier chat's line comes back
+    child.expect_exact("What colour is the sky?")
+    child.send("\x15")  # Ctrl-U: not that one
     child.sendline(q1)
     child.expect_exact(f"{first}\r\n\r\n")  # the answer, then a blank line
     child.expect_exact(">>> ")
@@ -356,8 +363,8 @@ def test_terminal_conversation(imp_bin, converted, photo, flipped, env):
     finish(child)
     assert child.exitstatus == 0
 
-    history = (Path(env["IMP_HOME"]) / "chat_history").read_text().splitlines()
-    assert history[-3:] == [f"/image {other}", q1, "/image nowhere.png"]
+    lines = history.read_text().splitlines()
+    assert lines[0] == "What colour is the sky?" and lines[-3:] == [f"/image {other}", q1, "/image nowhere.png"]
 
 
 @pytest.fixture(scope="module")
