@@ -171,7 +171,7 @@ class Chat:
         if not arg:
             raise ImpError("/save needs a file name")
         text = json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n"
-        write_atomically(os.path.expanduser(arg), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_atomically(os.path.expanduser(arg), text)
         self.output.info(f"saved {len(self.said)} turn{'s' if len(self.said) != 1 else ''} to {arg}")
 
     def cmd_stats(self, arg: str) -> None:
@@ -199,13 +199,13 @@ class Chat:
         }
 
 
-def write_atomically(path: str, write) -> None:
-    """write(temporary path) beside `path`, then rename: readers never see half a file."""
+def write_atomically(path: str, text: str) -> None:
+    """Written beside `path` under a temporary name, then renamed: never half a file."""
     from convert.atomic import Staging
 
     try:
         with Staging() as staging:
-            write(str(staging.path_for(Path(path))))
+            staging.path_for(Path(path)).write_text(text, encoding="utf-8")
             staging.commit()
     except OSError as e:
         raise ImpError(f"cannot write '{path}': {e.strerror or e}") from None
