@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -282,17 +281,6 @@ def test_exit_command_and_image_on_stdin_without_terminal(imp_bin, converted, ph
 
 
 # ---------------------------------------------------------------------- a real terminal
-@pytest.fixture(scope="module")
-def long_context_model(checkpoint, tmp_path_factory) -> Path:
-    """The tiny model with a 32k context: an answer of --ignore-eos tokens takes long enough
-    (the context filling up) for Ctrl-C to land in the middle of it."""
-    from convert.pipeline import convert
-    from factory import TINY
-
-    folder = checkpoint("new", "float16", "square", sizes=dataclasses.replace(TINY, max_position_embeddings=32768))
-    return Path(convert(str(folder), tmp_path_factory.mktemp("long-ctx"), quant="F16").text_path)
-
-
 def spawn_chat(imp_bin, env, *args):
     import io
 
@@ -365,17 +353,6 @@ def test_terminal_conversation(imp_bin, converted, photo, flipped, env):
 
     lines = history.read_text().splitlines()
     assert lines[0] == "What colour is the sky?" and lines[-3:] == [f"/image {other}", q1, "/image nowhere.png"]
-
-
-@pytest.fixture(scope="module")
-def long_context_model(checkpoint, tmp_path_factory) -> Path:
-    """The tiny model with a 32k context: an answer of 100000 tokens with --ignore-eos runs until
-    the context is full, long enough for a Ctrl-C to land in the middle of it."""
-    from convert.pipeline import convert
-    from factory import TINY
-
-    folder = checkpoint("new", "float16", "square", sizes=dataclasses.replace(TINY, max_position_embeddings=32768))
-    return Path(convert(str(folder), tmp_path_factory.mktemp("long-ctx"), quant="F16").text_path)
 
 
 def test_terminal_ctrl_c(imp_bin, long_context_model, photo, env):

@@ -331,14 +331,16 @@ def test_client_killed_mid_stream_does_not_stall_others(servers, expected, photo
     assert line.startswith("POST /v1/chat/completions 200 ") and generated < 2900, line
 
 
-def test_full_queue_gets_503_and_ctrl_c_finishes_the_running_answer(imp_bin, converted, env, photo, expected):
-    """--max-queue 0: while one answer runs, the next request is refused, not queued."""
-    text, _ = converted("new", "float16", "square")
-    server = Server(imp_bin, text, env, "--max-queue", "0")
+def test_full_queue_gets_503_and_ctrl_c_finishes_the_running_answer(imp_bin, long_context_model, env, photo,
+                                                                     expected):
+    """--max-queue 0: while one answer runs, the next request is refused, not queued. The running
+    answer may take 30000 tokens (a 32k-context copy of the tiny model, same weights): it is
+    still running when the second request comes, however slow the machine."""
+    server = Server(imp_bin, long_context_model, env, "--max-queue", "0", "--ctx", "32768")
     try:
         url = data_url(photo)
         sock = _open_stream(server.port, {"model": server.model, "messages": [user("Tell me everything.", url)],
-                                          "max_tokens": 2900, "stream": True}, key=None)
+                                          "max_tokens": 30000, "stream": True}, key=None)
         body = json.dumps({"model": server.model, "messages": [user(QUESTION, url)], "max_tokens": N_TOKENS})
         status, headers, data = raw(server.port, "POST", "/v1/chat/completions", body.encode())
         assert status == 503 and json.loads(data)["error"]["code"] == "queue_full"
