@@ -6,6 +6,7 @@ Heavy modules (numpy, Pillow, gguf, llama_cpp) are imported inside commands so t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
@@ -63,10 +64,7 @@ def convert(
     verbose: bool = VERBOSE,
 ) -> None:
     """Convert an Imp checkpoint into a language-model GGUF and a vision (mmproj) GGUF."""
-    from .output import Output
-
-    output = Output(json_mode=json_out, verbose=verbose)
-    with _errors(output):
+    with _command(json_mode=json_out, verbose=verbose) as output:
         from convert.pipeline import convert as run_convert
 
         result = run_convert(source, out, quant=quant.value, mmproj_type=mmproj_type.value, force=force,
@@ -161,10 +159,7 @@ def chat(
     verbose: bool = VERBOSE,
 ) -> None:
     """Talk about an image: a REPL in a terminal (/help for its commands), or one question per input line from a pipe."""
-    from .output import Output
-
-    output = Output(json_mode=json_out, verbose=verbose)
-    with _errors(output):
+    with _command(json_mode=json_out, verbose=verbose) as output:
         from .ask import Request
         from .chat import run_chat
 
@@ -195,10 +190,7 @@ def serve(
     verbose: bool = VERBOSE,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
-    from .output import Output
-
-    output = Output(verbose=verbose)
-    with _errors(output):
+    with _command(verbose=verbose) as output:
         from .serve import ServeOptions, run_serve
 
         run_serve(ServeOptions(model=model, mmproj=mmproj, host=host, port=port, api_key=api_key, max_queue=max_queue,
@@ -227,10 +219,7 @@ def pull(
     verbose: bool = VERBOSE,
 ) -> None:
     """Download and convert a model into the model store (see `imp models`)."""
-    from .output import Output
-
-    output = Output(verbose=verbose)
-    with _errors(output):
+    with _command(verbose=verbose) as output:
         from .pull import pull as run_pull
 
         entry = run_pull(model, output, quant=quant.value, force=force, threads=threads or None)
@@ -244,10 +233,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON array on stdout.")) -> None:
     """The installed models: name, source, type, size, folder."""
-    from .output import Output
-
-    output = Output(json_mode=json_out)
-    with _errors(output):
+    with _command(json_mode=json_out) as output:
         from . import store
 
         rows = [e.summary() for e in store.entries()]
@@ -265,10 +251,7 @@ def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON ar
 @models_app.command("path")
 def models_path(name: str = typer.Argument(..., help="Store name.")) -> None:
     """Print the folder of an installed model."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from . import store
         from .errors import ImpError
 
@@ -284,10 +267,7 @@ def models_rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Remove an installed model (asks first unless --yes)."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from . import store
         from .errors import ImpError
 
@@ -311,10 +291,7 @@ def models_import(
     force: bool = typer.Option(False, "--force", "-f", help="Replace an installed model of that name."),
 ) -> None:
     """Copy an existing GGUF pair into the store under NAME."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from .imports import import_pair
 
         entry = import_pair(text, mmproj, name, force=force)
@@ -328,10 +305,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("info")
 def cache_info(json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout.")) -> None:
     """Where the cache is, how many entries, how many bytes, the budget."""
-    from .output import Output
-
-    output = Output(json_mode=json_out)
-    with _errors(output):
+    with _command(json_mode=json_out) as output:
         from .prompt_cache import PromptCache
 
         info = PromptCache().info()
@@ -345,10 +319,7 @@ def cache_info(json_out: bool = typer.Option(False, "--json", help="One JSON obj
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Remove every entry."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from .prompt_cache import PromptCache
 
         cache = PromptCache()
@@ -363,6 +334,16 @@ def _size(n: float) -> str:
         n /= 1024
         if n < 1024 or unit == "GB":
             return f"{n:.1f} {unit}"
+
+
+@contextlib.contextmanager
+def _command(json_mode: bool = False, verbose: bool = False):
+    """Every command's frame: the one Output for what is not the answer, and the error table."""
+    from .output import Output
+
+    output = Output(json_mode=json_mode, verbose=verbose)
+    with _errors(output):
+        yield output
 
 
 class _errors:
