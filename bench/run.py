@@ -41,6 +41,8 @@ from workers import run_worker  # noqa: E402
 
 QUESTIONS = ("What is in the image? Describe it in detail.", "Which colours dominate this picture?")
 STEPS = ("help", "convert", "cold_warm", "mtmd_cli", "session", "llava", "transformers", "bandwidth")
+# one line of llama.cpp's OpenMP threads spinning against other processes can slow it tenfold:
+# on a shared machine, --threads 1 for every side gives steadier ratios
 
 
 def test_image(path: Path) -> Path:
@@ -79,6 +81,10 @@ def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path 
             log(f"{size} px: cold/warm, run {i + 1}/{a.runs}")
             out["cold_warm"].append(measure.cold_warm(text, mmproj, image, QUESTIONS, a.tokens, threads, home,
                                                       tuple(shlex.split(a.imp_args))))
+        entry = max((r["json"]["cache_after_cold"]["bytes"] for r in out["cold_warm"]), default=0)
+        if entry:
+            log(f"{size} px: prompt-cache write/read of a {entry / 1e6:.0f} MB entry")
+            out["cache_io"] = run_worker("cache_io", {"bytes": entry, "folder": str(home / "io"), "runs": a.runs})
         shutil.rmtree(home, ignore_errors=True)
     if "mtmd_cli" not in skip:
         if native is None:

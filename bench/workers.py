@@ -3,6 +3,7 @@ its peak RSS is its own and no two measurements share the cores:
 
     session       imp's Session API: a cold answer, then a second question about the same image
                   in the same process (the prefix stays in the KV cache)
+    cache_io      the prompt cache's write and read of an entry, timed alone
     llava         llama-cpp-python's stock path: Llama + Llava15ChatHandler, streamed
     transformers  tests/oracle.py (transformers on CPU) on the same checkpoint
     bandwidth     memory read bandwidth, the ceiling of generation speed
@@ -65,6 +66,34 @@ def worker_session(a: dict) -> dict:
             out["answers"].append({"question": q, "timings": result.timings, "cache": result.cache,
                                    "reused_tokens": result.reused_tokens,
                                    "first_piece_after_prefill_ms": None if first is None else first * 1000})
+    return out
+
+
+def worker_cache_io(a: dict) -> dict:
+    """The prompt cache's own write and read (PromptCache.store / .load: header, checksum, write
+    to a temporary name and rename; read back and verify) for an entry of `bytes`, in `folder`,
+    outside any answer: the background write `imp ask` does after the prefix, timed alone."""
+    import os
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from imp_cli.prompt_cache import PromptCache, entry_key
+
+    payload = np.random.default_rng(0).integers(0, 256, a["bytes"], dtype=np.uint8)
+    cache = PromptCache(Path(a["folder"]), budget=4 * a["bytes"])
+    layout = {"bench": True}
+    out: dict = {"bytes": a["bytes"], "store_ms": [], "load_ms": []}
+    for i in range(a["runs"]):
+        key = entry_key(bench=i)
+        t0 = time.perf_counter()
+        assert cache.store(key, {"layout": layout}, payload)
+        t1 = time.perf_counter()
+        assert cache.load(key, layout) is not None
+        t2 = time.perf_counter()
+        out["store_ms"].append((t1 - t0) * 1000)
+        out["load_ms"].append((t2 - t1) * 1000)
+        os.unlink(cache.path(key))
     return out
 
 
@@ -171,7 +200,7 @@ def worker_bandwidth(a: dict) -> dict:
     return {"bandwidth_gbs": round(best, 2), "array_bytes": arr.nbytes}
 
 
-WORKERS = {"session": worker_session, "llava": worker_llava, "transformers": worker_transformers,
+WORKERS = {"session": worker_session, "cache_io": worker_cache_io, "llava": worker_llava, "transformers": worker_transformers,
            "bandwidth": worker_bandwidth}
 
 if __name__ == "__main__":
