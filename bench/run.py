@@ -314,7 +314,7 @@ def worker_engine(a: dict) -> dict:
     out: dict = {"encode_ms": [], "prompt_ms": [], "prompt_tokens": [], "gen_tok_s": [], "first_token_ms": []}
     with Engine(pair, n_ctx=4096, threads=a["threads"]) as eng:
         out["load_ms"] = eng.timings.load_ms
-        eog = _eog_ids(eng.llm.model)
+        eog = _eog_ids(eng.model)
         out["eog_ids"] = eog
         head, tail = eng.tokenize(before), eng.tokenize(after)
         keys = iter(range(10**6))
@@ -485,7 +485,7 @@ def worker_ab(a: dict) -> dict:
     pixels = preprocess(image.image, size=pair.image_size, aspect=pair.image_aspect)
     before, after = build_prompt(pair.prompt_family, a["question"])
     eng = Engine(pair, n_ctx=4096, threads=a["threads"])
-    eog = _eog_ids(eng.llm.model)
+    eog = _eog_ids(eng.model)
     head, tail = eng.tokenize(before), eng.tokenize(after)
     emb = eng.encode_image(pixels, "ab")
     eng.evaluate([head, emb, tail])

@@ -26,6 +26,8 @@ class Request:
     verbose: bool = False
     ignore_eos: bool = False
     cache: bool = True
+    repack: str = "auto"  # weight repacking: auto (imp tune's choice) | on | off
+    flash_attn: str = "auto"
     extra: dict = field(default_factory=dict)
 
 
@@ -84,7 +86,8 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
     sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos)
     several = len(req.images) * len(req.questions) > 1
     with Session(pair, threads=req.threads, ctx=n_ctx, verbose=req.verbose,
-                 cache=default_cache(output, req.cache), note=output.note) as session:
+                 cache=default_cache(output, req.cache), note=output.note,
+                 repack=req.repack, flash_attn=req.flash_attn) as session:
         n = 0
         for i, source in enumerate(req.images):
             image = first if i == 0 else load_image(source)

@@ -23,6 +23,7 @@ from .images import LoadedImage, preprocess
 from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
+from .tune import choose
 
 __all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "context_for"]
 
@@ -127,7 +128,8 @@ def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int
 
 class Session:
     def __init__(self, pair: ModelPair, *, threads: int = 0, ctx: int = 4096, verbose: bool = False,
-                 cache: PromptCache | None = None, note=lambda message: None):
+                 cache: PromptCache | None = None, note=lambda message: None,
+                 repack: str = "auto", flash_attn: str = "auto"):
         self.pair = pair
         self.cache = cache
         self.note = note
@@ -137,7 +139,9 @@ class Session:
         if cache is not None:
             self._identity = Future()
             threading.Thread(target=self._identify, daemon=True).start()
-        self.engine = Engine(pair, n_ctx=ctx, threads=threads, verbose=verbose)
+        # repack / flash attention: "auto" (as `imp tune` measured, else the CPU family's default), "on", "off"
+        tuning = choose(pair, threads, repack, flash_attn, note)
+        self.engine = Engine(pair, n_ctx=ctx, threads=threads, verbose=verbose, tuning=tuning)
 
     @classmethod
     def open(cls, model: str | None, mmproj: str | None, output, *, pull: bool = True,
