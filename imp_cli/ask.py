@@ -107,6 +107,8 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
                                   "type": pair.text_type},
                         "image": {"source": staged.source, "width": staged.width, "height": staged.height,
                                   "sha256": staged.sha256},
+                        "settings": {"repack": session.engine.tuning.repack,  # what imp tune / --repack chose
+                                     "flash_attn": session.engine.tuning.flash_attn},
                         "finish_reason": result.finish_reason,
                         "cache": result.cache,
                         "timings": result.timings,

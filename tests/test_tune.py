@@ -258,6 +258,8 @@ def test_ask_reads_the_file_and_overrides_reach_llama_cpp(imp_bin, q4_pair, phot
     quiet = run_imp(imp_bin, *args, env=env)  # without -v: the answer only, the same as with -v
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout == tuned.stdout
+    record = json.loads(run_imp(imp_bin, *args, "--json", "--repack", "on", env=env).stdout)
+    assert record["settings"] == {"repack": True, "flash_attn": False}
 
 
 def test_bad_override_is_a_usage_error(imp_bin, f16_pair, photo, tmp_path):
