@@ -332,3 +332,10 @@ def test_pull_tunes_after_a_conversion_unless_told_not_to(imp_bin, hub_cache, tm
     p = run_imp(imp_bin, "pull", "MILVLG/imp-tiny-tune", env=env, timeout=300)  # installed: no conversion
     assert p.returncode == 0, p.stderr
     assert tuning.stat().st_mtime_ns == written and "tuned:" not in p.stderr
+
+
+def test_imp_tune_without_an_installed_model_says_what_to_run(imp_bin, tmp_path):
+    p = run_imp(imp_bin, "tune", env=clean_env(tmp_path))
+    assert (p.returncode, p.stdout) == (1, "")
+    assert p.stderr == "error: model imp-v1-3b is not installed: run `imp pull imp-v1-3b`\n"
+    assert not (tmp_path / "imp-home" / "tuning.json").exists()
