@@ -64,10 +64,11 @@ class NativeLog:
         self.recent.clear()
 
     def last_error(self) -> str:
-        """The newest ERROR line, else the newest WARN line, else ''."""
+        """The first ERROR line since clear() (the cause; later ones tend to be "failed to load"
+        echoes), else the newest WARN line, else ''."""
         errors = [text for level, text in self.recent if level == LOG_ERROR]
         if errors:
-            return errors[-1]
+            return errors[0]
         return self.recent[-1][1] if self.recent else ""
 
 
@@ -79,6 +80,7 @@ def quantize_model(src: Path, dst: Path, ftype: int, threads: int, verbose: bool
     import llama_cpp
 
     native_log.install(verbose)
+    native_log.clear()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads

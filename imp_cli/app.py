@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 app = typer.Typer(
     name="imp",
     help="Run Imp vision-language models locally, quantized, through llama.cpp.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

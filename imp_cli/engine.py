@@ -170,6 +170,7 @@ class Engine:
         params.print_timings = False
         params.n_threads = self.threads
         params.warmup = False  # a whole extra image encode at start-up; one-shot runs don't want it
+        native_log.clear()
         ctx = mtmd_cpp.mtmd_init_from_file(str(self.pair.mmproj_path).encode(), self.model, params)
         if not ctx:
             raise EngineError(f"llama.cpp could not load {self.pair.mmproj_path.name}: "

@@ -185,7 +185,8 @@ class Session:
                     self._save(prompt)
         elif prompt.image is not None and status == "miss":
             status = "hit"  # the prefix is still in memory from an earlier answer
-        engine.evaluate([*prefix[:1], *([image_segment] if image_segment else []), prompt.tail])
+        segments = [prompt.head, image_segment, prompt.tail] if prompt.image else [prompt.head]
+        engine.evaluate([s for s in segments if s])
         evaluated += engine.timings.prompt_tokens
         reused = prompt.n_tokens - evaluated
         engine.timings.prompt_tokens, engine.timings.reused_tokens = evaluated, reused
