@@ -262,6 +262,21 @@ def test_ask_reads_the_file_and_overrides_reach_llama_cpp(imp_bin, q4_pair, phot
     assert record["settings"] == {"repack": True, "flash_attn": False}
 
 
+def test_a_prompt_cache_entry_is_not_restored_under_the_other_attention(imp_bin, f16_pair, photo, tmp_path):
+    """Flash attention keeps the V cache in another layout: a saved prefix is only restored into
+    a context with the same setting."""
+    env = clean_env(tmp_path)
+    args = ["ask", photo, QUESTION, "-m", f16_pair.text_path, "-n", "8", "--json", "-v"]
+    first = run_imp(imp_bin, *args, "--flash-attn", "off", env=env)
+    assert first.returncode == 0 and json.loads(first.stdout)["cache"] == "miss"
+    same = run_imp(imp_bin, *args, "--flash-attn", "off", env=env)
+    assert same.returncode == 0 and json.loads(same.stdout)["cache"] == "hit"
+    other = run_imp(imp_bin, *args, "--flash-attn", "on", env=env)
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["cache"] == "miss"
+    assert "saved with another llama.cpp KV layout; removed" in other.stderr
+
+
 def test_bad_override_is_a_usage_error(imp_bin, f16_pair, photo, tmp_path):
     env = clean_env(tmp_path, IMP_REPACK="sometimes")
     p = run_imp(imp_bin, "ask", photo, QUESTION, "-m", f16_pair.text_path, env=env)
