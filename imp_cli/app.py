@@ -160,6 +160,7 @@ def tune(
     model: Optional[str] = MODEL_OPTION,
     mmproj: Optional[str] = MMPROJ_OPTION,
     threads: int = THREADS_OPTION,
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Measure each setting this many times, interleaved, and keep its best figures (on a busy machine)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout (key, choice, measurements)."),
     verbose: bool = VERBOSE,
 ) -> None:
@@ -170,7 +171,7 @@ def tune(
     with _errors(output):
         from .tune import run_tune
 
-        run_tune(model, mmproj, output, threads=threads, verbose=verbose)
+        run_tune(model, mmproj, output, threads=threads, verbose=verbose, rounds=rounds)
 
 
 models_app = typer.Typer(help="List, locate, import and remove models in the store.", no_args_is_help=True)

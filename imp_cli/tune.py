@@ -37,6 +37,8 @@ _SIMD = re.compile(r"^(sse4|avx|amx|fma|f16c|asimd|sve|i8mm|dotprod|bf16|neon|fp
 # The workload a setting is judged by: a cold `imp ask` (load, the image and question prefill,
 # an answer of this many tokens). Prefill dominates it (DESIGN.md section 6).
 QUESTION_TOKENS, ANSWER_TOKENS = 48, 64
+# Below this share of its threads' time, other processes disturbed a measurement: say so.
+BUSY_SHARE = 0.7
 
 
 def tuning_path() -> Path:
@@ -180,13 +182,21 @@ class Measurement:
     load_s: float
     prompt_tokens_per_s: float
     generation_tokens_per_s: float
+    cpu_share: float  # CPU time this process got / (wall time x threads): ~1 on an idle machine
     estimate_s: float = 0.0  # a cold `imp ask` with this setting, from the three figures
+
+    def best_with(self, other: "Measurement") -> "Measurement":
+        """Each figure's best of two rounds: other processes only ever make a figure worse."""
+        return Measurement(self.tuning, min(self.load_s, other.load_s),
+                           max(self.prompt_tokens_per_s, other.prompt_tokens_per_s),
+                           max(self.generation_tokens_per_s, other.generation_tokens_per_s),
+                           max(self.cpu_share, other.cpu_share))
 
     def as_dict(self) -> dict:
         return {**asdict(self.tuning), "load_s": round(self.load_s, 3),
                 "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 2),
                 "generation_tokens_per_s": round(self.generation_tokens_per_s, 2),
-                "estimate_s": round(self.estimate_s, 2)}
+                "cpu_share": round(self.cpu_share, 2), "estimate_s": round(self.estimate_s, 2)}
 
 
 @dataclass
@@ -201,6 +211,7 @@ def measure(pair: ModelPair, tuning: Tuning, threads: int, work: Workload, verbo
     from .engine import Engine, Sampling
 
     n_ctx = work.depth + work.gen_tokens + 2
+    wall, cpu = time.perf_counter(), time.process_time()
     with Engine(pair, n_ctx=n_ctx, threads=threads, verbose=verbose, tuning=tuning) as engine:
         tokens = _filler(engine, work.depth)
         engine.evaluate([tokens[:work.prompt_tokens]])
@@ -210,7 +221,8 @@ def measure(pair: ModelPair, tuning: Tuning, threads: int, work: Workload, verbo
         for _ in engine.generate(Sampling(ignore_eos=True), work.gen_tokens + 1):  # + the first, untimed
             pass
         gen_rate = engine.timings.as_dict()["generation_tokens_per_s"]
-        return Measurement(tuning, engine.timings.load_ms / 1000, prompt_rate, gen_rate)
+        share = (time.process_time() - cpu) / ((time.perf_counter() - wall) * threads)
+        return Measurement(tuning, engine.timings.load_ms / 1000, prompt_rate, gen_rate, share)
 
 
 def _filler(engine, n: int) -> list[int]:
@@ -237,16 +249,18 @@ class TuneResult:
     path: Path
     work: Workload
     estimate: dict  # the cold answer each setting's estimate_s is for
+    rounds: int
 
     def as_dict(self) -> dict:
         return {"key": self.key, "choice": asdict(self.choice), "file": str(self.path),
-                "workload": asdict(self.work), "estimate": self.estimate,
+                "workload": asdict(self.work), "rounds": self.rounds, "estimate": self.estimate,
                 "measurements": [m.as_dict() for m in self.measurements]}
 
 
 def tune_pair(pair: ModelPair, output, threads: int = 0, verbose: bool = False,
-              work: Workload | None = None) -> TuneResult:
-    """Measure the four settings, keep the one with the shortest cold answer, store it."""
+              work: Workload | None = None, rounds: int = 1) -> TuneResult:
+    """Measure the four settings (`rounds` times, interleaved, keeping each figure's best), keep
+    the one with the shortest cold answer, store it."""
     work = work or Workload()
     n_ctx = min(pair.n_ctx_train, 4096)
     if work.depth + work.gen_tokens + 2 > n_ctx:  # a model with a short trained context
@@ -256,29 +270,39 @@ def tune_pair(pair: ModelPair, output, threads: int = 0, verbose: bool = False,
     key = tuning_key(pair, threads)
     _warm_page_cache(pair.text_path)
     prefill = pair.image_tokens + QUESTION_TOKENS
-    results: list[Measurement] = []
-    with output.phase(f"measuring {len(SETTINGS)} settings of llama.cpp on {pair.name} ({threads} thread{'s' if threads > 1 else ''})",
-                      len(SETTINGS)) as progress:
-        for i, tuning in enumerate(SETTINGS):
-            m = measure(pair, tuning, threads, work, verbose)
-            m.estimate_s = m.load_s + prefill / m.prompt_tokens_per_s + ANSWER_TOKENS / m.generation_tokens_per_s
-            results.append(m)
-            output.info(f"  {tuning.describe()}: load {m.load_s:.2f} s, prompt {m.prompt_tokens_per_s:.1f} tok/s, "
-                        f"generation {m.generation_tokens_per_s:.1f} tok/s")
-            progress(i + 1)
-    best = min(results, key=lambda m: m.estimate_s)
+    best: dict[Tuning, Measurement] = {}
+    title = (f"measuring {len(SETTINGS)} settings of llama.cpp on {pair.name} "
+             f"({threads} thread{'s' if threads > 1 else ''}" + (f", {rounds} rounds)" if rounds > 1 else ")"))
+    with output.phase(title, rounds * len(SETTINGS)) as progress:
+        for r in range(rounds):
+            for i, tuning in enumerate(SETTINGS):
+                m = measure(pair, tuning, threads, work, verbose)
+                output.info(f"  {tuning.describe()}: load {m.load_s:.2f} s, prompt {m.prompt_tokens_per_s:.1f} tok/s, "
+                            f"generation {m.generation_tokens_per_s:.1f} tok/s, CPU share {m.cpu_share:.0%}")
+                best[tuning] = best[tuning].best_with(m) if tuning in best else m
+                progress(r * len(SETTINGS) + i + 1)
+    results = [best[t] for t in SETTINGS]
+    for m in results:
+        m.estimate_s = m.load_s + prefill / m.prompt_tokens_per_s + ANSWER_TOKENS / m.generation_tokens_per_s
+    share = min(m.cpu_share for m in results)
+    if share < BUSY_SHARE:
+        output.warn(f"other processes took the CPUs while measuring (imp got as little as {share:.0%} of its "
+                    f"{threads} threads' time): the figures may mislead; run `imp tune` again on an idle machine"
+                    + ("" if rounds > 1 else " or with --rounds 3"))
+    chosen = min(results, key=lambda m: m.estimate_s).tuning
     path = tuning_path()
-    save(key, best.tuning, [m.as_dict() for m in results], path, output.note)
+    save(key, chosen, [m.as_dict() for m in results], path, output.note)
     estimate = {"prompt_tokens": prefill, "answer_tokens": ANSWER_TOKENS}
-    return TuneResult(key, best.tuning, results, path, work, estimate)
+    return TuneResult(key, chosen, results, path, work, estimate, rounds)
 
 
-def run_tune(model: str | None, mmproj: str | None, output, threads: int = 0, verbose: bool = False) -> None:
+def run_tune(model: str | None, mmproj: str | None, output, threads: int = 0, verbose: bool = False,
+             rounds: int = 1) -> None:
     """`imp tune`: measure, store, print the table (or one JSON object)."""
     from .session import open_pair
 
     pair = open_pair(model, mmproj, output, pull=False)
-    result = tune_pair(pair, output, threads=threads, verbose=verbose)
+    result = tune_pair(pair, output, threads=threads, verbose=verbose, rounds=rounds)
     if output.json_mode:
         output.record(result.as_dict())
         return

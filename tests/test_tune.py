@@ -294,12 +294,14 @@ def test_imp_tune_end_to_end(imp_bin, q4_pair, photo, tmp_path):
     result = json.loads(p.stdout)
     assert result["key"] == tune.tuning_key(q4_pair, 1)  # IMP_THREADS=1 in clean_env
     assert result["workload"] == {"prompt_tokens": 512, "depth": 700, "gen_tokens": 16}
+    assert result["rounds"] == 1
     assert result["estimate"] == {"prompt_tokens": q4_pair.image_tokens + tune.QUESTION_TOKENS,
                                   "answer_tokens": tune.ANSWER_TOKENS}
     measured = result["measurements"]
     assert [(m["repack"], m["flash_attn"]) for m in measured] == ALL
     for m in measured:
         assert m["load_s"] > 0 and m["prompt_tokens_per_s"] > 0 and m["generation_tokens_per_s"] > 0
+        assert 0 < m["cpu_share"] < 2
         expected = m["load_s"] + result["estimate"]["prompt_tokens"] / m["prompt_tokens_per_s"] \
             + result["estimate"]["answer_tokens"] / m["generation_tokens_per_s"]
         assert m["estimate_s"] == pytest.approx(expected, abs=0.02)
@@ -310,8 +312,10 @@ def test_imp_tune_end_to_end(imp_bin, q4_pair, photo, tmp_path):
     assert "measuring 4 settings" in p.stderr
 
     # the table: a header, one row per setting, the chosen one starred (and it is the stored one)
-    p = run_imp(imp_bin, "tune", "-m", q4_pair.text_path, env=env, timeout=300)
+    p = run_imp(imp_bin, "tune", "-m", q4_pair.text_path, "--rounds", "2", env=env, timeout=300)
     assert p.returncode == 0, p.stderr
+    assert "measuring 4 settings of llama.cpp" in p.stderr and "2 rounds" in p.stderr
+    assert p.stderr.count(" tok/s, CPU share ") == 8  # each setting twice
     lines = p.stdout.splitlines()
     assert lines[0] == "repack\tflash_attn\tload_s\tprompt_tok_s\tgen_tok_s\test_ask_s\tchosen"
     rows = [line.split("\t") for line in lines[1:]]
@@ -354,3 +358,43 @@ def test_imp_tune_without_an_installed_model_says_what_to_run(imp_bin, tmp_path)
     assert (p.returncode, p.stdout) == (1, "")
     assert p.stderr == "error: model imp-v1-3b is not installed: run `imp pull imp-v1-3b`\n"
     assert not (tmp_path / "imp-home" / "tuning.json").exists()
+
+
+def test_the_choice_is_the_shortest_estimated_answer_from_each_figures_best_round(home, f16_pair, monkeypatch, capsys):
+    """The selection rule on scripted figures (the end-to-end test above measures for real):
+    per setting the best load, prompt and generation figures over the rounds; the setting with
+    the shortest load + prefill + answer wins; a disturbed measurement is reported."""
+    from imp_cli import tune
+    from imp_cli.engine import Tuning
+    from imp_cli.output import Output
+
+    figures = {  # (repack, flash_attn): [round 1, round 2] as (load s, prompt tok/s, gen tok/s, cpu share)
+        (True, False): [(2.0, 20.0, 7.0, 0.5), (2.2, 21.0, 6.0, 0.9)],
+        (True, True): [(2.0, 20.0, 4.5, 0.9), (1.8, 20.0, 4.4, 0.9)],
+        (False, False): [(0.2, 10.0, 7.0, 0.9), (0.3, 25.0, 7.2, 0.9)],  # disturbed in round 1
+        (False, True): [(0.2, 25.0, 4.0, 0.9), (0.2, 24.0, 4.5, 0.9)],
+    }
+    calls = []
+
+    def scripted(pair, tuning, threads, work, verbose=False):
+        key = (tuning.repack, tuning.flash_attn)
+        load, prompt, gen, share = figures[key][sum(1 for c in calls if c == key)]
+        calls.append(key)
+        return tune.Measurement(tuning, load, prompt, gen, share)
+
+    monkeypatch.setattr(tune, "measure", scripted)
+    result = tune.tune_pair(f16_pair, Output(), threads=2, rounds=2)
+    assert calls == ALL + ALL  # interleaved rounds
+    best = {(m.tuning.repack, m.tuning.flash_attn): m for m in result.measurements}
+    assert (best[(False, False)].load_s, best[(False, False)].prompt_tokens_per_s,
+            best[(False, False)].generation_tokens_per_s) == (0.2, 25.0, 7.2)
+    prefill = f16_pair.image_tokens + tune.QUESTION_TOKENS
+    assert best[(False, False)].estimate_s == pytest.approx(0.2 + prefill / 25.0 + tune.ANSWER_TOKENS / 7.2)
+    assert result.choice == Tuning(repack=False, flash_attn=False)
+    assert tune.lookup(tune.tuning_key(f16_pair, 2), tune.tuning_path(), print) == result.choice
+    assert "warning" not in capsys.readouterr().err  # each setting had an undisturbed round
+
+    calls.clear()
+    tune.tune_pair(f16_pair, Output(), threads=2, rounds=1)
+    err = capsys.readouterr().err
+    assert "other processes took the CPUs while measuring (imp got as little as 50% of its 2 threads' time)" in err
