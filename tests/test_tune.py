@@ -305,8 +305,8 @@ def test_imp_tune_end_to_end(imp_bin, q4_pair, photo, tmp_path):
         expected = m["load_s"] + result["estimate"]["prompt_tokens"] / m["prompt_tokens_per_s"] \
             + result["estimate"]["answer_tokens"] / m["generation_tokens_per_s"]
         assert m["estimate_s"] == pytest.approx(expected, abs=0.02)
-    best = min(measured, key=lambda m: m["estimate_s"])
-    assert result["choice"] == {"repack": best["repack"], "flash_attn": best["flash_attn"]}
+    chosen = [m for m in measured if (m["repack"], m["flash_attn"]) == tuple(result["choice"].values())]
+    assert chosen[0]["estimate_s"] == min(m["estimate_s"] for m in measured)  # rounded: ties are possible
     stored = json.loads((Path(env["IMP_HOME"]) / "tuning.json").read_text())["entries"]
     assert [(e["key"], e["choice"]) for e in stored] == [(result["key"], result["choice"])]
     assert "measuring 4 settings" in p.stderr
