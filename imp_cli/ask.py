@@ -46,7 +46,7 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
     bound = pair.image_tokens + len((before + after).encode("utf-8")) + req.max_tokens + 1
     n_ctx = min(req.ctx, -(-bound // 256) * 256)
     with Engine(pair, n_ctx=n_ctx, threads=req.threads, verbose=req.verbose) as engine:
-        head, tail = engine.tokenize(before), engine.tokenize(after)
+        head, tail = engine.tokenize(before, first=True), engine.tokenize(after)
         needed = len(head) + pair.image_tokens + len(tail)
         if needed >= engine.n_ctx:
             raise ImpError(f"prompt is {needed} tokens (image {pair.image_tokens}), more than the context of "

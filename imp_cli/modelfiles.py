@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImpError
+from .prompts import TEMPLATES
 
-TEXT_ARCHS = {"phi2"}
-PROMPT_FAMILIES = {"phi2"}
+TEXT_ARCHS = {"phi2", "phi3", "qwen2"}  # the Imp backbones: Phi-2 (3B), Phi-3 (4B), Qwen1.5 (2B)
+PROMPT_FAMILIES = set(TEMPLATES)
 
 
 @dataclass(frozen=True)

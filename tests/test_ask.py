@@ -85,7 +85,7 @@ def prompt_segments(engine, image_path: Path, question: str = QUESTION):
     loaded = load_image(str(image_path))
     pixels = preprocess(loaded.image, size=pair.image_size, aspect=pair.image_aspect)
     before, after = build_prompt(pair.prompt_family, question)
-    return engine.tokenize(before), engine.encode_image(pixels, loaded.sha256), engine.tokenize(after)
+    return engine.tokenize(before, first=True), engine.encode_image(pixels, loaded.sha256), engine.tokenize(after)
 
 
 def engine_greedy(engine, head, image, tail, n: int) -> list[int]:

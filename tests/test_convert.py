@@ -518,7 +518,7 @@ def _first_step(text: Path, mmproj: Path, image_path: Path, question: str, n_gen
         before, after = build_prompt(pair.prompt_family, question)
         img = Image.open(image_path).convert("RGB")
         emb = eng.encode_image(preprocess(img, size=pair.image_size, aspect=pair.image_aspect), "photo")
-        eng.evaluate([eng.tokenize(before), emb, eng.tokenize(after)])
+        eng.evaluate([eng.tokenize(before, first=True), emb, eng.tokenize(after)])
         logits = eng.last_logits()
         answer = "".join(eng.generate(Sampling(), n_generate)) if n_generate else ""
         generated = eng.timings.generated_tokens if n_generate else 0
