@@ -17,12 +17,11 @@ from .atomic import Staging
 from .checkpoint import Checkpoint
 from .errors import ConvertError
 from .families import detect
+from .formats import MMPROJ_TYPES, TEXT_TYPES
 from .gguf_out import write_gguf
 from .quantize import default_threads, quantize_text
 from .vision import VisionTower
 
-TEXT_TYPES = ("Q4_K_M", "Q8_0", "F16")
-MMPROJ_TYPES = ("F16", "Q8_0")
 SUPPORTED_SELECT_LAYER = -2  # Imp reads the last of the kept SigLIP layers
 
 
@@ -88,6 +87,7 @@ def convert(
     progress: Progress = NoProgress(),
     threads: int | None = None,
     name: str | None = None,
+    verbose: bool = False,
 ) -> ConvertResult:
     if quant not in TEXT_TYPES:
         raise ConvertError(f"unknown text quantization {quant!r} (choose from {', '.join(TEXT_TYPES)})")
@@ -141,7 +141,8 @@ def convert(
             f16 = staging.scratch(text_path, "f16")
             _write(progress, "language model (F16 intermediate)", f16, family.arch, text_metadata, text_tensors)
             with progress.phase(f"quantize to {quant}", 1.0) as done:
-                quantize_text(f16, staging.path_for(text_path), quant, threads or default_threads(), done)
+                quantize_text(f16, staging.path_for(text_path), quant, threads or default_threads(), done,
+                              verbose=verbose)
             f16.unlink()
         _check_outputs(out_dir, [text_path, mmproj_path], force)  # nothing appeared meanwhile
         staging.commit()

@@ -11,7 +11,10 @@ from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+
+from convert.formats import DEFAULT_MMPROJ_TYPE, DEFAULT_TEXT_TYPE, MMPROJ_TYPES, TEXT_TYPES
 
 try:  # typer >= 0.21 vendors its own parser; older releases use click's exceptions
     from typer import TyperException as _ParserError
@@ -21,23 +24,29 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 app = typer.Typer(
     name="imp",
     help="Run Imp vision-language models locally, quantized, through llama.cpp.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-class TextType(str, Enum):
-    Q4_K_M = "Q4_K_M"
-    Q8_0 = "Q8_0"
-    F16 = "F16"
+# The choices come from the one list of types (convert/formats.py, no heavy imports).
+TextType = Enum("TextType", {t: t for t in TEXT_TYPES}, type=str)
+MmprojType = Enum("MmprojType", {t: t for t in MMPROJ_TYPES}, type=str)
 
 
-class MmprojType(str, Enum):
-    F16 = "F16"
-    Q8_0 = "Q8_0"
-
-
+# Options shared by the commands that answer (ask, chat, serve): declared once.
+MODEL_OPTION = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Store name, known name, repo id, text GGUF (mmproj found beside it) or folder holding the pair.")
+MMPROJ_OPTION = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model.")
+MAX_TOKENS_OPTION = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens.")
+TEMPERATURE_OPTION = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic).")
+TOP_P_OPTION = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0)
+TOP_K_OPTION = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k.")
+SEED_OPTION = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0).")
+SYSTEM_OPTION = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt.")
+THREADS_OPTION = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores).")
+CTX_OPTION = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context).")
+NO_CACHE_OPTION = typer.Option(False, "--no-cache", help="Neither read nor write the prompt cache (also IMP_CACHE=off).")
 VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Show llama.cpp logs and tracebacks.")
 
 
@@ -45,8 +54,8 @@ VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Sho
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder, or Hugging Face repo id (owner/name[@revision])."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for the two GGUF files."),
-    quant: TextType = typer.Option(TextType.Q4_K_M, "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
-    mmproj_type: MmprojType = typer.Option(MmprojType.F16, "--mmproj-type", case_sensitive=False, help="Vision projector type."),
+    quant: TextType = typer.Option(TextType[DEFAULT_TEXT_TYPE], "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
+    mmproj_type: MmprojType = typer.Option(MmprojType[DEFAULT_MMPROJ_TYPE], "--mmproj-type", case_sensitive=False, help="Vision projector type."),
     name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: the checkpoint's)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing output files."),
     threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", help="Quantization threads (0: all cores)."),
@@ -61,7 +70,7 @@ def convert(
         from convert.pipeline import convert as run_convert
 
         result = run_convert(source, out, quant=quant.value, mmproj_type=mmproj_type.value, force=force,
-                             progress=output, threads=threads or None, name=name)
+                             progress=output, threads=threads or None, name=name, verbose=verbose)
         if json_out:
             output.record(result.as_dict())
         else:
@@ -74,40 +83,56 @@ def convert(
 
 @app.command()
 def ask(
-    images: List[str] = typer.Argument(..., metavar="IMAGE...", help="Image(s): a path, - for standard input, or an http(s) URL; one answer per image."),
-    question: str = typer.Argument(..., help="The question about the image(s)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Text GGUF (mmproj found beside it) or a folder holding the pair."),
-    mmproj: Optional[str] = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic)."),
-    top_p: float = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0),
-    top_k: int = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k."),
-    seed: int = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0)."),
-    system: Optional[str] = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt."),
-    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores)."),
-    ctx: int = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context)."),
+    args: List[str] = typer.Argument(..., metavar="IMAGE... [QUESTION]", help="Image(s): a path, - for standard input, or an http(s) URL; then the question, unless given with -q."),
+    questions: Optional[List[str]] = typer.Option(None, "--question", "-q", help="A question (repeatable); every positional argument is then an image."),
+    questions_from: Optional[str] = typer.Option(None, "--questions-from", metavar="FILE|-", help="Questions, one per line, from a file or standard input."),
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_p: float = TOP_P_OPTION,
+    top_k: int = TOP_K_OPTION,
+    seed: int = SEED_OPTION,
+    system: Optional[str] = SYSTEM_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens (for benchmarks)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (answer, model, image, timings) at the end."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     verbose: bool = VERBOSE,
 ) -> None:
-    """Answer a question about an image (or each of several), streaming the answer to stdout."""
+    """Answer a question about an image (or each question about each of several), streaming to stdout."""
     from .output import Output
 
+    images, asked = _split_ask_args(list(args), list(questions or []), questions_from)
     output = Output(json_mode=json_out, verbose=verbose)
     with _errors(output):
-        from .ask import Request, run_ask
+        from .ask import Request, read_questions, run_ask
 
-        request = Request(images=list(images), question=question, model=model, mmproj=mmproj, max_tokens=max_tokens,
+        if questions_from:
+            asked += read_questions(questions_from)
+        request = Request(images=images, questions=asked, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
-                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos)
+                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache)
         run_ask(request, output, stats=stats)
+
+
+def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:
+    """`imp ask IMAGE... QUESTION`, or with -q/--questions-from every positional is an image."""
+    if questions or questions_from:
+        if questions_from == "-" and "-" in args:
+            raise click.UsageError("standard input (-) cannot hold both an image and the questions")
+        return args, questions
+    if len(args) < 2:
+        raise click.UsageError("Missing argument 'QUESTION' (or give questions with -q)")
+    return args[:-1], [args[-1]]
 
 
 @app.command()
 def pull(
     model: str = typer.Argument("imp-v1-3b", help="A known model name or a Hugging Face repo id (owner/name[@revision])."),
-    quant: TextType = typer.Option(TextType.Q4_K_M, "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
+    quant: TextType = typer.Option(TextType[DEFAULT_TEXT_TYPE], "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
     force: bool = typer.Option(False, "--force", "-f", help="Download and convert again even if installed."),
     threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: all cores)."),
     verbose: bool = VERBOSE,
@@ -205,6 +230,41 @@ def models_import(
 
         entry = import_pair(text, mmproj, name, force=force)
         output.answer(f"{entry.folder}\n")
+
+
+cache_app = typer.Typer(help="The prompt cache: saved KV states of [system, image] prefixes.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout.")) -> None:
+    """Where the cache is, how many entries, how many bytes, the budget."""
+    from .output import Output
+
+    output = Output(json_mode=json_out)
+    with _errors(output):
+        from .prompt_cache import PromptCache
+
+        info = PromptCache().info()
+        if json_out:
+            output.record(info)
+        else:
+            output.answer(f"folder\t{info['folder']}\nentries\t{info['entries']}\n"
+                          f"size\t{_size(info['bytes'])}\nbudget\t{_size(info['budget'])}\n")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every entry."""
+    from .output import Output
+
+    output = Output()
+    with _errors(output):
+        from .prompt_cache import PromptCache
+
+        cache = PromptCache()
+        n = cache.clear()
+        output.info(f"removed {n} entr{'y' if n == 1 else 'ies'} from {cache.folder}")
 
 
 def _size(n: float) -> str:

@@ -13,8 +13,7 @@ from pathlib import Path
 from .errors import ImpError
 from .prompts import TEMPLATES
 
-TEXT_ARCHS = {"phi2", "phi3", "qwen2"}  # the Imp backbones: Phi-2 (3B), Phi-3 (4B), Qwen1.5 (2B)
-PROMPT_FAMILIES = set(TEMPLATES)
+TEXT_ARCHS = {"phi2", "phi3", "qwen2"}  # llama.cpp architectures of the Imp backbones (3B, 4B, 2B)
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
     if proj.get("general.architecture") != "clip":
         raise ImpError(f"{mmproj_path} is not a vision projector (mmproj) GGUF")
     family = _need(text, "imp.prompt_family", text_path)
-    if family not in PROMPT_FAMILIES:
+    if family not in TEMPLATES:
         raise ImpError(f"{text_path}: unsupported prompt family {family!r}")
     if proj.get("clip.projector_type") != "mlp" or not proj.get("clip.has_vision_encoder"):
         raise ImpError(f"{mmproj_path}: not an Imp vision projector (needs an mlp projector with a vision encoder)")

@@ -506,19 +506,17 @@ def test_q8_0_mmproj_types(converted):
 
 def _first_step(text: Path, mmproj: Path, image_path: Path, question: str, n_generate: int = 0):
     """First-answer-token logits of llama.cpp for (prompt + image), and optionally a greedy answer."""
-    from PIL import Image
-
     from imp_cli.engine import Engine, Sampling
-    from imp_cli.images import preprocess
+    from imp_cli.images import load_image
     from imp_cli.modelfiles import read_pair
-    from imp_cli.prompts import build_prompt
+    from imp_cli.session import make_prompt, stage_image
 
     pair = read_pair(Path(text), Path(mmproj))
     with Engine(pair, n_ctx=256, threads=2) as eng:
-        before, after = build_prompt(pair.prompt_family, question)
-        img = Image.open(image_path).convert("RGB")
-        emb = eng.encode_image(preprocess(img, size=pair.image_size, aspect=pair.image_aspect), "photo")
-        eng.evaluate([eng.tokenize(before, first=True), emb, eng.tokenize(after)])
+        staged = stage_image(pair, load_image(str(image_path)))
+        prompt = make_prompt(eng, staged, question)
+        emb = eng.encode_image(staged.pixels, staged.key)
+        eng.evaluate([prompt.head, emb, prompt.tail])
         logits = eng.last_logits()
         answer = "".join(eng.generate(Sampling(), n_generate)) if n_generate else ""
         generated = eng.timings.generated_tokens if n_generate else 0
@@ -793,7 +791,7 @@ def test_failed_quantization_leaves_nothing(monkeypatch, checkpoint, tmp_path):
 
     seen = {}
 
-    def broken(src, dst, quant, threads, on_fraction=lambda f: None):
+    def broken(src, dst, quant, threads, on_fraction=lambda f: None, verbose=False):
         seen["src_exists"] = Path(src).stat().st_size > 0
         Path(dst).write_bytes(b"half a file")
         raise ConvertError("quantization to Q8_0 failed inside llama.cpp (code 1)")

@@ -122,21 +122,23 @@ def family_oracle(family_ckpt):
     return get
 
 
-def prompt_ids(engine, question: str = QUESTION, history=(), system: str | None = None):
-    """(head ids, tail ids) as `imp ask` tokenizes them: the template's two sides of the image,
-    the head with the BOS where the model's tokenizer adds one."""
-    from imp_cli.prompts import build_prompt
+def staged_photo(engine, image_path: Path):
+    from imp_cli.images import load_image
+    from imp_cli.session import stage_image
 
-    before, after = build_prompt(engine.pair.prompt_family, question, history, system)
-    return engine.tokenize(before, first=True), engine.tokenize(after)
+    return stage_image(engine.pair, load_image(str(image_path)))
 
 
-def encode_photo(engine, image_path: Path):
-    from imp_cli.images import load_image, preprocess
+def prompt_ids(engine, staged, question: str = QUESTION, history=(), system: str | None = None):
+    """(head ids, tail ids) exactly as `imp ask` builds them (the Session's prompt function)."""
+    from imp_cli.session import make_prompt
 
-    loaded = load_image(str(image_path))
-    pixels = preprocess(loaded.image, size=engine.pair.image_size, aspect=engine.pair.image_aspect)
-    return engine.encode_image(pixels, loaded.sha256)
+    prompt = make_prompt(engine, staged, question, history, system)
+    return prompt.head, prompt.tail
+
+
+def encode_photo(engine, staged):
+    return engine.encode_image(staged.pixels, staged.key)
 
 
 def live(family: str, logits: np.ndarray) -> np.ndarray:
@@ -339,13 +341,14 @@ NAMES = [None, "plain-model", "imp-v1.5-4b", "My-Phi3-Model", "phi-3-mini"]
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prompt_tokens_equal_reference(family_converted, family_oracle, family, name):
+def test_prompt_tokens_equal_reference(family_converted, family_oracle, photo, family, name):
     text, mmproj = family_converted(family, name=name)
     oracle = family_oracle(family)
     with open_engine(text, mmproj) as engine:
+        staged = staged_photo(engine, photo)
         for q in QUESTIONS:
-            assert prompt_ids(engine, q) == oracle.prompt_ids(q), q
-        assert prompt_ids(engine, QUESTION, system="") == oracle.prompt_ids(QUESTION, system="")
+            assert prompt_ids(engine, staged, q) == oracle.prompt_ids(q), q
+        assert prompt_ids(engine, staged, QUESTION, system="") == oracle.prompt_ids(QUESTION, system="")
 
 
 # Multi-turn prompts, written out here from Imp's conversation templates (one image, first turn).
@@ -359,14 +362,15 @@ MULTI_TURN = {
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_multi_turn_template_and_tokens(family_converted, family_oracle, family):
+def test_multi_turn_template_and_tokens(family_converted, family_oracle, photo, family):
     from imp_cli.prompts import Turn, build_prompt
 
     history = [Turn("What is it?", "A red car.")]
     before, after = build_prompt(family, " Where is it? ", history, "SYS")
     assert before + "<image>" + after == MULTI_TURN[family]
     with open_engine(*family_converted(family)) as engine:
-        assert prompt_ids(engine, " Where is it? ", history, "SYS") == family_oracle(family).image_prompt_ids(MULTI_TURN[family])
+        ids = prompt_ids(engine, staged_photo(engine, photo), " Where is it? ", history, "SYS")
+        assert ids == family_oracle(family).image_prompt_ids(MULTI_TURN[family])
 
 
 # =============================================================================================
@@ -407,9 +411,10 @@ def test_engine_numerics_against_oracle(family_converted, family_oracle, photo, 
     oracle = family_oracle(family, aspect)
     image = as_imp_sees_it(photo)
     with open_engine(text, mmproj) as engine:
-        head, tail = prompt_ids(engine)
+        staged = staged_photo(engine, photo)
+        head, tail = prompt_ids(engine, staged)
         assert (head, tail) == oracle.prompt_ids(QUESTION)
-        embd = encode_photo(engine, photo)
+        embd = encode_photo(engine, staged)
         ref_embd = oracle.image_embeddings(image)
         assert embd.data.shape == ref_embd.shape
         assert rel_diff(embd.data, ref_embd) < EMBD_TOL
@@ -447,8 +452,9 @@ def first_step(text: Path, mmproj: Path, photo: Path, n_generate: int = 0):
     from imp_cli.engine import Sampling
 
     with open_engine(text, mmproj) as engine:
-        head, tail = prompt_ids(engine)
-        engine.evaluate([head, encode_photo(engine, photo), tail])
+        staged = staged_photo(engine, photo)
+        head, tail = prompt_ids(engine, staged)
+        engine.evaluate([head, encode_photo(engine, staged), tail])
         logits = engine.last_logits()
         if not n_generate:
             return logits, 0

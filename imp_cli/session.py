@@ -1,0 +1,285 @@
+"""The one corridor from `imp ask`, `imp chat`, `imp serve`, the tests and the benchmark to the
+engine: a model pair, its engine and the prompt cache, answering questions about images.
+
+A prompt is [system text, image, question (+ the conversation so far)], rendered by the model
+family's template (prompts.py) and tokenized on each side of the image as Imp does. The
+[system, image] prefix is reused from the KV cache when it is already there (same process), else
+restored from the prompt cache on disk (the vision tower is then not even loaded), else encoded
+and evaluated, and saved to the cache in the background while the answer streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from .engine import Engine, ImageRef, Sampling, prompt_keys
+from .errors import ImpError
+from .images import LoadedImage, preprocess
+from .modelfiles import ModelPair
+from .prompt_cache import PromptCache, entry_key, file_identity
+from .prompts import Turn, build_prompt
+
+__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "context_for"]
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An image as the model sees it: Imp's preprocessing done, keyed by its pixels."""
+
+    source: str
+    width: int
+    height: int
+    sha256: str  # of the original bytes
+    pixels: object = field(repr=False)  # (size, size, 3) uint8
+    key: str = ""  # sha256 of the preprocessed pixels: the same picture in another file is a hit
+
+
+@dataclass
+class Prompt:
+    head: list[int]  # tokens before the image (the system text)
+    image: ImageRef | None
+    tail: list[int]  # tokens after it: the question(s), the conversation so far
+    staged: Staged | None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.head) + (self.image.n_tokens if self.image else 0) + len(self.tail)
+
+    def prefix(self) -> list:
+        return [self.head, self.image] if self.image else [self.head]
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str  # stop | length | context | interrupted
+    timings: dict
+    cache: str  # hit | miss | off
+    reused_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class AnswerStream:
+    """Iterate for the answer's text pieces (leading blanks dropped, trailing blanks held back
+    until more text follows, as Imp's own `.strip()`); `.result` once iteration has ended, also
+    after an interruption (then with what was said so far)."""
+
+    def __init__(self, pieces: Iterator[str], finish):
+        self._pieces, self._finish = pieces, finish
+        self.text = ""
+        self.result: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        said: list[str] = []
+        blank = ""
+        interrupted = True
+        try:
+            for piece in self._pieces:
+                text = blank + piece
+                if not said:
+                    text = text.lstrip()
+                shown = text.rstrip()
+                blank = text[len(shown):]
+                if shown:
+                    said.append(shown)
+                    self.text = "".join(said)
+                    yield shown
+            interrupted = False
+        finally:
+            self.result = self._finish(self.text, interrupted)
+
+    def collect(self) -> Answer:
+        for _ in self:
+            pass
+        return self.result
+
+
+def stage_image(pair: ModelPair, image: LoadedImage) -> Staged:
+    """Imp's preprocessing for this model (size, pad or squash), keyed by the resulting pixels."""
+    pixels = preprocess(image.image, size=pair.image_size, aspect=pair.image_aspect)
+    key = hashlib.sha256(pixels.tobytes()).hexdigest()
+    return Staged(image.source, image.size[0], image.size[1], image.sha256, pixels, key)
+
+
+def make_prompt(engine: Engine, staged: Staged | None, question: str, history: Sequence[Turn] = (),
+                system: str | None = None) -> Prompt:
+    """The family's template around the image; each side tokenized on its own, as Imp does."""
+    pair = engine.pair
+    before, after = build_prompt(pair.prompt_family, question, history, system)
+    if staged is None:  # a conversation without a picture: no "<image>\n" at all
+        return Prompt(engine.tokenize(before + after.removeprefix("\n"), first=True), None, [], None)
+    image = ImageRef(staged.key, pair.image_tokens)
+    return Prompt(engine.tokenize(before, first=True), image, engine.tokenize(after), staged)
+
+
+def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int) -> int:
+    """A KV cache sized to the longest prompt + answer rather than to --ctx: a token is at least
+    one byte, so this bounds it, and saves up to ~1 GB on a one-shot answer."""
+    bound = pair.image_tokens + max((len(t.encode("utf-8")) for t in texts), default=0) + max_tokens + 1
+    return min(ctx, -(-bound // 256) * 256)
+
+
+class Session:
+    def __init__(self, pair: ModelPair, *, threads: int = 0, ctx: int = 4096, verbose: bool = False,
+                 cache: PromptCache | None = None, note=lambda message: None):
+        self.pair = pair
+        self.cache = cache
+        self.note = note
+        # The files' identities (a hash, ~1 s the first time a file is seen) are computed while
+        # llama.cpp loads the model; only the prompt cache needs them.
+        self._identity: Future | None = None
+        if cache is not None:
+            self._identity = Future()
+            threading.Thread(target=self._identify, daemon=True).start()
+        self.engine = Engine(pair, n_ctx=ctx, threads=threads, verbose=verbose)
+
+    @classmethod
+    def open(cls, model: str | None, mmproj: str | None, output, *, pull: bool = True,
+             use_cache: bool = True, **kw) -> "Session":
+        """Resolve --model, pull it first if it is a known model not installed yet (when `pull`),
+        check the pair, and load it."""
+        return cls(open_pair(model, mmproj, output, pull=pull), cache=default_cache(output, use_cache), **kw)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def stage(self, image: LoadedImage) -> Staged:
+        return stage_image(self.pair, image)
+
+    def prompt(self, staged: Staged | None, question: str, history: Sequence[Turn] = (),
+               system: str | None = None) -> Prompt:
+        return make_prompt(self.engine, staged, question, history, system)
+
+    def check_fits(self, prompt: Prompt, max_tokens: int = 0) -> None:
+        if prompt.n_tokens + 1 > self.engine.n_ctx:
+            raise ImpError(f"prompt is {prompt.n_tokens} tokens"
+                           + (f" (image {prompt.image.n_tokens})" if prompt.image else "")
+                           + f", more than the context of {self.engine.n_ctx}: shorten it or raise --ctx")
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def prefill(self, prompt: Prompt) -> tuple[str, int]:
+        """Bring the KV cache to the whole prompt; returns (cache status, tokens reused)."""
+        engine = self.engine
+        self.check_fits(prompt)
+        evaluated = 0
+        prefix = prompt.prefix()
+        n_prefix = len(prompt_keys(prefix))
+        status = "off" if self.cache is None or prompt.image is None else "miss"
+        image_segment = prompt.image
+        if prompt.image is not None and engine.cached_prefix(prefix) < n_prefix:
+            if status == "miss" and self._restore(prompt):
+                status = "hit"
+            else:
+                image_segment = engine.encode_image(prompt.staged.pixels, prompt.staged.key)
+                engine.evaluate([prompt.head, image_segment], logits=False)
+                evaluated += engine.timings.prompt_tokens
+                if status == "miss":
+                    self._save(prompt)
+        elif prompt.image is not None and status == "miss":
+            status = "hit"  # the prefix is still in memory from an earlier answer
+        segments = [prompt.head, image_segment, prompt.tail] if prompt.image else [prompt.head]
+        engine.evaluate([s for s in segments if s])
+        evaluated += engine.timings.prompt_tokens
+        reused = prompt.n_tokens - evaluated
+        engine.timings.prompt_tokens, engine.timings.reused_tokens = evaluated, reused
+        return status, reused
+
+    def _cache_key(self, prompt: Prompt) -> str:
+        text_id, mmproj_id = self._identity.result()
+        return entry_key(text=text_id, mmproj=mmproj_id, pixels=prompt.image.key, prefix=prompt.head,
+                         image_tokens=prompt.image.n_tokens, family=self.pair.prompt_family)
+
+    def _restore(self, prompt: Prompt) -> bool:
+        t0 = time.perf_counter()
+        key = self._cache_key(prompt)
+        loaded = self.cache.load(key, self.engine.kv_layout())
+        if loaded is None:
+            return False
+        if not self.engine.restore_state(loaded.payload, prompt_keys(prompt.prefix())):
+            self.cache.discard(key, "llama.cpp refused the saved state")
+            return False
+        self.engine.timings.cache_read_ms = (time.perf_counter() - t0) * 1000
+        return True
+
+    def _save(self, prompt: Prompt) -> None:
+        t0 = time.perf_counter()
+        state = self.engine.save_state()
+        self.engine.timings.cache_save_ms = (time.perf_counter() - t0) * 1000
+        header = {"layout": self.engine.kv_layout(), "prefix_tokens": len(prompt_keys(prompt.prefix())),
+                  "model": self.pair.name, "image": prompt.staged.source}
+        self.cache.store_async(self._cache_key(prompt), header, state)
+
+    # -- answers --------------------------------------------------------------------------------
+    def answer(self, image: Staged | None, question: str, history: Sequence[Turn] = (),
+               system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512) -> AnswerStream:
+        """Prefill now (errors surface here), stream the answer as the result is iterated."""
+        self.engine.start_request()
+        prompt = self.prompt(image, question, history, system)
+        status, reused = self.prefill(prompt)
+        engine = self.engine
+
+        def finish(text: str, interrupted: bool) -> Answer:
+            t = engine.timings
+            if interrupted and t.finish_reason in ("", "length"):
+                t.finish_reason = "interrupted"
+            timings = t.as_dict()
+            timings.update(cache=status, reused_tokens=reused)
+            return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens)
+
+        return AnswerStream(engine.generate(sampling, max_tokens), finish)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _identify(self) -> None:
+        try:
+            self._identity.set_result((file_identity(self.pair.text_path), file_identity(self.pair.mmproj_path)))
+        except BaseException as e:  # surfaced where the key is needed
+            self._identity.set_exception(e)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.wait()  # a pending entry is written before the process ends
+        self.engine.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def default_cache(output, use_cache: bool = True) -> PromptCache | None:
+    """The prompt cache in $IMP_HOME/cache unless --no-cache or IMP_CACHE=off."""
+    from .prompt_cache import enabled_by_env
+
+    if not use_cache or not enabled_by_env():
+        return None
+    return PromptCache(note=output.note)
+
+
+def open_pair(model: str | None, mmproj: str | None, output, *, pull: bool = True) -> ModelPair:
+    """--model (a path, a store name, a known name or repo id) -> a checked pair; pulls a known
+    model that is not installed yet when `pull`, else says what to run."""
+    from pathlib import Path
+
+    from convert.hub import offline
+
+    from .modelfiles import read_pair
+    from .resolve import pullable_offline, resolve
+
+    found = resolve(model, mmproj)
+    if found.kind == "pull":
+        if not pull:
+            raise ImpError(f"model {found.spec} is not installed: run `imp pull {found.spec}`")
+        if offline() and not pullable_offline(found):
+            raise ImpError(f"model {found.spec} is not installed and HF_HUB_OFFLINE is set: "
+                           f"run `imp pull {found.spec}` when online")
+        from .pull import pull as run_pull
+
+        output.info(f"model {found.spec} is not installed yet: pulling it first")
+        entry = run_pull(found.spec, output)
+        return read_pair(entry.text_path, Path(mmproj).expanduser() if mmproj else entry.mmproj_path)
+    return read_pair(found.text, found.mmproj)
