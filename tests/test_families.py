@@ -179,6 +179,46 @@ def test_config_naming_another_family_is_a_clear_error(imp_bin, family_ckpt, tmp
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+def _edit_json(folder: Path, name: str, edit) -> None:
+    path = folder / name
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _set_added(content: str, **flags):
+    def edit(tj):
+        next(a for a in tj["added_tokens"] if a["content"] == content).update(flags)
+    return edit
+
+
+def _metaspace_first(tj):
+    tj["normalizer"] = None
+    tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+
+
+# Checkpoints llama.cpp cannot run as the reference does: refused with one line naming why.
+UNREPRODUCIBLE = {
+    "lstrip": ("tokenizer.json", _set_added("<|user|>", lstrip=True), ["lstrip"]),
+    "rstrip-on-some": ("tokenizer.json", _set_added("<|end|>", rstrip=False), ["rstrip"]),
+    "metaspace-first": ("tokenizer.json", _metaspace_first, ["first"]),
+    "rope-scaling": ("config.json", lambda c: c.update(rope_scaling={"type": "longrope", "long_factor": [1.0]}),
+                     ["rope_scaling"]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREPRODUCIBLE))
+def test_unreproducible_phi3_checkpoint_is_refused(imp_bin, family_ckpt, tmp_path, case):
+    import shutil
+
+    name, edit, words = UNREPRODUCIBLE[case]
+    folder = shutil.copytree(family_ckpt("phi3"), tmp_path / "ck")
+    _edit_json(folder, name, edit)
+    r = run_imp(imp_bin, "convert", str(folder), "--out", str(tmp_path / "out"), "-q", "F16")
+    assert_one_line_error(r, *words)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
 # =============================================================================================
 # 2. read-back
 # =============================================================================================
