@@ -3,7 +3,7 @@
 Hugging Face added tokens may swallow the whitespace after them (`rstrip`) or before them
 (`lstrip`): Phi-3's `<|end|>`, `<|user|>`, ... eat the newline that follows them in its template,
 which changes the tokens of the text after them. A GGUF has no key for this: llama.cpp turns rstrip
-on for every special token (except `<unk>`, `<s>`, `<|endoftext|>`, and with `</s>`) exactly when
+on for every special token (except `<unk>`, `<s>`, `<|endoftext|>`; `</s>` included) exactly when
 general.name contains "phi3" or "phi-3", whatever the architecture. So the converter decides the
 name from the checkpoint's flags, never from what the user called the model.
 """
@@ -12,46 +12,34 @@ from __future__ import annotations
 
 import re
 
-from gguf import TokenType
-
 from .errors import ConvertError
 
 _PHI3_MARK = re.compile(r"phi-?3", re.IGNORECASE)
-_SPECIAL_TYPES = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
-_NEVER_RSTRIPPED = ("<unk>", "<s>", "<|endoftext|>")  # llama.cpp's exceptions under a phi3 name
-_ALWAYS_RSTRIPPED = ("</s>",)
 
 
-def llama_cpp_phi3_rstrip(tokens: list[str], types: list[int]) -> set[int]:
-    """The ids llama.cpp rstrips when general.name contains "phi3"."""
-    ids = {i for i, t in enumerate(types) if t in _SPECIAL_TYPES}
-    ids |= {i for i, t in enumerate(tokens) if t in _ALWAYS_RSTRIPPED}
-    return {i for i in ids if tokens[i] not in _NEVER_RSTRIPPED}
-
-
-def needs_phi3_rstrip(added: list[dict], tokens: list[str], types: list[int], ignore: tuple[str, ...] = ()) -> bool:
+def needs_phi3_rstrip(added: list[dict], chat_tokens: tuple[str, ...]) -> bool:
     """Whether the GGUF must be named so that llama.cpp rstrips special tokens.
 
-    `added` is tokenizer.json's added_tokens; tokens in `ignore` (the image placeholder, which is
-    cut out of the prompt before tokenizing) do not count. Refuses flags llama.cpp cannot follow.
+    Decided by the tokens the family's template puts in every prompt (`chat_tokens`, all special
+    for llama.cpp): they must all rstrip or none, and none may lstrip, else the checkpoint is
+    refused. The flags of other added tokens only matter for a question that types them out
+    literally, and do not block a conversion. `added` is tokenizer.json's added_tokens.
     """
-    added = [a for a in added if a.get("content") not in ignore]
-    lstripped = [a["content"] for a in added if a.get("lstrip")]
+    used = [a for a in added if a.get("content") in chat_tokens]
+    lstripped = [a["content"] for a in used if a.get("lstrip")]
     if lstripped:
         raise ConvertError(
-            f"tokenizer.json: added token {lstripped[0]!r} strips the whitespace before it (lstrip), "
+            f"tokenizer.json: chat token {lstripped[0]!r} strips the whitespace before it (lstrip), "
             "which llama.cpp cannot reproduce"
         )
-    want = {a["id"] for a in added if a.get("rstrip")}
-    if not want:
-        return False
-    ignored = {i for i, t in enumerate(tokens) if t in ignore}
-    if want == llama_cpp_phi3_rstrip(tokens, types) - ignored:
-        return True
-    raise ConvertError(
-        "tokenizer.json: its added tokens strip the whitespace after them (rstrip) in a pattern "
-        "llama.cpp cannot reproduce (it strips after every special token or after none)"
-    )
+    rstripped = [a["content"] for a in used if a.get("rstrip")]
+    if rstripped and len(rstripped) != len(used):
+        kept = next(a["content"] for a in used if not a.get("rstrip"))
+        raise ConvertError(
+            f"tokenizer.json: chat token {rstripped[0]!r} strips the whitespace after it (rstrip) but "
+            f"{kept!r} does not; llama.cpp strips after every special token or after none"
+        )
+    return bool(rstripped)
 
 
 def gguf_name(name: str, phi3_rstrip: bool) -> str:

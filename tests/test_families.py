@@ -219,6 +219,25 @@ def test_unreproducible_phi3_checkpoint_is_refused(imp_bin, family_ckpt, tmp_pat
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.parametrize("token,flags", [("<|placeholder1|>", {"rstrip": False}), ("</s>", {"lstrip": True})])
+def test_flags_of_tokens_no_prompt_uses_do_not_block(family_ckpt, tmp_path, photo, token, flags):
+    """Only the chat tokens decide the GGUF's whitespace rule: odd flags on other added tokens
+    still convert, and the prompt tokens are still the reference's."""
+    import shutil
+
+    from convert.pipeline import convert
+    from oracle import Oracle
+
+    folder = shutil.copytree(family_ckpt("phi3"), tmp_path / "ck")
+    _edit_json(folder, "tokenizer.json", _set_added(token, **flags))
+    r = convert(str(folder), tmp_path / "out", quant="F16")
+    oracle = Oracle(folder)
+    with open_engine(Path(r.text_path), Path(r.mmproj_path)) as engine:
+        staged = staged_photo(engine, photo)
+        for q in QUESTIONS[:3]:
+            assert prompt_ids(engine, staged, q) == oracle.prompt_ids(q), q
+
+
 # =============================================================================================
 # 2. read-back
 # =============================================================================================

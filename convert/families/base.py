@@ -21,6 +21,7 @@ class TextFamily:
     model_types: tuple[str, ...] = ()  # config.json `model_type` naming this family
     layout: str = "hf"  # key layout, recorded in the GGUF (Phi-2 has two)
     phi3_rstrip: bool = False  # llama.cpp must rstrip special tokens (see token_attrs)
+    chat_tokens: tuple[str, ...] = ()  # the special tokens of the family's prompt template
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -69,9 +70,9 @@ class TextFamily:
         w.add_rope_freq_base(self.rope_theta)
         w.add_file_type(LlamaFileType.MOSTLY_F16)
 
-    def check_strip(self, tokens: list[str], types: list[int], image_token: str = "<image>") -> None:
-        """Decide from the checkpoint's added tokens whether llama.cpp must rstrip special tokens."""
-        self.phi3_rstrip = needs_phi3_rstrip(added_tokens(self.ckpt), tokens, types, (image_token,))
+    def check_strip(self) -> None:
+        """Decide from the checkpoint's chat tokens whether llama.cpp must rstrip special tokens."""
+        self.phi3_rstrip = needs_phi3_rstrip(added_tokens(self.ckpt), self.chat_tokens)
 
     def tensors(self) -> list[TensorSpec]:
         raise NotImplementedError

@@ -20,6 +20,7 @@ class Phi3(LlamaLike):
     model_arch = MODEL_ARCH.PHI3
     architectures = ("ImpPhi3ForCausalLM",)
     model_types = ("imp_phi3",)
+    chat_tokens = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
     signature = ("self_attn.qkv_proj", "mlp.gate_up_proj")
     defaults = dict(num_attention_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
 
@@ -28,7 +29,7 @@ class Phi3(LlamaLike):
         cfg = ckpt.config
         self.sliding_window = cfg.get("sliding_window")
         self.vocab = read_spm_vocab(ckpt, self.n_rows, cfg.get("bos_token_id"), cfg.get("eos_token_id"))
-        self.check_strip(self.vocab.tokens, self.vocab.types)
+        self.check_strip()
         # Imp's Phi-3 stops on <|end|> (eos), <|endoftext|> and <|assistant|>. A GGUF holds no
         # list of stop ids: llama.cpp ends generation on eos, on the eot id and on tokens named
         # like <|endoftext|> or <|end|>, so <|assistant|> goes in the eot slot.

@@ -19,6 +19,7 @@ class Qwen2(LlamaLike):
     model_arch = MODEL_ARCH.QWEN2
     architectures = ("ImpQwen2ForCausalLM",)
     model_types = ("imp_qwen2",)
+    chat_tokens = ("<|im_start|>", "<|im_end|>")
     signature = ("self_attn.q_proj", "mlp.gate_proj")
     defaults = dict(num_attention_heads=16, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768)
 
@@ -27,7 +28,7 @@ class Qwen2(LlamaLike):
         cfg = ckpt.config
         self.vocab = read_bpe_vocab(ckpt, self.n_rows, cfg.get("eos_token_id"), "<|im_end|>")
         self.bos_id = cfg.get("bos_token_id")
-        self.check_strip(self.vocab.tokens, self.vocab.types)
+        self.check_strip()
 
     def kv_rows(self) -> int:
         k = LAYER.format(0) + "self_attn.k_proj.weight"
