@@ -147,6 +147,64 @@ def live(family: str, logits: np.ndarray) -> np.ndarray:
 
 
 # =============================================================================================
+# 0. the factory and the oracle themselves
+# =============================================================================================
+@pytest.mark.parametrize("family", FAMILIES)
+def test_factory_is_deterministic(tmp_path, family):
+    import factory
+
+    a = factory.make_checkpoint(tmp_path / "a", family=family, seed=3)
+    b = factory.make_checkpoint(tmp_path / "b", family=family, seed=3)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_greedy_is_not_degenerate(family_oracle, photo, family):
+    oracle = family_oracle(family)
+    image = as_imp_sees_it(photo)
+    ids = oracle.greedy(image, QUESTION, 16)
+    assert len(ids) == 16 and len(set(ids)) > 4
+    assert set(ids) <= set(predictable_ids(family).tolist())
+    assert oracle.teacher_forced_top1(image, QUESTION, ids) == ids  # cached loop == one pass
+    first = live(family, oracle.first_logits(image, QUESTION))
+    top2 = np.sort(first)[-2:]
+    assert top2[1] - top2[0] > 0.05 * first.std()  # no near-tie at the first step
+    other = live(family, oracle.first_logits(image.transpose(0), QUESTION))  # a mirrored image
+    assert np.abs(other - first).max() > 0.2 * first.std()  # the image matters
+
+
+def test_oracle_prompt_split(family_oracle):
+    """Phi-3: the first side starts with the one BOS and the chat tokens swallowed the newline
+    after them; Qwen2: no BOS, newlines kept."""
+    phi3, qwen2 = family_oracle("phi3"), family_oracle("qwen2")
+    before, after = phi3.prompt_ids("Describe it.")
+    assert before[0] == PHI3_BOS_ID and PHI3_BOS_ID not in before[1:] + after
+    assert before[1] == PHI3_IDS["<|system|>"] and before[-2:] == [PHI3_IDS["<|end|>"], PHI3_IDS["<|user|>"]]
+    assert after[-2:] == [PHI3_IDS["<|end|>"], PHI3_IDS["<|assistant|>"]]
+    before, after = qwen2.prompt_ids("Describe it.")
+    assert qwen2.tokenizer.decode(before, skip_special_tokens=False).startswith("<|im_start|>system\n")
+    assert qwen2.tokenizer.decode(after, skip_special_tokens=False) == (
+        "\nDescribe it.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_full_sizes_planned_shapes():
+    from factory import FULL_PHI3, FULL_QWEN2
+
+    phi3 = planned_tensors(FULL_PHI3, "new", "phi3")
+    assert phi3["model.layers.31.self_attn.qkv_proj.weight"] == (9216, 3072)
+    assert phi3["model.layers.31.mlp.gate_up_proj.weight"] == (16384, 3072)
+    assert phi3["lm_head.weight"] == (32064, 3072) and "lm_head.bias" not in phi3
+    assert 4.1e9 < sum(np.prod(s) for s in phi3.values()) < 4.3e9  # Phi-3-mini 3.82B + SigLIP 0.40B + projector
+    qwen = planned_tensors(FULL_QWEN2, "new", "qwen2")
+    assert qwen["model.layers.23.self_attn.k_proj.bias"] == (2048,)
+    assert qwen["model.layers.23.mlp.gate_proj.weight"] == (5504, 2048)
+    assert qwen["lm_head.weight"] == (151936, 2048)
+    assert 2.2e9 < sum(np.prod(s) for s in qwen.values()) < 2.3e9  # Qwen1.5-1.8B 1.84B + SigLIP 0.40B + projector
+
+
+# =============================================================================================
 # 1. detection
 # =============================================================================================
 def _rename_config(folder: Path, dest: Path, **changes) -> Path:
