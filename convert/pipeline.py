@@ -48,6 +48,11 @@ class ConvertResult:
     layout: str
     image_tokens: int
     seconds: float
+    # Where what no single file is sure to state was read from (for the info line and --json).
+    tokenizer_from: str = ""
+    context_length: int = 0
+    context_from: str = ""
+    vision_config_from: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +84,7 @@ def output_names(base: str, quant: str, mmproj_type: str) -> tuple[str, str]:
 
 
 def convert(
-    source: str,
+    source: "str | hub.Source",
     out_dir: Path | None = None,
     quant: str = "Q4_K_M",
     mmproj_type: str = "F16",
@@ -151,7 +156,8 @@ def convert(
         text_path=str(text_path), text_type=quant, text_bytes=text_path.stat().st_size,
         mmproj_path=str(mmproj_path), mmproj_type=mmproj_type, mmproj_bytes=mmproj_path.stat().st_size,
         source=src.label, family=family.name, layout=family.layout, image_tokens=vision.n_tokens,
-        seconds=round(time.monotonic() - started, 2),
+        seconds=round(time.monotonic() - started, 2), tokenizer_from=family.tokenizer_from,
+        context_length=family.n_ctx, context_from=family.context_from, vision_config_from=vision.config_from,
     )
 
 

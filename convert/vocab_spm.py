@@ -32,6 +32,7 @@ class SpmVocab:
     add_bos: bool
     add_space_prefix: bool
     special: dict[str, int]  # content -> id of every added token
+    source: str = "tokenizer.json"  # the file it was read from (reported by the converter)
 
     def write_to(self, writer) -> None:
         writer.add_tokenizer_model("llama")

@@ -6,6 +6,7 @@ Heavy modules (numpy, Pillow, gguf, llama_cpp) are imported inside commands so t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
@@ -63,10 +64,7 @@ def convert(
     verbose: bool = VERBOSE,
 ) -> None:
     """Convert an Imp checkpoint into a language-model GGUF and a vision (mmproj) GGUF."""
-    from .output import Output
-
-    output = Output(json_mode=json_out, verbose=verbose)
-    with _errors(output):
+    with _command(json_mode=json_out, verbose=verbose) as output:
         from convert.pipeline import convert as run_convert
 
         result = run_convert(source, out, quant=quant.value, mmproj_type=mmproj_type.value, force=force,
@@ -79,6 +77,9 @@ def convert(
                 f"{result.mmproj_path}\t{result.mmproj_type}\t{_size(result.mmproj_bytes)}\n"
             )
             output.info(f"converted {result.source} ({result.family}, {result.layout} layout) in {result.seconds:.1f} s")
+            output.info(f"read the vocabulary from {result.tokenizer_from}, the context length "
+                        f"({result.context_length}) from {result.context_from}, the vision tower from "
+                        f"{result.vision_config_from}")
 
 
 @app.command()
@@ -98,6 +99,9 @@ def ask(
     ctx: int = CTX_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens (for benchmarks)."),
+    choices: Optional[str] = typer.Option(None, "--choices", metavar="A,B,...|@FILE", help="Print the likeliest of these answers (scored, not generated; --json adds their probabilities)."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="SCHEMA|@FILE", help="Generate JSON valid against this JSON schema (inline or a file)."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", metavar="@FILE", help="Generate only what this GBNF grammar (root rule `root`) allows."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     verbose: bool = VERBOSE,
@@ -107,6 +111,7 @@ def ask(
 
     images, asked = _split_ask_args(list(args), list(questions or []), questions_from)
     output = Output(json_mode=json_out, verbose=verbose)
+    choice_list, constraint = _constraints(choices, json_schema, grammar, output)
     with _errors(output):
         from .ask import Request, read_questions, run_ask
 
@@ -114,8 +119,84 @@ def ask(
             asked += read_questions(questions_from)
         request = Request(images=images, questions=asked, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
-                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache)
-        run_ask(request, output, stats=stats)
+                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache,
+                          choices=choice_list, constraint=constraint)
+        status = run_ask(request, output, stats=stats)
+    if status:
+        raise typer.Exit(status)
+
+
+def _constraints(choices: str | None, json_schema: str | None, grammar: str | None, output):
+    """--choices / --json-schema / --grammar, checked before any model work: a value that cannot
+    be used is a one-line usage error (exit 2)."""
+    if choices is None and json_schema is None and grammar is None:
+        return None, None
+    from .constrain import ConstraintError, from_options
+
+    try:
+        return from_options(choices, json_schema, grammar)
+    except ConstraintError as e:
+        output.error(str(e))
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def chat(
+    image: Optional[str] = typer.Argument(None, metavar="[IMAGE]", help="The image to talk about: a path, - for standard input, or an http(s) URL (/image changes it)."),
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_p: float = TOP_P_OPTION,
+    top_k: int = TOP_K_OPTION,
+    seed: int = SEED_OPTION,
+    system: Optional[str] = SYSTEM_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens per answer."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per turn instead of the streamed text."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Talk about an image: a REPL in a terminal (/help for its commands), or one question per input line from a pipe."""
+    with _command(json_mode=json_out, verbose=verbose) as output:
+        from .ask import Request
+        from .chat import run_chat
+
+        options = Request(images=[image] if image is not None else [], questions=[], model=model, mmproj=mmproj,
+                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                          system=system, threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos,
+                          cache=not no_cache)
+        code = run_chat(options, output)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", envvar="IMP_HOST", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8080, "--port", "-p", envvar="IMP_PORT", min=0, max=65535, help="Port (0: any free port, printed at start)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="IMP_API_KEY", help="Require `Authorization: Bearer KEY` on every request but /health."),
+    max_queue: int = typer.Option(16, "--max-queue", envvar="IMP_MAX_QUEUE", min=0, help="Requests that may wait for the engine; more get 503."),
+    max_body: int = typer.Option(50 * 1024 * 1024, "--max-body", envvar="IMP_MAX_BODY", min=1024, help="Largest request body in bytes (413 beyond)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs (never from loopback or private addresses)."),
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
+    with _command(verbose=verbose) as output:
+        from .serve import ServeOptions, run_serve
+
+        run_serve(ServeOptions(model=model, mmproj=mmproj, host=host, port=port, api_key=api_key, max_queue=max_queue,
+                               max_body=max_body, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
+                               temperature=temperature, threads=threads, ctx=ctx, cache=not no_cache,
+                               verbose=verbose), output)
 
 
 def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:
@@ -138,10 +219,7 @@ def pull(
     verbose: bool = VERBOSE,
 ) -> None:
     """Download and convert a model into the model store (see `imp models`)."""
-    from .output import Output
-
-    output = Output(verbose=verbose)
-    with _errors(output):
+    with _command(verbose=verbose) as output:
         from .pull import pull as run_pull
 
         entry = run_pull(model, output, quant=quant.value, force=force, threads=threads or None)
@@ -155,10 +233,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON array on stdout.")) -> None:
     """The installed models: name, source, type, size, folder."""
-    from .output import Output
-
-    output = Output(json_mode=json_out)
-    with _errors(output):
+    with _command(json_mode=json_out) as output:
         from . import store
 
         rows = [e.summary() for e in store.entries()]
@@ -176,10 +251,7 @@ def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON ar
 @models_app.command("path")
 def models_path(name: str = typer.Argument(..., help="Store name.")) -> None:
     """Print the folder of an installed model."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from . import store
         from .errors import ImpError
 
@@ -195,10 +267,7 @@ def models_rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Remove an installed model (asks first unless --yes)."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from . import store
         from .errors import ImpError
 
@@ -222,10 +291,7 @@ def models_import(
     force: bool = typer.Option(False, "--force", "-f", help="Replace an installed model of that name."),
 ) -> None:
     """Copy an existing GGUF pair into the store under NAME."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from .imports import import_pair
 
         entry = import_pair(text, mmproj, name, force=force)
@@ -239,10 +305,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("info")
 def cache_info(json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout.")) -> None:
     """Where the cache is, how many entries, how many bytes, the budget."""
-    from .output import Output
-
-    output = Output(json_mode=json_out)
-    with _errors(output):
+    with _command(json_mode=json_out) as output:
         from .prompt_cache import PromptCache
 
         info = PromptCache().info()
@@ -256,10 +319,7 @@ def cache_info(json_out: bool = typer.Option(False, "--json", help="One JSON obj
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Remove every entry."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from .prompt_cache import PromptCache
 
         cache = PromptCache()
@@ -274,6 +334,16 @@ def _size(n: float) -> str:
         n /= 1024
         if n < 1024 or unit == "GB":
             return f"{n:.1f} {unit}"
+
+
+@contextlib.contextmanager
+def _command(json_mode: bool = False, verbose: bool = False):
+    """Every command's frame: the one Output for what is not the answer, and the error table."""
+    from .output import Output
+
+    output = Output(json_mode=json_mode, verbose=verbose)
+    with _errors(output):
+        yield output
 
 
 class _errors:

@@ -26,6 +26,8 @@ class Request:
     verbose: bool = False
     ignore_eos: bool = False
     cache: bool = True
+    choices: list[str] | None = None  # --choices: score these instead of generating
+    constraint: object = None  # --json-schema / --grammar: a constrain.Constraint
     extra: dict = field(default_factory=dict)
 
 
@@ -62,10 +64,11 @@ def check_images_exist(sources: list[str]) -> None:
             raise ImpError(f"cannot read image '{source}': it is a directory")
 
 
-def run_ask(req: Request, output: Output, stats: bool = False) -> None:
+def run_ask(req: Request, output: Output, stats: bool = False) -> int:
     """Answer each question about each image in turn. One model load serves every pair; each
     image is loaded when its turn comes (memory stays that of one image), and the questions
-    after the first about an image evaluate only their own tokens."""
+    after the first about an image evaluate only their own tokens. Returns the exit status: 1
+    if a constrained answer could not be completed."""
     from .engine import Sampling
     from .images import load_image
     from .session import Session, context_for
@@ -80,8 +83,11 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
 
     pair = open_pair(req.model, req.mmproj, output)
     texts = ["".join(build_prompt(pair.prompt_family, q, system=req.system)) for q in req.questions]
-    n_ctx = context_for(pair, texts, req.max_tokens, req.ctx)
-    sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos)
+    answer_room = max(len(c.encode("utf-8")) + 2 for c in req.choices) if req.choices else req.max_tokens
+    n_ctx = context_for(pair, texts, answer_room, req.ctx)
+    sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos,
+                        grammar=req.constraint.grammar if req.constraint else "")
+    status = 0
     several = len(req.images) * len(req.questions) > 1
     with Session(pair, threads=req.threads, ctx=n_ctx, verbose=req.verbose,
                  cache=default_cache(output, req.cache), note=output.note) as session:
@@ -95,10 +101,24 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
                     title = source if len(req.questions) == 1 else f"{source} | {question}"
                     output.answer(("\n" if n else "") + f"==> {title} <==\n")
                 n += 1
-                result = _answer(session, staged, question, req, sampling, output)
+                if req.choices:
+                    from .constrain import decide
+
+                    result = decide(session, staged, question, req.choices, req.system)
+                    if not output.json_mode:
+                        output.answer(result.text)
+                else:
+                    result = _answer(session, staged, question, req, sampling, output)
+                value, extra = result.text, {}
+                if req.choices:
+                    extra = {"choices": result.probabilities}
+                elif req.constraint is not None:
+                    value = _finish_constrained(result, req.constraint, output)
+                    status = status if value is not None else 1
                 if output.json_mode:
                     output.record({
-                        "answer": result.text,
+                        "answer": value,
+                        **extra,
                         "question": question,
                         "model": {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path),
                                   "type": pair.text_type},
@@ -108,23 +128,39 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> None:
                         "cache": result.cache,
                         "timings": result.timings,
                     })
-                else:
+                elif value is not None:  # an unfinished constrained answer printed nothing
                     output.answer("\n")
                 if result.finish_reason == "context":
                     output.warn("the answer was cut off: the context is full (raise --ctx)")
                 if stats:
                     title = "timings" + (f" ({source}: {question})" if several else "")
                     output.table(title, {k: v for k, v in result.timings.items() if v is not None})
+    return status
+
+
+def _finish_constrained(result, constraint, output):
+    """A constrained answer is printed only once complete: the parsed value, or None (and a
+    warning) when it stopped before the grammar was satisfied."""
+    if result.finish_reason != "stop":
+        if result.finish_reason != "context":  # that one has its own warning
+            output.warn("the answer reached --max-tokens before it was complete: not printed"
+                        if result.finish_reason == "length" else
+                        f"the answer could not be completed ({result.finish_reason}): not printed")
+        return None
+    value = constraint.parse(result.text)
+    if not output.json_mode:
+        output.answer(result.text)
+    return value
 
 
 def _answer(session, staged, question, req: Request, sampling, output):
     stream = session.answer(staged, question, system=req.system, sampling=sampling, max_tokens=req.max_tokens)
     try:
         for piece in stream:
-            if not output.json_mode:
+            if not output.json_mode and req.constraint is None:  # constrained: printed once complete
                 output.answer(piece)
     except KeyboardInterrupt:
-        if stream.text and not output.json_mode:
+        if stream.text and not output.json_mode and req.constraint is None:
             output.answer("\n")  # end the partial answer's line
         raise
     return stream.result

@@ -36,6 +36,8 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks compare fixed counts)
+    grammar: str = ""  # GBNF: only tokens it allows; check_grammar() it first
+    grammar_root: str = "root"
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Timings:
     reused_tokens: int = 0
     cache_read_ms: float = 0.0  # the prompt cache: restoring a prefix's KV state from disk
     cache_save_ms: float = 0.0  # copying a prefix's KV state out (the disk write is off-line)
+    scored_tokens: int = 0  # decoded to score continuations (score_continuations)
     generated_tokens: int = 0
     generation_ms: float = 0.0
     first_token_ms: float = 0.0
@@ -124,7 +127,9 @@ class Engine:
         self._mtmd = None
         self._mtmd_ctx = None  # the vision tower: loaded on the first image that must be encoded
         self._cached: list = []  # one key per KV-cache position: token id or (image key, i)
+        self.generated: list[int] = []  # the last answer's token ids (a conversation feeds them back)
         self._images: list[ImageEmbedding] = []
+        self._candidates = None  # the sampler's token array, allocated on the first sample
         self.timings.load_ms = (time.perf_counter() - t0) * 1000
 
     @property
@@ -317,6 +322,59 @@ class Engine:
         if rc != 0:
             raise EngineError(f"decoding the image embeddings failed (code {rc}): {native_log.last_error()}")
 
+    def score_continuations(self, continuations: list[list[int]]) -> list[float]:
+        """log P(continuation | what the KV cache holds) for each token list, teacher-forced: the
+        sum of each token's log-probability given the ones before it. Call after evaluate(); the
+        cached prompt is evaluated once for all, each continuation only decodes its own tokens
+        but the last, and is dropped again (the cache ends as it began, last_logits() does not)."""
+        base = len(self._cached)
+        first = _log_softmax(self.last_logits())
+        totals = []
+        for tokens in continuations:
+            if not tokens:
+                raise EngineError("an empty continuation cannot be scored")
+            if base + len(tokens) >= self.n_ctx:
+                raise ImpError(f"prompt and continuation are {base + len(tokens)} tokens, more than the "
+                               f"context of {self.n_ctx} (raise --ctx or shorten it)")
+            total = float(first[tokens[0]])
+            if len(tokens) > 1:
+                rows = self._decode_all_logits(tokens[:-1])
+                self.timings.scored_tokens += len(tokens) - 1
+                total += sum(float(_log_softmax(row)[tok]) for row, tok in zip(rows, tokens[1:]))
+                self._truncate(base)
+            totals.append(total)
+        return totals
+
+    def _decode_all_logits(self, tokens: list[int]) -> np.ndarray:
+        """Decode `tokens` after the cached ones with the logits of every position (a plain
+        decode returns only the last); returns them, n x n_vocab."""
+        lc = self._llama_cpp
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            part = tokens[start:start + self.n_batch]
+            batch = lc.llama_batch_init(len(part), 0, 1)
+            try:
+                for i, tok in enumerate(part):
+                    batch.token[i] = tok
+                    batch.pos[i] = len(self._cached) + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                batch.n_tokens = len(part)
+                rc = lc.llama_decode(self._ctx, batch)
+                if rc != 0:
+                    raise EngineError(f"llama_decode failed (code {rc}): {native_log.last_error()}")
+            finally:
+                lc.llama_batch_free(batch)
+            self._cached += part
+            for i in range(len(part)):
+                ptr = lc.llama_get_logits_ith(self._ctx, i)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return np.stack(rows)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
     def last_logits(self) -> np.ndarray:
         ptr = self._llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
@@ -330,16 +388,21 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         t = self.timings
         t.generated_tokens, t.finish_reason = 0, "length"
+        self.generated = []
         t0 = time.perf_counter()
         try:
             while t.generated_tokens < max_tokens:
-                token = lc.llama_sampler_sample(chain, self._ctx, -1)
+                token = self._sample(chain)
+                if token is None:  # a grammar that allows nothing here (cannot complete)
+                    t.finish_reason = "grammar"
+                    break
                 t.generated_tokens += 1
                 if t.generated_tokens == 1:
                     t.first_token_ms = (time.perf_counter() - t0) * 1000
                 if lc.llama_vocab_is_eog(self._vocab, token) and not sampling.ignore_eos:
                     t.finish_reason = "stop"
                     break
+                self.generated.append(token)
                 text = decoder.decode(self._piece(token))
                 if text:
                     yield text
@@ -359,6 +422,13 @@ class Engine:
     def _sampler(self, s: Sampling):
         lc = self._llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if s.grammar:  # first: top-k after it could otherwise leave only forbidden tokens
+            grammar = lc.llama_sampler_init_grammar(self._vocab, s.grammar.encode("utf-8"),
+                                                   s.grammar_root.encode("utf-8"))
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise EngineError(f"llama.cpp refused the grammar: {native_log.last_error() or 'parse error'}")
+            lc.llama_sampler_chain_add(chain, grammar)
         if s.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return chain
@@ -369,6 +439,25 @@ class Engine:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
         return chain
+
+    def _sample(self, chain) -> int | None:
+        """llama_sampler_sample, but a token the samplers all forbid (logit -inf: a grammar with
+        no way forward) is None instead of being accepted, which aborts inside llama.cpp."""
+        lc = self._llama_cpp
+        if self._candidates is None:
+            self._candidates = (lc.llama_token_data * self.n_vocab)()
+            self._candidate_view = np.ctypeslib.as_array(self._candidates)  # fields id, logit, p
+        view = self._candidate_view
+        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        view["p"] = 0.0
+        cur = lc.llama_token_data_array(self._candidates, self.n_vocab, -1, False)
+        lc.llama_sampler_apply(chain, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size or not np.isfinite(cur.data[cur.selected].logit):
+            return None
+        token = int(cur.data[cur.selected].id)
+        lc.llama_sampler_accept(chain, token)
+        return token
 
     def _free_image(self, img: ImageEmbedding) -> None:
         if img._chunk:
@@ -389,6 +478,46 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def check_grammar(grammar: str) -> str:
+    """'' if llama.cpp parses this GBNF grammar (root rule `root`), else its one-line complaint.
+    No model needed: the parser runs with no vocabulary (a grammar naming tokens as <...> then
+    fails: the text of a token needs the model's). Its fprintf to stderr is captured, not shown."""
+    import os
+    import tempfile
+
+    import llama_cpp
+
+    native_log.install(native_log.verbose)
+    native_log.clear()
+    with tempfile.TemporaryFile() as capture:
+        import sys
+
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode("utf-8"), b"root")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        printed = capture.read().decode("utf-8", "replace")
+    if sampler:
+        llama_cpp.llama_sampler_free(sampler)
+        return ""
+    # The parser prints "...: error parsing grammar: WHAT\n\n<the grammar>"; llama.cpp logs the rest.
+    for line in printed.splitlines():
+        if "error parsing grammar:" in line:
+            return line.split("error parsing grammar:", 1)[1].strip()
+    return native_log.last_error() or "llama.cpp could not parse the grammar"
 
 
 def prompt_keys(segments: list[Segment]) -> list:

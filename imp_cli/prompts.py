@@ -20,38 +20,53 @@ PHI2_SYSTEM = (
 class Turn:
     question: str
     answer: str
+    # The answer's token ids as the model generated them, when known: a conversation feeds these
+    # back rather than re-tokenizing the text, which can split it otherwise (then the KV cache
+    # would no longer match and the whole answer would be evaluated again).
+    tokens: tuple[int, ...] | None = None
 
 
-def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = None) -> tuple[str, str]:
-    """(text before the image, text after it). The image sits in the first user turn:
+def _conversation(head: str, user: str, bodies: list[str], image_turn: int) -> tuple[str, str]:
+    """`head`, then `user` + body for each turn, cut where the image opens user turn
+    `image_turn`: (text before the image, "\n" + the rest)."""
+    if not 0 <= image_turn < len(bodies):
+        raise ValueError(f"image_turn {image_turn} is not one of the {len(bodies)} user turns")
+    before, after = head, ""
+    for i, body in enumerate(bodies):
+        if i < image_turn:
+            before += user + body
+        elif i == image_turn:  # the image opens the turn: "{user}<image>\n{question} ..."
+            before += user
+            after += "\n" + body
+        else:
+            after += user + body
+    return before, after
 
-    `{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+
+def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = None,
+                image_turn: int = 0) -> tuple[str, str]:
+    """(text before the image, text after it). The image opens user turn `image_turn` (the
+    first by default, as Imp was trained):
+
+    `{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
     """
     system = PHI2_SYSTEM if system is None else system
-    before = f"{system} USER: "
-    turns = [*history, Turn(question, "")]
-    after = ""
-    for i, turn in enumerate(turns):
-        after += ("\n" if i == 0 else "USER: ") + f"{turn.question} ASSISTANT:"
-        if turn.answer:
-            after += f" {turn.answer}</s>"
-    return before, after
+    bodies = [f"{t.question} ASSISTANT:" + (f" {t.answer}</s>" if t.answer else "")
+              for t in [*history, Turn(question, "")]]
+    return _conversation(f"{system} ", "USER: ", bodies, image_turn)
 
 
 def _tagged(system_tag: str, user_tag: str, assistant_tag: str, end: str):
     """A template of tagged turns, `{tag}{text}{end}` each (Phi-3 and Qwen2 chat formats):
 
-    `{system_tag}{system}{end}{user_tag}<image>\\n{q1}{end}{assistant_tag}{a1}{end}{user_tag}{q2}...`
+    `{system_tag}{system}{end}{user_tag}<image>\n{q1}{end}{assistant_tag}{a1}{end}{user_tag}{q2}...`
     """
-    def prompt(question: str, history: list[Turn] = (), system: str | None = None) -> tuple[str, str]:
+    def prompt(question: str, history: list[Turn] = (), system: str | None = None,
+               image_turn: int = 0) -> tuple[str, str]:
         system = PHI2_SYSTEM if system is None else system
-        before = f"{system_tag}{system}{end}{user_tag}"
-        after = "\n"
-        for turn in [*history, Turn(question, "")]:
-            after += f"{turn.question}{end}{assistant_tag}"
-            if turn.answer:
-                after += f"{turn.answer}{end}{user_tag}"
-        return before, after
+        bodies = [f"{t.question}{end}{assistant_tag}" + (f"{t.answer}{end}" if t.answer else "")
+                  for t in [*history, Turn(question, "")]]
+        return _conversation(f"{system_tag}{system}{end}", user_tag, bodies, image_turn)
 
     return prompt
 
@@ -62,5 +77,19 @@ qwen2_prompt = _tagged("<|im_start|>system\n", "<|im_start|>user\n", "<|im_start
 TEMPLATES = {"phi2": phi2_prompt, "phi3": phi3_prompt, "qwen2": qwen2_prompt}
 
 
-def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None) -> tuple[str, str]:
-    return TEMPLATES[family](question, list(history), system)
+def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None,
+                 image_turn: int = 0) -> tuple[str, str]:
+    return TEMPLATES[family](question, list(history), system, image_turn)
+
+
+def answer_frame(family: str) -> tuple[str, str]:
+    """(text before an answer, text after it) as the family's template writes an answered turn:
+    Phi-2 `ASSISTANT: {answer}</s>` gives (" ", "</s>USER: ..."). Read off the template itself
+    (an answered turn with a marker for the answer), so every family scores its own way."""
+    marker = "\x00answer\x00"
+    _, asked = build_prompt(family, "?")
+    _, answered = build_prompt(family, "!", [Turn("?", marker)])
+    if not answered.startswith(asked) or marker not in answered:
+        raise ValueError(f"the {family} template does not put an answer right after the question")
+    lead, _, after = answered[len(asked):].partition(marker)
+    return lead, after

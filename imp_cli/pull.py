@@ -28,16 +28,16 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
     expected = remote_size(repo_id, revision)
     if expected:
         _check_disk(store.models_dir(), int(expected * 2.3))
-    folder = download(repo_id, revision)
-    commit = folder.name  # snapshot_download returns .../snapshots/<commit>
-    checkpoint_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    source = download(repo_id, revision)
+    checkpoint_bytes = sum(p.stat().st_size for p in source.folder.glob("*.safetensors"))
     _check_disk(store.models_dir(), int(checkpoint_bytes * 1.3))
     with store.Install(name) as install:
-        result = convert(str(folder), install.staging, quant=quant, mmproj_type=mmproj_type,
+        # The downloaded Source (not its cache folder): the GGUF records repo id and commit.
+        result = convert(source, install.staging, quant=quant, mmproj_type=mmproj_type,
                          progress=output, threads=threads, name=name)
         text, mmproj = Path(result.text_path), Path(result.mmproj_path)
         read_pair(text, mmproj)  # verify the pair loads as the runtime will see it
-        entry = install.commit(text, mmproj, quant, mmproj_type, repo_id, commit, revision)
+        entry = install.commit(text, mmproj, quant, mmproj_type, repo_id, source.commit, revision)
     output.info(f"installed {name} ({entry.folder})")
     return entry
 

@@ -14,7 +14,7 @@ import hashlib
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 from .engine import Engine, ImageRef, Sampling, prompt_keys
@@ -24,7 +24,12 @@ from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
 
-__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "context_for"]
+__all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "PromptTooLong",
+           "context_for"]
+
+
+class PromptTooLong(ImpError):
+    """The prompt does not fit the context (a server answers this one with its own status)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,19 @@ class Answer:
     reused_tokens: int
     prompt_tokens: int
     completion_tokens: int
+    tokens: list[int] = field(default_factory=list)  # the answer's ids as generated (no stop token)
+
+
+@dataclass
+class Scores:
+    """Log-likelihoods of given answers (continuations), in the order they were given."""
+
+    logprobs: list[float]
+    tokens: list[list[int]]  # each answer as scored: its text's tokens and the end-of-turn token
+    timings: dict
+    cache: str
+    reused_tokens: int
+    prompt_tokens: int
 
 
 class AnswerStream:
@@ -92,6 +110,9 @@ class AnswerStream:
                     yield shown
             interrupted = False
         finally:
+            close = getattr(self._pieces, "close", None)
+            if close is not None:  # an interrupted generator finishes its timings now, not when collected
+                close()
             self.result = self._finish(self.text, interrupted)
 
     def collect(self) -> Answer:
@@ -107,15 +128,69 @@ def stage_image(pair: ModelPair, image: LoadedImage) -> Staged:
     return Staged(image.source, image.size[0], image.size[1], image.sha256, pixels, key)
 
 
+def prompt_texts(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
+                 system: str | None = None, image_turn: int = 0) -> tuple[str, str]:
+    """The template's text before and after the image (all of it before, without an image)."""
+    before, after = build_prompt(family, question, history, system, image_turn if with_image else 0)
+    if not with_image:  # a conversation without a picture: no "<image>\n" at all
+        return before + after.removeprefix("\n"), ""
+    return before, after
+
+
 def make_prompt(engine: Engine, staged: Staged | None, question: str, history: Sequence[Turn] = (),
-                system: str | None = None) -> Prompt:
-    """The family's template around the image; each side tokenized on its own, as Imp does."""
+                system: str | None = None, image_turn: int = 0) -> Prompt:
+    """The family's template around the image (in user turn `image_turn`); each side tokenized
+    on its own, as Imp does."""
     pair = engine.pair
-    before, after = build_prompt(pair.prompt_family, question, history, system)
-    if staged is None:  # a conversation without a picture: no "<image>\n" at all
-        return Prompt(engine.tokenize(before + after.removeprefix("\n"), first=True), None, [], None)
+    before, after = render_conversation(pair.prompt_family, staged is not None, question, history, system,
+                                        image_turn)
+
+    def tokens(pieces: list, first: bool = False) -> list[int]:
+        """`first`: the prompt's start, which gets the BOS where the tokenizer adds one."""
+        return [t for i, p in enumerate(pieces)
+                for t in (engine.tokenize(p, first=first and i == 0) if isinstance(p, str) else p)]
+
+    if staged is None:
+        return Prompt(tokens(before + after, first=True), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
-    return Prompt(engine.tokenize(before, first=True), image, engine.tokenize(after), staged)
+    return Prompt(tokens(before, first=True), image, tokens(after), staged)
+
+
+def render_conversation(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
+                        system: str | None = None, image_turn: int = 0) -> tuple[list, list]:
+    """prompt_texts as pieces, before and after the image: text to tokenize, or an earlier
+    answer's ids as the model generated them (Turn.tokens) in place of its text. The blanks a
+    template puts before an answer are then the model's own (its first token has them). The KV
+    cache thus holds exactly what was evaluated and generated, and a follow-up evaluates only its
+    new tokens. Works for any template that repeats earlier turns verbatim."""
+    history = list(history)
+    before, after = prompt_texts(family, with_image, question, history, system, image_turn)
+    text, cut = before + after, len(before)  # the conversation, and where the image sits in it
+    spans: list = []  # (start, end, the answer's ids or None for text)
+    done = 0  # characters of `text` already in spans
+    for k, turn in enumerate(history):
+        if turn.tokens is None:
+            continue
+        seen = with_image and k >= image_turn  # the image was in the prompt this turn answered
+        asked = "".join(prompt_texts(family, seen, turn.question, history[:k], system, image_turn if seen else 0))
+        start = text.find(turn.answer, len(asked))
+        end = start + len(turn.answer)
+        if (not text.startswith(asked) or start < 0 or text[len(asked):start].strip()
+                or len(asked) < cut < end):
+            continue  # this template does not repeat the turn verbatim: its text stands
+        spans += [(done, len(asked), None), (len(asked), end, list(turn.tokens))]
+        done = end
+    spans.append((done, len(text), None))
+    sides: tuple[list, list] = ([], [])
+    for a, b, ids in spans:
+        if ids is not None:
+            sides[a >= cut].append(ids)
+            continue
+        if a < cut:
+            sides[0].append(text[a:min(b, cut)])
+        if b > cut:
+            sides[1].append(text[max(a, cut):b])
+    return sides
 
 
 def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int) -> int:
@@ -151,12 +226,12 @@ class Session:
         return stage_image(self.pair, image)
 
     def prompt(self, staged: Staged | None, question: str, history: Sequence[Turn] = (),
-               system: str | None = None) -> Prompt:
-        return make_prompt(self.engine, staged, question, history, system)
+               system: str | None = None, image_turn: int = 0) -> Prompt:
+        return make_prompt(self.engine, staged, question, history, system, image_turn)
 
     def check_fits(self, prompt: Prompt, max_tokens: int = 0) -> None:
         if prompt.n_tokens + 1 > self.engine.n_ctx:
-            raise ImpError(f"prompt is {prompt.n_tokens} tokens"
+            raise PromptTooLong(f"prompt is {prompt.n_tokens} tokens"
                            + (f" (image {prompt.image.n_tokens})" if prompt.image else "")
                            + f", more than the context of {self.engine.n_ctx}: shorten it or raise --ctx")
 
@@ -215,12 +290,15 @@ class Session:
 
     # -- answers --------------------------------------------------------------------------------
     def answer(self, image: Staged | None, question: str, history: Sequence[Turn] = (),
-               system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512) -> AnswerStream:
+               system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512,
+               image_turn: int = 0) -> AnswerStream:
         """Prefill now (errors surface here), stream the answer as the result is iterated."""
         self.engine.start_request()
-        prompt = self.prompt(image, question, history, system)
+        prompt = self.prompt(image, question, history, system, image_turn)
         status, reused = self.prefill(prompt)
         engine = self.engine
+        if sampling.grammar:
+            sampling = self._grammar_after_lead(sampling)
 
         def finish(text: str, interrupted: bool) -> Answer:
             t = engine.timings
@@ -228,9 +306,49 @@ class Session:
                 t.finish_reason = "interrupted"
             timings = t.as_dict()
             timings.update(cache=status, reused_tokens=reused)
-            return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens)
+            return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens,
+                          list(engine.generated))
 
         return AnswerStream(engine.generate(sampling, max_tokens), finish)
+
+    def _grammar_after_lead(self, sampling: Sampling) -> Sampling:
+        """A grammar constrains the answer itself: the text the template puts before an answer
+        (Phi-2's space after `ASSISTANT:`) comes first, as the model learned to write it."""
+        import json
+
+        from .prompts import answer_frame
+
+        lead, _ = answer_frame(self.pair.prompt_family)
+        if not lead:
+            return sampling
+        rule = f"imp-answer-lead-{sampling.grammar_root}"
+        grammar = f"{sampling.grammar}\n{rule} ::= {json.dumps(lead)} {sampling.grammar_root}\n"
+        return replace(sampling, grammar=grammar, grammar_root=rule)
+
+    def score(self, image: Staged | None, question: str, answers: Sequence[str], history: Sequence[Turn] = (),
+              system: str | None = None) -> Scores:
+        """How likely the model is to give each of `answers` (exactly that text, then end its
+        turn): the sum of the log-probabilities of its tokens, teacher-forced after the prompt.
+        The prompt is evaluated once for all answers; each answer is written as the family's
+        template writes one (Phi-2: " yes</s>")."""
+        from .prompts import answer_frame
+
+        self.engine.start_request()
+        prompt = self.prompt(image, question, history, system)
+        status, reused = self.prefill(prompt)
+        engine = self.engine
+        lead, after = answer_frame(self.pair.prompt_family)
+        end = engine.tokenize(after)[:1]
+        if not end or not engine.is_end_of_generation(end[0]):
+            raise ImpError(f"the {self.pair.prompt_family} template ends an answer with {after[:12]!r}, "
+                           "which is not an end-of-turn token of this model")
+        before, after_image = prompt_texts(self.pair.prompt_family, image is not None, question, history, system)
+        context, asked = (after_image, prompt.tail) if image is not None else (before, prompt.head)
+        tokens = [_answer_tokens(engine, context, asked, lead + a) + end for a in answers]
+        logprobs = engine.score_continuations(tokens)
+        timings = engine.timings.as_dict()
+        timings.update(cache=status, reused_tokens=reused)
+        return Scores(logprobs, tokens, timings, status, reused, prompt.n_tokens)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _identify(self) -> None:
@@ -249,6 +367,16 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _answer_tokens(engine: Engine, context: str, context_tokens: list[int], answer: str) -> list[int]:
+    """The answer's tokens as the model saw answers in training: the conversation tokenized as
+    one text (a SentencePiece tokenizer writes a word after a newline differently from a word
+    that starts a text), unless that re-tokenizes the prompt's end; then the answer on its own."""
+    joint = engine.tokenize(context + answer)
+    if joint[:len(context_tokens)] == context_tokens and len(joint) > len(context_tokens):
+        return joint[len(context_tokens):]
+    return engine.tokenize(answer)
 
 
 def default_cache(output, use_cache: bool = True) -> PromptCache | None:

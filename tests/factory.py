@@ -84,10 +84,11 @@ FULL = Sizes(  # Phi-2 + SigLIP-so400m/14@384 minus its last layer: Imp-v1(.5)-3
 )
 FULL_196 = Sizes(**{**FULL.__dict__, "image_size": 196})  # Imp-v1.5-3B-196: 14 x 14 tokens
 # Phi-3 and Qwen2 rotate whole heads. The Qwen2 config has no vision_tower_config, so its tower
-# must be read from the shapes with SigLIP-so400m's 16 heads.
+# is told by its shapes: SigLIP-so400m's widths (1152 / 4304, 16 heads), two layers, 56 px.
 TINY_PHI3 = Sizes(**{**TINY.__dict__, "partial_rotary_factor": 1.0, "vocab_rows": 704,
                      "max_position_embeddings": 4096})
-TINY_QWEN2 = Sizes(**{**TINY.__dict__, "partial_rotary_factor": 1.0, "vocab_rows": 768, "vision_heads": 16,
+TINY_QWEN2 = Sizes(**{**TINY.__dict__, "partial_rotary_factor": 1.0, "vocab_rows": 768,
+                      "vision_hidden_size": 1152, "vision_intermediate_size": 4304, "vision_heads": 16,
                       "max_position_embeddings": 32768})
 FULL_PHI3 = Sizes(  # Imp-v1.5-4B-Phi3: Phi-3-mini
     hidden_size=3072, num_layers=32, num_heads=32, intermediate_size=8192, partial_rotary_factor=1.0,
@@ -659,7 +660,7 @@ def _mm_config(s: Sizes, dtype: str, aspect: str) -> dict:
         "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch",
         "mm_vision_select_layer": -2,
-        "mm_vision_tower": f"google/siglip-so400m-patch{s.patch_size}-{s.image_size}",
+        "mm_vision_tower": f"google/{tower_folder_name(s)}",
         "use_mm_proj": True,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
@@ -690,8 +691,7 @@ def _llama_like_config(s: Sizes, dtype: str, aspect: str, drop_lm_sizes: bool, f
                    image_token_index=PHI3_IMAGE_ID, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
                    rope_scaling=None, sliding_window=2047, original_max_position_embeddings=4096,
                    attention_bias=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
-    else:  # Imp-v1.5-2B-Qwen1.5 (Qwen1.5-1.8B values); its config has no vision_tower_config
-        del cfg["vision_tower_config"]
+    else:  # Imp-v1.5-2B-Qwen1.5 (Qwen1.5-1.8B values); make_checkpoint drops vision_tower_config
         cfg.update(architectures=["ImpQwen2ForCausalLM"], model_type="imp_qwen2", bos_token_id=QWEN_BOS_ID,
                    eos_token_id=QWEN_EOS_ID, image_token_index=QWEN_IMAGE_ID, hidden_act="silu",
                    rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False, sliding_window=32768,
@@ -710,25 +710,37 @@ def _config(s: Sizes, layout: str, dtype: str, aspect: str, drop_lm_sizes: bool,
     if layout == "new":  # Imp-v1.5: transformers' PhiConfig names
         lm = {"hidden_act": "gelu_new", "qk_layernorm": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
               "attention_dropout": 0.0}
-        sizes = {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
-                 "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
-                 "intermediate_size": s.intermediate_size,
-                 "partial_rotary_factor": s.partial_rotary_factor, "rope_theta": 10000.0,
-                 "layer_norm_eps": 1e-5, "vocab_size": s.vocab_rows,
-                 "max_position_embeddings": s.max_position_embeddings}
     else:  # imp-v1-3b: the phi-msft configuration class (Imp's phi2/configuration_phi.py)
         lm = {"activation_function": "gelu_new", "flash_attn": False, "flash_rotary": False,
               "fused_dense": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        sizes = {"n_embd": s.hidden_size, "n_layer": s.num_layers, "n_head": s.num_heads,
-                 "n_head_kv": None,
-                 # phi-msft writes null for the default 4 x n_embd, as the real imp-v1-3b does
-                 "n_inner": None if s.intermediate_size == 4 * s.hidden_size else s.intermediate_size,
-                 "rotary_dim": s.rotary_dim, "layer_norm_epsilon": 1e-5,
-                 "vocab_size": s.vocab_rows, "n_positions": s.max_position_embeddings}
     cfg.update(lm)
-    if not drop_lm_sizes:
-        cfg.update(sizes)
+    if drop_lm_sizes:
+        # As the current imp-v1-3b config: the sizes live in configuration_imp.py's defaults, the
+        # training context only in the LLaVA-style tokenizer_model_max_length.
+        cfg["tokenizer_model_max_length"] = s.max_position_embeddings
+    else:
+        cfg.update(_lm_size_keys(s, "hf" if layout == "new" else "phi-msft"))
     return dict(sorted(cfg.items()))
+
+
+def _lm_size_keys(s: Sizes, family: str) -> dict:
+    """The language-model size keys of one config family: transformers' PhiConfig ("hf") or
+    phi-msft's (Imp's phi2/configuration_phi.py, the original imp-v1-3b)."""
+    if family == "hf":
+        return {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
+                "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
+                "intermediate_size": s.intermediate_size,
+                "partial_rotary_factor": s.partial_rotary_factor, "rope_theta": 10000.0,
+                "layer_norm_eps": 1e-5, "vocab_size": s.vocab_rows,
+                "max_position_embeddings": s.max_position_embeddings}
+    if family == "phi-msft":
+        return {"n_embd": s.hidden_size, "n_layer": s.num_layers, "n_head": s.num_heads,
+                "n_head_kv": None,
+                # phi-msft writes null for the default 4 x n_embd, as the real imp-v1-3b does
+                "n_inner": None if s.intermediate_size == 4 * s.hidden_size else s.intermediate_size,
+                "rotary_dim": s.rotary_dim, "layer_norm_epsilon": 1e-5,
+                "vocab_size": s.vocab_rows, "n_positions": s.max_position_embeddings}
+    raise ValueError(f"lm_size_keys must be 'hf', 'phi-msft' or 'none', not {family!r}")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -740,15 +752,38 @@ def _write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", aspect: str = "square",
                     sizes: Sizes | None = None, seed: int = 0, n_shards: int | None = None,
-                    drop_lm_sizes_from_config: bool = False, family: str = "phi2") -> Path:
+                    drop_lm_sizes_from_config: bool = False, lm_size_keys: str | None = None,
+                    tower_config: str | None = None, tower_config_layers: int | None = None,
+                    tokenizer_files: str = "all", family: str = "phi2") -> Path:
     """Write a random-weight Imp checkpoint folder at dest and return dest.
 
-    sizes=None is the family's tiny size (TINY_FOR). n_shards=None picks max(2, ceil(size / 2 GiB)):
-    2 shards for TINY, ~2 GB shards for FULL.
+    family: the language backbone, "phi2", "phi3" or "qwen2"; sizes=None is its tiny size
+    (TINY_FOR). n_shards=None picks max(2, ceil(size / 2 GiB)): 2 shards for TINY, ~2 GB shards
+    for FULL.
+
+    The other options give the config and file-set variants of the published repos; the weights
+    (and so the meaning) stay those of the plain checkpoint of the same sizes and seed:
+      lm_size_keys: None = the layout's own key family; "hf" or "phi-msft" = that family whatever
+        the layout; "none" = no size keys, as drop_lm_sizes_from_config (the current imp-v1-3b).
+      tower_config: where the SigLIP config is: "inline" (config.json's vision_tower_config),
+        "folder" (only a `siglip-so400m-patch14-<size>/config.json` beside the weights, as
+        Imp-v1.5-3B-196), "both", or "none" (as Imp-v1.5-2B-Qwen1.5). None: the family's own
+        ("none" for qwen2, else "inline").
+      tower_config_layers: the layer count that config states (default: kept + 1, the original
+        tower, as the real configs say 27 for 26 stored).
+      tokenizer_files: see TOKENIZER_FILE_SETS (Phi-2's file sets; phi3 and qwen2 take "all").
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     sizes = TINY_FOR[family] if sizes is None else sizes
+    tower_config = tower_config or ("none" if family == "qwen2" else "inline")
+    if tower_config not in TOWER_CONFIGS:
+        raise ValueError(f"tower_config must be one of {TOWER_CONFIGS}, not {tower_config!r}")
+    if tokenizer_files not in TOKENIZER_FILE_SETS or (family != "phi2" and tokenizer_files != "all"):
+        raise ValueError(f"tokenizer_files must be one of {sorted(TOKENIZER_FILE_SETS)} (phi2) or 'all', "
+                         f"not {tokenizer_files!r}")
+    if family != "phi2" and lm_size_keys not in (None, "none"):
+        raise ValueError("lm_size_keys 'hf' / 'phi-msft' are Phi-2 config key families")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if aspect not in ("square", "pad"):
@@ -759,9 +794,65 @@ def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(dest, family)
-    _write_json(dest / "config.json", _config(sizes, layout, dtype, aspect, drop_lm_sizes_from_config, family))
+    _keep_tokenizer_files(dest, tokenizer_files)
+    cfg = _config(sizes, layout, dtype, aspect, drop_lm_sizes_from_config or lm_size_keys == "none", family)
+    if lm_size_keys not in (None, "none"):
+        cfg = {k: v for k, v in cfg.items()
+               if k not in _lm_size_keys(sizes, "hf") and k not in _lm_size_keys(sizes, "phi-msft")}
+        cfg = dict(sorted({**cfg, **_lm_size_keys(sizes, lm_size_keys)}.items()))
+    vision = cfg["vision_tower_config"]
+    if tower_config_layers is not None:
+        vision["num_hidden_layers"] = tower_config_layers
+    if tower_config in ("folder", "both"):
+        folder = dest / tower_folder_name(sizes)
+        folder.mkdir(exist_ok=True)
+        # As SiglipVisionModel.save_pretrained leaves it, with the preprocessor config beside it.
+        _write_json(folder / "config.json",
+                    dict(sorted({**vision, "architectures": ["SiglipVisionModel"], "torch_dtype": dtype}.items())))
+        _write_json(folder / "preprocessor_config.json",
+                    {"do_normalize": True, "do_resize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                     "image_processor_type": "SiglipImageProcessor", "resample": 3,
+                     "size": {"height": sizes.image_size, "width": sizes.image_size}})
+    if tower_config in ("folder", "none"):
+        del cfg["vision_tower_config"]
+    _write_json(dest / "config.json", cfg)
     _write_weights(dest, _plan(sizes, layout, seed, family), dtype, n_shards)
     return dest
+
+
+TOWER_CONFIGS = ("inline", "folder", "both", "none")
+# Tokenizer file sets a Phi-2-era repo may ship (names of the files kept; "all" keeps every one).
+TOKENIZER_FILE_SETS = {
+    "all": None,
+    # vocab.json + merges.txt + added_tokens.json + tokenizer_config.json (added_tokens_decoder)
+    "no-tokenizer-json": ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json",
+                          "special_tokens_map.json"),
+    # ... and a tokenizer_config.json without added_tokens_decoder (older transformers): which
+    # added tokens are special is then only said by the special-token names.
+    "no-tokenizer-json-no-decoder": ("vocab.json", "merges.txt", "added_tokens.json",
+                                     "tokenizer_config.json", "special_tokens_map.json"),
+    "tokenizer-json-only": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+}
+
+
+def tower_folder_name(s: Sizes) -> str:
+    """The tower folder's name: the last part of config.json's mm_vision_tower."""
+    return f"siglip-so400m-patch{s.patch_size}-{s.image_size}"
+
+
+def _keep_tokenizer_files(dest: Path, file_set: str) -> None:
+    keep = TOKENIZER_FILE_SETS[file_set]
+    if keep is None:
+        return
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
+        if name not in keep:
+            (dest / name).unlink()
+    if file_set == "no-tokenizer-json-no-decoder":
+        path = dest / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        del config["added_tokens_decoder"]
+        _write_json(path, config)
 
 
 def make_bin_only_checkpoint(dest: Path, *, sharded: bool = False) -> Path:

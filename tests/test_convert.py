@@ -625,8 +625,9 @@ def _tensor_wrong_shape(d: Path):
 
 def _no_tokenizer(d: Path):
     make_checkpoint(d)
-    (d / "tokenizer.json").unlink()
-    return d, ["tokenizer.json"]
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (d / name).unlink()
+    return d, ["tokenizer.json", "vocab.json + merges.txt"]
 
 
 def _nonexistent(d: Path):
@@ -647,7 +648,7 @@ BAD_INPUTS = {
     "config-intermediate-size-lies": _config_lies("intermediate_size", 256, 160),
     "config-layer-count-lies": _config_lies("num_hidden_layers", 3, 2),
     "tensor-wrong-shape": _tensor_wrong_shape,
-    "no-tokenizer-json": _no_tokenizer,
+    "no-tokenizer-files": _no_tokenizer,
     "nonexistent-source": _nonexistent,
 }
 
@@ -914,9 +915,10 @@ def test_convert_repo_id_offline(imp_bin, tiny_hub, tmp_path, source, aspect):
     assert "Traceback" not in r.stderr
     assert listing(out) == ["imp-tiny-test-F16.gguf", "imp-tiny-test-mmproj-F16.gguf"]
     result = json.loads(r.stdout)
-    assert result["source"] == source
+    commit = OTHER if source.endswith(OTHER) else COMMIT  # main and no revision: refs/main
+    assert result["source"] == f"{REPO}@{commit}"  # the repo id and the commit it resolved to
     g = GGUFReader(out / "imp-tiny-test-F16.gguf")
-    assert kv(g, "imp.source") == source
+    assert kv(g, "imp.source") == f"{REPO}@{commit}"
     assert kv(g, "imp.image_aspect_ratio") == aspect  # the revision asked for, not refs/main
     assert kv(g, "phi2.embedding_length") == TINY.hidden_size
 

@@ -24,7 +24,7 @@ class LlamaLike(TextFamily):
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
-        cfg = {**self.defaults, **{k: v for k, v in ckpt.config.items() if v is not None}}
+        cfg, d = ckpt.config, self.defaults
         self.require(EMBED, FINAL_NORM)
         self.n_rows, self.n_embd = ckpt.shape(EMBED)
         self.config_int(("hidden_size",), self.n_embd, None)
@@ -33,7 +33,7 @@ class LlamaLike(TextFamily):
         down = LAYER.format(0) + "mlp.down_proj.weight"
         self.require(down)
         self.n_ff = self.config_int(("intermediate_size",), ckpt.shape(down)[1], None)
-        self.n_head = int(cfg["num_attention_heads"])
+        self.n_head, _ = self.config_value(("num_attention_heads",), d["num_attention_heads"])
         if self.n_embd % self.n_head:
             raise ConvertError(f"hidden size {self.n_embd} is not divisible by {self.n_head} attention heads")
         self.head_dim = self.n_rot = self.n_embd // self.n_head
@@ -41,9 +41,10 @@ class LlamaLike(TextFamily):
         if kv_rows % self.head_dim or not kv_rows:
             raise ConvertError(f"key/value projection width {kv_rows} is not a multiple of the head size {self.head_dim}")
         self.n_head_kv = self.config_int(("num_key_value_heads",), kv_rows // self.head_dim, None)
-        self.eps = float(cfg["rms_norm_eps"])
-        self.rope_theta = float(cfg["rope_theta"])
-        self.n_ctx = int(cfg["max_position_embeddings"])
+        self.eps, _ = self.config_value(("rms_norm_eps",), d["rms_norm_eps"], float)
+        self.rope_theta, _ = self.config_value(("rope_theta",), d["rope_theta"], float)
+        self.n_ctx, key = self.config_value(("max_position_embeddings",), d["max_position_embeddings"])
+        self.context_from = key or f"the {self.name} default"
         if cfg.get("rope_scaling"):
             raise ConvertError(f"unsupported rope_scaling {cfg['rope_scaling']!r} (only plain rotary embeddings)")
         self.tied = HEAD not in ckpt.tensors

@@ -29,6 +29,7 @@ class Phi3(LlamaLike):
         cfg = ckpt.config
         self.sliding_window = cfg.get("sliding_window")
         self.vocab = read_spm_vocab(ckpt, self.n_rows, cfg.get("bos_token_id"), cfg.get("eos_token_id"))
+        self.tokenizer_from = self.vocab.source
         self.check_strip()
         # Imp's Phi-3 stops on <|end|> (eos), <|endoftext|> and <|assistant|>. A GGUF holds no
         # list of stop ids: llama.cpp ends generation on eos, on the eot id and on tokens named

@@ -28,6 +28,7 @@ class Qwen2(LlamaLike):
         cfg = ckpt.config
         self.vocab = read_bpe_vocab(ckpt, self.n_rows, cfg.get("eos_token_id"), "<|im_end|>")
         self.bos_id = cfg.get("bos_token_id")
+        self.tokenizer_from = self.vocab.source
         self.check_strip()
 
     def kv_rows(self) -> int:
