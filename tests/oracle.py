@@ -95,6 +95,12 @@ TURNS = {
     "phi3": "{question}<|end|>\n<|assistant|>\n{answer}<|end|>\n<|user|>\n",
     "qwen2": "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n",
 }
+# What follows an answer in a conversation: the end of its turn and the next question's.
+NEXT_TURN = {
+    "phi2": "</s>USER: {question} ASSISTANT:",
+    "phi3": "<|end|>\n<|user|>\n{question}<|end|>\n<|assistant|>\n",
+    "qwen2": "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+}
 STOPS = {"phi2": ("</s>", "<|endoftext|>"), "phi3": ("<|end|>", "<|endoftext|>", "<|assistant|>"),
          "qwen2": ("<|im_end|>", "<|endoftext|>")}
 FAMILY_OF = {"imp": "phi2", "imp_phi3": "phi3", "imp_qwen2": "qwen2"}
@@ -348,20 +354,23 @@ class Oracle:
     def chat_greedy(self, image: Image.Image | None, questions: list[str], n_tokens: int,
                     system: str | None = None) -> list[list[int]]:
         """A conversation's greedy answers, turn by turn: each answer goes back as the token ids
-        the model generated, where Imp's template puts the answer, then `</s>` and the next turn:
+        the model generated, where Imp's template puts the answer, then the end of the turn and
+        the next one (NEXT_TURN), e.g. Phi-2's
         `{system} USER: <image>\\n{q1} ASSISTANT:{a1 ids}</s>USER: {q2} ASSISTANT:` (the blank
         before an answer is the model's own: its first token carries it). Every turn is run from
-        scratch over the whole conversation. Without an image (None) the first turn is plain
-        `{system} USER: {q1} ASSISTANT:`."""
+        scratch over the whole conversation. Without an image (None) the first turn is the
+        template without `<image>\\n`, tokenized in one piece."""
         if image is None:
-            first = f"{DEFAULT_SYSTEM if system is None else system} USER: {questions[0]} ASSISTANT:"
-            embeds = self._embed(self.tokenizer.encode(first, add_special_tokens=False).ids)
+            first = TEMPLATES[self.family].replace("<image>\n", "").format(
+                system=DEFAULT_SYSTEM if system is None else system, question=questions[0])
+            embeds = self._embed(self.tokenizer.encode(first, add_special_tokens=self.add_special).ids)
         else:
             embeds = self._prompt_embeds(image, questions[0], system)
         answers: list[list[int]] = []
         for question in questions:
             if answers:
-                turn = self.tokenizer.encode(f"</s>USER: {question} ASSISTANT:", add_special_tokens=False).ids
+                turn = self.tokenizer.encode(NEXT_TURN[self.family].format(question=question),
+                                             add_special_tokens=False).ids
                 embeds = torch.cat([embeds, self._embed(answers[-1] + turn)])
             answers.append(self._greedy_from(embeds, n_tokens))
         return answers

@@ -617,6 +617,22 @@ def test_cli_answer_equals_oracle(imp_bin, family_converted, family_oracle, phot
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_piped_chat_equals_oracle(imp_bin, family_converted, family_oracle, photo, tmp_path, family):
+    """A three-turn `imp chat` conversation (answers fed back as generated, in each family's
+    template) answers as the oracle does, turn by turn."""
+    from test_chat import QUESTIONS as CHAT_QUESTIONS
+    from test_chat import chat_piped
+
+    oracle = family_oracle(family)
+    expected = [oracle.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                for ids in oracle.chat_greedy(as_imp_sees_it(photo), CHAT_QUESTIONS, N_TOKENS)]
+    assert all(len(a.split()) >= 3 for a in expected)  # real answers, not early stops
+    p = chat_piped(imp_bin, photo, family_converted(family)[0], CHAT_QUESTIONS, "--json", env=clean_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(line)["answer"] for line in p.stdout.splitlines()] == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pull_known_name_then_ask(imp_bin, hub_cache, family_oracle, photo, tmp_path, family):
     """`imp pull imp-v1.5-4b` / `imp-v1.5-2b` (offline, from a hub cache holding the tiny
     checkpoint under the real repo id): the store entry, named without "phi3", answers as the
