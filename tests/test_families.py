@@ -633,6 +633,31 @@ def test_piped_chat_equals_oracle(imp_bin, family_converted, family_oracle, phot
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_serve_two_turns_equal_oracle(imp_bin, family_converted, family_oracle, photo, tmp_path, family):
+    """`imp serve` with an OpenAI client: the first answer and a follow-up (the first answer sent
+    back as text, in the family's template) are the oracle's."""
+    from test_serve import Server, data_url
+
+    oracle, image = family_oracle(family), as_imp_sees_it(photo)
+    first = oracle.answer_text(image, QUESTION, N_TOKENS)
+    second = "And what else?"
+    want = oracle.answer_text(image, second, N_TOKENS, history=((QUESTION, first),))
+    assert len(first.split()) >= 5 and len(want.split()) >= 5
+    server = Server(imp_bin, family_converted(family)[0], clean_env(tmp_path))
+    try:
+        client = server.client()
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(photo)}},
+                                                 {"type": "text", "text": QUESTION}]}]
+        reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=N_TOKENS)
+        assert reply.choices[0].message.content == first
+        messages += [{"role": "assistant", "content": first}, {"role": "user", "content": second}]
+        reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=N_TOKENS)
+        assert reply.choices[0].message.content == want
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pull_known_name_then_ask(imp_bin, hub_cache, family_oracle, photo, tmp_path, family):
     """`imp pull imp-v1.5-4b` / `imp-v1.5-2b` (offline, from a hub cache holding the tiny
     checkpoint under the real repo id): the store entry, named without "phi3", answers as the
