@@ -127,6 +127,8 @@ def read_spm_vocab(ckpt: Checkpoint, n_rows: int, bos_id: int | None, eos_id: in
     config = ckpt.read_json("tokenizer_config.json") or {}
 
     def token_id(given: int | None, key: str) -> int:
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int)):
+            raise ConvertError(f"config.json: {key}_id must be an integer, not {given!r}")
         if given is None:
             name = config.get(key)
             name = name.get("content") if isinstance(name, dict) else name

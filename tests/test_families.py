@@ -262,6 +262,7 @@ UNREPRODUCIBLE = {
     "metaspace-first": ("tokenizer.json", _metaspace_first, ["first"]),
     "rope-scaling": ("config.json", lambda c: c.update(rope_scaling={"type": "longrope", "long_factor": [1.0]}),
                      ["rope_scaling"]),
+    "eos-list": ("config.json", lambda c: c.update(eos_token_id=[c["eos_token_id"], 1]), ["eos_token_id", "integer"]),
 }
 
 
