@@ -188,14 +188,16 @@ class Engine:
         self.timings = Timings(load_ms=self.timings.load_ms)
 
     # -- text -----------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text` with special tokens parsed, as Imp's HF tokenizer does; no BOS."""
-        if not text:
+    def tokenize(self, text: str, first: bool = False) -> list[int]:
+        """Tokens of `text` with special tokens parsed, as Imp's HF tokenizer does. `first`: the
+        start of the prompt, which gets the BOS if the model's tokenizer adds one (Phi-3's)."""
+        if not text and not first:
             return []
         lc, data = self._llama_cpp, text.encode("utf-8")
-        size = len(data) + 1  # a token is at least one byte
+        size = len(data) + 2  # a token is at least one byte; and the BOS
         ids = (lc.llama_token * size)()
-        n = lc.llama_tokenize(self._vocab, data, len(data), ids, size, False, True)
+        # add_special: a BOS only where the GGUF's add_bos_token says (Phi-3's), and only at the start
+        n = lc.llama_tokenize(self._vocab, data, len(data), ids, size, first, True)
         if n < 0:
             raise EngineError(f"llama.cpp could not tokenize {len(data)} bytes of text")
         return list(ids[:n])
