@@ -45,8 +45,8 @@ class VisionTower:
         if self.proj + "1.weight" in ckpt.tensors or self.proj + "3.weight" in ckpt.tensors:
             raise ConvertError("mm_projector has more than two linear layers; only mlp2x_gelu is supported")
 
-        self.hidden, _, self.patch, _ = ckpt.shape(patch_key)
-        n_pos, _ = ckpt.shape(self.prefix + "embeddings.position_embedding.weight")
+        self.hidden, _, self.patch, _ = ckpt.shape(patch_key, rank=4)
+        n_pos, _ = ckpt.shape(self.prefix + "embeddings.position_embedding.weight", rank=2)
         side = math.isqrt(n_pos)
         if side * side != n_pos:
             raise ConvertError(f"vision position embedding has {n_pos} rows, not a square grid")
@@ -62,13 +62,13 @@ class VisionTower:
         if not found or found != set(range(len(found))):
             raise ConvertError("vision tower layers are missing or not numbered 0..N-1")
         self.n_layer = len(found)
-        self.n_ff = ckpt.shape(self.prefix + "encoder.layers.0.mlp.fc1.weight")[0]
+        self.n_ff = ckpt.shape(self.prefix + "encoder.layers.0.mlp.fc1.weight", rank=2)[0]
         self.n_head = int(vcfg.get("num_attention_heads") or SIGLIP_SO400M_HEADS)
         if self.hidden % self.n_head:
             raise ConvertError(f"vision hidden size {self.hidden} is not divisible by {self.n_head} heads")
         self.eps = float(vcfg.get("layer_norm_eps") or 1e-6)
-        self.proj_in = ckpt.shape(self.proj + "0.weight")[1]
-        self.proj_out = ckpt.shape(self.proj + "2.weight")[0]
+        self.proj_in = ckpt.shape(self.proj + "0.weight", rank=2)[1]
+        self.proj_out = ckpt.shape(self.proj + "2.weight", rank=2)[0]
         if self.proj_in != self.hidden:
             raise ConvertError(f"projector expects width {self.proj_in}, vision tower gives {self.hidden}")
         mm_hidden = cfg.get("mm_hidden_size")

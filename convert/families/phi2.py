@@ -55,7 +55,7 @@ class Phi2(TextFamily):
         self.layout = "hf-phi" if self.keys is _NEW else "phi-msft"
         cfg = ckpt.config
         k = self.keys
-        self.n_rows, self.n_embd = ckpt.shape(k["embed"])
+        self.n_rows, self.n_embd = ckpt.shape(k["embed"], rank=2)
         layer_re = re.compile(re.escape(k["layer"]).replace(r"\{\}", r"(\d+)"))
         found = {int(m.group(1)) for name in ckpt.tensors if (m := layer_re.match(name))}
         if not found or found != set(range(len(found))):
@@ -65,7 +65,7 @@ class Phi2(TextFamily):
         self.config_int(("vocab_size",), self.n_rows, None)
         fc1 = k["layer"].format(0) + k["fc1"] + ".weight"
         self.require(fc1)
-        self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1)[0], None)
+        self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1, rank=2)[0], None)
 
         self.n_head = int(cfg.get("num_attention_heads") or cfg.get("n_head") or PHI2_DEFAULTS["num_attention_heads"])
         if self.n_embd % self.n_head:
