@@ -31,7 +31,7 @@ class ModelPair:
     mmproj_type: str
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path) -> tuple[dict, dict]:
     """The scalar and short-array key/values of a GGUF file, after checking its header as
     llama.cpp will (value types of the keys it reads, tensor directory, every tensor's data inside
     the file): llama.cpp aborts the process on a key of the wrong type. Long arrays (the
@@ -46,7 +46,7 @@ def _read(path: Path) -> dict:
             if f.read(4) != b"GGUF":
                 raise ImpError(f"{path} is not a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                fields, kinds, end = _scan(data)
+                fields, kinds, tensors, end = _scan(data)
     except OSError as e:
         raise ImpError(f"cannot read {path}: {e.strerror}") from None
     except (IndexError, KeyError, UnicodeDecodeError, OverflowError, struct.error):
@@ -56,7 +56,7 @@ def _read(path: Path) -> dict:
     if end > path.stat().st_size:
         raise ImpError(f"{path} is truncated (tensor data ends past the end of the file)")
     _check_kinds(fields, kinds, path)
-    return fields
+    return fields, tensors
 
 
 # GGUF value types (gguf spec): scalar struct formats; 8 = string, 9 = array.
@@ -121,9 +121,10 @@ def _check_kinds(fields: dict, kinds: dict, path: Path) -> None:
             raise ImpError(f"{path}: GGUF key {key} has {kinds[key][2]} values, expected 3 (R, G, B)")
 
 
-def _scan(data) -> tuple[dict, dict, int]:
-    """Parse a GGUF header from a buffer: (fields, {key: (type, item type, length)}, end of the
-    tensor data). Checks the tensor directory as llama.cpp's gguf loader does."""
+def _scan(data) -> tuple[dict, dict, dict, int]:
+    """Parse a GGUF header from a buffer: (fields, {key: (type, item type, length)},
+    {tensor name: dims}, end of the tensor data). Checks the tensor directory as llama.cpp's
+    gguf loader does."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     pos = 4
@@ -157,7 +158,7 @@ def _scan(data) -> tuple[dict, dict, int]:
     for _ in range(n_kv):
         key = string()
         if key in fields:
-            raise ValueError(f"duplicate key {key}")
+            raise ValueError(f"duplicate key {key!r}")
         kind, item, n = take("I"), None, None
         if kind == _ARRAY:  # arrays of scalars or strings (llama.cpp reads no nested arrays)
             item, n = take("I"), take("Q")
@@ -165,7 +166,19 @@ def _scan(data) -> tuple[dict, dict, int]:
             if item in _SCALAR and not keep:  # skip fixed-size items in one step
                 pos += n * struct.calcsize(_SCALAR[item])
                 if pos > len(data):
-                    raise ValueError(f"array {key} past the end")
+                    raise ValueError(f"array {key!r} past the end")
+                fields[key] = None
+            elif key == "tokenizer.ggml.tokens" and item == _STRING:
+                # llama.cpp aborts (GGML_ASSERT) on a vocabulary with a token listed twice
+                seen, u64, end_of_data = set(), struct.Struct("<Q").unpack_from, len(data)
+                for _ in range(n):
+                    (size,) = u64(data, pos)
+                    pos += 8 + size
+                    if pos > end_of_data:
+                        raise ValueError("string past the end")
+                    seen.add(data[pos - size:pos])
+                if len(seen) != n:
+                    raise ValueError("a token appears twice in the vocabulary")
                 fields[key] = None
             else:
                 items = [value(item, keep) for _ in range(n)]
@@ -176,28 +189,28 @@ def _scan(data) -> tuple[dict, dict, int]:
     align = fields.get("general.alignment", 32)
     if kinds.get("general.alignment", (_U32,))[0] != _U32 or align <= 0 or align & (align - 1):
         raise ValueError(f"general.alignment {align!r} is not a UINT32 power of two")
-    names, expected, end = set(), 0, 0
+    tensors, expected, end = {}, 0, 0
     for _ in range(n_tensors):
         name = string()
-        if len(name.encode()) >= _MAX_NAME or name in names:
+        if len(name.encode()) >= _MAX_NAME or name in tensors:
             raise ValueError(f"tensor name {name!r} is too long or repeated")
-        names.add(name)
         n_dims = take("I")
         if n_dims > _MAX_DIMS:
-            raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
         dims = [take("Q") for _ in range(n_dims)]
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(take("I"))]
         count = 1
         for d in dims:
             count *= d
         if any(d >= 2**63 for d in dims) or count >= 2**63 or (dims and dims[0] % block):
-            raise ValueError(f"tensor {name} has impossible dimensions {dims}")
+            raise ValueError(f"tensor {name!r} has impossible dimensions {dims}")
+        tensors[name] = dims
         # llama.cpp wants the tensors' data back to back, in directory order, each aligned.
         if take("Q") != expected:
-            raise ValueError(f"tensor {name} is not at the offset its predecessors imply")
+            raise ValueError(f"tensor {name!r} is not at the offset its predecessors imply")
         end = expected + count // block * size
         expected += -(-(count // block * size) // align) * align
-    return fields, kinds, -(-pos // align) * align + end
+    return fields, kinds, tensors, -(-pos // align) * align + end
 
 
 def _need(fields: dict, key: str, path: Path):
@@ -215,7 +228,7 @@ def _size(fields: dict, key: str, path: Path) -> int:
 
 
 def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
-    text, proj = _read(text_path), _read(mmproj_path)
+    (text, _), (proj, proj_tensors) = _read(text_path), _read(mmproj_path)
     arch = text.get("general.architecture")
     if arch == "clip":
         raise ImpError(f"{text_path} is a vision projector (mmproj), not a language model")
@@ -229,6 +242,7 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
     if proj.get("clip.projector_type") != "mlp" or not proj.get("clip.has_vision_encoder"):
         raise ImpError(f"{mmproj_path}: not an Imp vision projector (needs an mlp projector with a vision encoder)")
     n_embd = _size(text, f"{arch}.embedding_length", text_path)
+    _check_text(text, arch, n_embd, text_path)
     proj_dim = _size(proj, "clip.vision.projection_dim", mmproj_path)
     if proj_dim != n_embd:
         raise ImpError(
@@ -237,6 +251,8 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
         )
     image_size = _size(proj, "clip.vision.image_size", mmproj_path)
     patch = _size(proj, "clip.vision.patch_size", mmproj_path)
+    image_tokens = (image_size // patch) ** 2
+    _check_projector(proj, proj_tensors, image_tokens, mmproj_path)
     from .images import ASPECTS
 
     aspect = proj.get("imp.image_aspect_ratio", text.get("imp.image_aspect_ratio", "square"))
@@ -250,12 +266,63 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
         prompt_family=family,
         image_aspect=aspect,
         image_size=image_size,
-        image_tokens=int(proj.get("imp.image_token_count", (image_size // patch) ** 2)),
+        image_tokens=image_tokens,
         n_embd=n_embd,
         n_ctx_train=_size(text, f"{arch}.context_length", text_path),
         text_type=_file_type(text),
         mmproj_type=_file_type(proj),
     )
+
+
+def _check_text(text: dict, arch: str, n_embd: int, path: Path) -> None:
+    """Sizes llama.cpp divides by or asserts on while building the graph (it aborts on a zero
+    block count, a rotary width wider than a head; it hangs on a rotary width of zero)."""
+    _size(text, f"{arch}.block_count", path)
+    heads = _size(text, f"{arch}.attention.head_count", path)
+    kv_heads = text.get(f"{arch}.attention.head_count_kv", heads)
+    if n_embd % heads or not 0 < kv_heads <= heads or heads % kv_heads:
+        raise ImpError(f"{path}: {heads} attention heads ({kv_heads} for keys/values) do not divide "
+                       f"the embedding width {n_embd}")
+    rope = text.get(f"{arch}.rope.dimension_count")
+    if rope is not None and not (0 < rope <= n_embd // heads and rope % 2 == 0):
+        raise ImpError(f"{path}: rotary width {rope} does not fit heads of width {n_embd // heads}")
+
+
+def _check_projector(proj: dict, tensors: dict, image_tokens: int, path: Path) -> None:
+    """Every tensor llama.cpp's clip code uses, with the shape the sizes imply: it dereferences
+    a missing tensor (a crash) and asserts on a shape it cannot multiply (an abort)."""
+    hidden = _size(proj, "clip.vision.embedding_length", path)
+    n_ff = _size(proj, "clip.vision.feed_forward_length", path)
+    n_layer = _size(proj, "clip.vision.block_count", path)
+    heads = _size(proj, "clip.vision.attention.head_count", path)
+    out = proj["clip.vision.projection_dim"]
+    patch = proj["clip.vision.patch_size"]
+    if hidden % heads:
+        raise ImpError(f"{path}: {heads} vision attention heads do not divide the width {hidden}")
+    layers = proj.get("clip.vision.feature_layer") or []
+    if not all(0 < n <= n_layer for n in layers):
+        raise ImpError(f"{path}: clip.vision.feature_layer {layers} names layers outside 1..{n_layer}")
+    tokens = proj.get("imp.image_token_count", image_tokens)
+    if tokens != image_tokens:
+        raise ImpError(f"{path}: imp.image_token_count is {tokens} but the image makes {image_tokens} patches")
+    def wanted():  # (name, ggml dims), layer by layer: a bad block count stops at the first gap
+        yield from {"v.patch_embd.weight": [patch, patch, 3, hidden], "v.patch_embd.bias": [hidden],
+                    "v.position_embd.weight": [hidden, image_tokens], "mm.0.weight": [hidden, out],
+                    "mm.0.bias": [out], "mm.2.weight": [out, out], "mm.2.bias": [out]}.items()
+        for i in range(n_layer):
+            for name in ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_up", "ffn_down"):
+                n_in, n_out = {"ffn_up": (hidden, n_ff), "ffn_down": (n_ff, hidden)}.get(name, (hidden, hidden))
+                yield f"v.blk.{i}.{name}.weight", [n_in, n_out]
+                yield f"v.blk.{i}.{name}.bias", [n_out]
+            for name in ("ln1", "ln2"):
+                yield f"v.blk.{i}.{name}.weight", [hidden]
+                yield f"v.blk.{i}.{name}.bias", [hidden]
+
+    for name, dims in wanted():
+        if name not in tensors:
+            raise ImpError(f"{path} lacks tensor {name}; was it made by `imp convert`?")
+        if tensors[name] != dims:
+            raise ImpError(f"{path}: tensor {name} has shape {tensors[name]}, expected {dims}")
 
 
 def _file_type(fields: dict) -> str:

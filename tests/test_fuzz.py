@@ -408,7 +408,7 @@ def test_fuzz_gguf_header_scanner(cases, tmp_path):
     def one(raw):
         path.write_bytes(raw)
         try:
-            fields = _read(path)
+            fields, _ = _read(path)
         except ImpError as e:
             one_line(str(e))
             outcomes["refused"] += 1
@@ -526,10 +526,11 @@ def test_fuzz_gguf_key_values(cases, decoded_pair, model, tmp_path):
 
 
 def _gguf_end_to_end_cases(decoded_pair) -> dict[str, tuple[int, bytes]]:
-    """Damaged pairs that llama.cpp answered with an abort or a failed load before the pair check
-    knew them (which file, its bytes)."""
+    """Damaged pairs that llama.cpp answered with an abort (SIGABRT/SIGSEGV) or a failed load
+    before the pair check knew them, each found by the fuzzers (which file, its bytes)."""
     (tk, tt, td), (mk, mt, md) = decoded_pair
     mm = encode_gguf(mk, mt, md)
+    tokens = next(v for k, _, v in tk if k == "tokenizer.ggml.tokens")[1]
     long_string = bytearray(mm)
     long_string[24:32] = struct.pack("<Q", 2**62)  # the first key's length
     return {
@@ -537,6 +538,11 @@ def _gguf_end_to_end_cases(decoded_pair) -> dict[str, tuple[int, bytes]]:
         "use_gelu as UINT32": (1, encode_gguf(_with(mk, "clip.use_gelu", 4, 1), mt, md)),
         "layer_norm_epsilon as FLOAT64": (1, encode_gguf(_with(mk, "clip.vision.attention.layer_norm_epsilon", 12, 1e-6), mt, md)),
         "tokens as INT32": (0, encode_gguf(_with(tk, "tokenizer.ggml.tokens", 9, (5, list(range(10)))), tt, td)),
+        "a token twice": (0, encode_gguf(_with(tk, "tokenizer.ggml.tokens", 9, (8, [*tokens[:-1], tokens[0]])), tt, td)),
+        "vision heads not dividing": (1, encode_gguf(_with(mk, "clip.vision.attention.head_count", 4, 3), mt, md)),
+        "vision tensor missing": (1, encode_gguf(mk, [(n.replace("attn_k", "attn_x"), d, t, o) for n, d, t, o in mt], md)),
+        "rotary wider than a head": (0, encode_gguf(_with(tk, "phi2.rope.dimension_count", 4, 100), tt, td)),
+        "no text blocks": (0, encode_gguf(_with(tk, "phi2.block_count", 4, 0), tt, td)),
         "five dimensions": (1, encode_gguf(mk, [(n, d + [1] * (5 - len(d)) if i == 0 else d, t, o)
                                                 for i, (n, d, t, o) in enumerate(mt)], md)),
         "string length 2**62": (1, bytes(long_string)),
