@@ -20,18 +20,17 @@ _TERMINAL_VARS = ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"
 
 
 def clean_env(tmp_path: Path, hub: Path | None = None, **extra: str) -> dict:
-    """The environment of a user who set nothing, with every folder imp may write under tmp_path.
-    `hub`: a Hugging Face hub cache to use (default: an empty one)."""
+    """The environment of a user who set nothing; every folder imp may write is under
+    tmp_path/env (created by imp, not here). `hub`: a Hugging Face hub cache to use (default: an
+    empty one)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("IMP_", "HF_", "HUGGINGFACE_")) and k not in _TERMINAL_VARS}
-    empty_hub = tmp_path / "empty-hub"
-    if hub is None:
-        empty_hub.mkdir(parents=True, exist_ok=True)
+    base = tmp_path / "env"
     env.update(
-        IMP_HOME=str(tmp_path / "imp-home"),
-        XDG_CACHE_HOME=str(tmp_path / "xdg-cache"),
-        HF_HOME=str(tmp_path / "hf-home"),
-        HF_HUB_CACHE=str(hub or empty_hub),
+        IMP_HOME=str(base / "imp-home"),
+        XDG_CACHE_HOME=str(base / "xdg-cache"),
+        HF_HOME=str(base / "hf-home"),
+        HF_HUB_CACHE=str(hub or base / "empty-hub"),
         HF_HUB_OFFLINE="1",  # tests never go online
         HF_HUB_DISABLE_TELEMETRY="1",
         # One thread: on a busy 2-core machine llama.cpp's spinning threads make a 1 s run take 9 s.

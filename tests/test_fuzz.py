@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from ggufedit import ARRAY, STRING, SCALAR, decode_gguf, encode_gguf, with_key
 from helpers import assert_one_line_error, clean_env, run_imp
 
 SCALE = int(os.environ.get("IMP_FUZZ_SCALE", "1"))
@@ -236,60 +237,6 @@ def test_fuzz_images_end_to_end(model, tmp_path):
 # =============================================================================================
 # GGUF headers -> imp_cli.modelfiles (_read / _scan / read_pair)
 # =============================================================================================
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-STRING, ARRAY = 8, 9
-
-
-def _enc_str(s: str | bytes) -> bytes:
-    s = s.encode() if isinstance(s, str) else s
-    return struct.pack("<Q", len(s)) + s
-
-
-def _enc_value(kind: int, v) -> bytes:
-    if kind in _SCALAR:
-        return struct.pack("<" + _SCALAR[kind], v)
-    if kind == STRING:
-        return _enc_str(v)
-    item, items = v
-    return struct.pack("<IQ", item, len(items)) + b"".join(_enc_value(item, x) for x in items)
-
-
-def encode_gguf(kvs, tensors, data: bytes = b"", version: int = 3, align: int = 32) -> bytes:
-    """kvs: [(key, type, value)], an array value being (item type, [items]);
-    tensors: [(name, dims, ggml type, offset)]; data: the tensor data section."""
-    out = bytearray(b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kvs)))
-    for key, kind, v in kvs:
-        out += _enc_str(key) + struct.pack("<I", kind) + _enc_value(kind, v)
-    for name, dims, ttype, offset in tensors:
-        out += _enc_str(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
-        out += struct.pack("<IQ", ttype, offset)
-    out += b"\0" * (-len(out) % align)
-    return bytes(out) + data
-
-
-def decode_gguf(path: Path):
-    """(kvs, tensors, data) of a GGUF file, for encode_gguf (checked to round-trip exactly)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    kvs = []
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF."):
-            continue
-        kind, v = int(f.types[0]), f.contents()
-        kvs.append((f.name, kind, (int(f.types[1]), v) if kind == ARRAY else v))
-    start = min(t.data_offset for t in reader.tensors)
-    tensors = [(t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset - start))
-               for t in reader.tensors]
-    return kvs, tensors, path.read_bytes()[start:]
-
-
-def _with(kvs, key: str, kind: int | None = None, value=None):
-    """kvs with `key` replaced (or removed when kind is None)."""
-    out = [kv for kv in kvs if kv[0] != key]
-    return out if kind is None else out + [(key, kind, value)]
-
-
 @pytest.fixture(scope="module")
 def decoded_pair(model):
     text, mmproj = model
@@ -312,12 +259,12 @@ def _values(kind: int):
     return st.one_of(st.sampled_from([lo, hi, 0, 1]), st.integers(lo, hi))
 
 
-KINDS = st.sampled_from(sorted(_SCALAR) + [STRING])
+KINDS = st.sampled_from(sorted(SCALAR) + [STRING])
 
 
 @st.composite
 def kv_value(draw):
-    kind = draw(st.sampled_from(sorted(_SCALAR) + [STRING, ARRAY]))
+    kind = draw(st.sampled_from(sorted(SCALAR) + [STRING, ARRAY]))
     if kind != ARRAY:
         return kind, draw(_values(kind))
     item = draw(KINDS)
@@ -501,7 +448,7 @@ def test_fuzz_gguf_key_values(cases, decoded_pair, model, tmp_path):
         key = data.draw(st.sampled_from(KEYS_READ[which]))
         new = data.draw(st.one_of(st.none(), kv_value()))
         kvs, tensors, raw = decoded_pair[which]
-        changed = _with(kvs, key, *(new or (None, None)))
+        changed = with_key(kvs, key, *(new or (None, None)))
         for i, path in enumerate(paths):
             shutil.copyfile(model[i], path)
         paths[which].write_bytes(encode_gguf(changed, tensors, raw))
@@ -534,15 +481,15 @@ def _gguf_end_to_end_cases(decoded_pair) -> dict[str, tuple[int, bytes]]:
     long_string = bytearray(mm)
     long_string[24:32] = struct.pack("<Q", 2**62)  # the first key's length
     return {
-        "image_size as UINT64": (1, encode_gguf(_with(mk, "clip.vision.image_size", 10, 56), mt, md)),
-        "use_gelu as UINT32": (1, encode_gguf(_with(mk, "clip.use_gelu", 4, 1), mt, md)),
-        "layer_norm_epsilon as FLOAT64": (1, encode_gguf(_with(mk, "clip.vision.attention.layer_norm_epsilon", 12, 1e-6), mt, md)),
-        "tokens as INT32": (0, encode_gguf(_with(tk, "tokenizer.ggml.tokens", 9, (5, list(range(10)))), tt, td)),
-        "a token twice": (0, encode_gguf(_with(tk, "tokenizer.ggml.tokens", 9, (8, [*tokens[:-1], tokens[0]])), tt, td)),
-        "vision heads not dividing": (1, encode_gguf(_with(mk, "clip.vision.attention.head_count", 4, 3), mt, md)),
+        "image_size as UINT64": (1, encode_gguf(with_key(mk, "clip.vision.image_size", 10, 56), mt, md)),
+        "use_gelu as UINT32": (1, encode_gguf(with_key(mk, "clip.use_gelu", 4, 1), mt, md)),
+        "layer_norm_epsilon as FLOAT64": (1, encode_gguf(with_key(mk, "clip.vision.attention.layer_norm_epsilon", 12, 1e-6), mt, md)),
+        "tokens as INT32": (0, encode_gguf(with_key(tk, "tokenizer.ggml.tokens", 9, (5, list(range(10)))), tt, td)),
+        "a token twice": (0, encode_gguf(with_key(tk, "tokenizer.ggml.tokens", 9, (8, [*tokens[:-1], tokens[0]])), tt, td)),
+        "vision heads not dividing": (1, encode_gguf(with_key(mk, "clip.vision.attention.head_count", 4, 3), mt, md)),
         "vision tensor missing": (1, encode_gguf(mk, [(n.replace("attn_k", "attn_x"), d, t, o) for n, d, t, o in mt], md)),
-        "rotary wider than a head": (0, encode_gguf(_with(tk, "phi2.rope.dimension_count", 4, 100), tt, td)),
-        "no text blocks": (0, encode_gguf(_with(tk, "phi2.block_count", 4, 0), tt, td)),
+        "rotary wider than a head": (0, encode_gguf(with_key(tk, "phi2.rope.dimension_count", 4, 100), tt, td)),
+        "no text blocks": (0, encode_gguf(with_key(tk, "phi2.block_count", 4, 0), tt, td)),
         "five dimensions": (1, encode_gguf(mk, [(n, d + [1] * (5 - len(d)) if i == 0 else d, t, o)
                                                 for i, (n, d, t, o) in enumerate(mt)], md)),
         "string length 2**62": (1, bytes(long_string)),
