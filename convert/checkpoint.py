@@ -18,10 +18,11 @@ import numpy as np
 
 from .errors import ConvertError
 
-# Files a conversion needs; the hub download fetches exactly these patterns.
+# The small top-level files a conversion reads (those present are fetched). Exact names: a Hub
+# allow-pattern with a wildcard would also match inside subfolders ("*.safetensors" matches a
+# tower folder's own weights), so the weights and the tower config are named by needed_files.
 NEEDED_FILES = [
     "config.json",
-    "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -30,6 +31,52 @@ NEEDED_FILES = [
     "added_tokens.json",
     "special_tokens_map.json",
 ]
+
+
+def needed_files(listing, config: dict | None, index: dict | None) -> list[str]:
+    """Exactly the repo files a conversion reads, from the repo's file list (paths relative to
+    its root), its config.json and its safetensors index (None when absent or not fetched yet):
+    the small files, the shards the index names (else every top-level .safetensors), and the
+    vision tower folder's config.json."""
+    names = set(listing)
+    files = [f for f in NEEDED_FILES if f in names]
+    if index is not None:
+        files += shards_from_index(index, "model.safetensors.index.json")
+    else:
+        files += sorted(f for f in names if "/" not in f and f.endswith(".safetensors"))
+    tower = tower_config_file(names, config or {})
+    if tower is not None:
+        files.append(tower)
+    return files
+
+
+def shards_from_index(index, where) -> list[str]:
+    """The shard files a safetensors index names, each a plain file name."""
+    try:
+        names = sorted(set(index["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError):
+        raise ConvertError(f"{where}: not a valid safetensors index") from None
+    if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and not n.startswith(".") for n in names):
+        raise ConvertError(f"{where}: names a shard outside the checkpoint folder")
+    return names
+
+
+def tower_config_file(paths, config: dict) -> str | None:
+    """Which `<folder>/config.json` of the repo is the vision tower's own config (Imp-v1.5-3B-196
+    ships `siglip-so400m-patch14-196/`): the folder config.json's mm_vision_tower names, else the
+    one folder named after SigLIP; None when there is none."""
+    candidates = sorted(p for p in paths if p.count("/") == 1 and p.endswith("/config.json"))
+    tower = config.get("mm_vision_tower")
+    if isinstance(tower, str) and tower.strip("/."):
+        named = tower.rstrip("/").rsplit("/", 1)[-1] + "/config.json"
+        if named in candidates:
+            return named
+    siglip = [c for c in candidates if "siglip" in c.split("/")[0].lower()]
+    if len(siglip) > 1:
+        raise ConvertError(f"several vision tower folders ({', '.join(c.split('/')[0] for c in siglip)}) "
+                           "and config.json's mm_vision_tower names none of them")
+    return siglip[0] if siglip else None
+
 
 _DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 
@@ -155,11 +202,7 @@ class Checkpoint:
     def _safetensors_files(self) -> list[Path]:
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise ConvertError(f"{index}: not a valid safetensors index") from None
-            names = sorted(set(weight_map.values()))
+            names = shards_from_index(self.read_json(index.name), index)
             missing = [n for n in names if not (self.folder / n).is_file()]
             if missing:
                 raise ConvertError(
@@ -219,6 +262,19 @@ class Checkpoint:
             # bf16 is the top half of a float32: widen bit-exactly.
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return np.asarray(raw, dtype=np.float32)
+
+    def tower_config(self) -> tuple[str, dict] | None:
+        """(relative path, SigLIP vision config) of the tower folder's config.json, if any."""
+        paths = [p.relative_to(self.folder).as_posix() for p in self.folder.glob("*/config.json")]
+        name = tower_config_file(paths, self.config)
+        if name is None:
+            return None
+        data = self.read_json(name)
+        if isinstance(data, dict) and isinstance(data.get("vision_config"), dict):
+            data = data["vision_config"]  # a whole SiglipConfig (text + vision)
+        if not isinstance(data, dict):
+            raise ConvertError(f"{self.folder / name}: expected a JSON object")
+        return name, data
 
     def read_json(self, name: str) -> dict | None:
         path = self.folder / name

@@ -17,12 +17,11 @@ from .atomic import Staging
 from .checkpoint import Checkpoint
 from .errors import ConvertError
 from .families import detect
+from .formats import MMPROJ_TYPES, TEXT_TYPES
 from .gguf_out import write_gguf
 from .quantize import default_threads, quantize_text
 from .vision import VisionTower
 
-TEXT_TYPES = ("Q4_K_M", "Q8_0", "F16")
-MMPROJ_TYPES = ("F16", "Q8_0")
 SUPPORTED_SELECT_LAYER = -2  # Imp reads the last of the kept SigLIP layers
 
 
@@ -49,6 +48,11 @@ class ConvertResult:
     layout: str
     image_tokens: int
     seconds: float
+    # Where what no single file is sure to state was read from (for the info line and --json).
+    tokenizer_from: str = ""
+    context_length: int = 0
+    context_from: str = ""
+    vision_config_from: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +84,7 @@ def output_names(base: str, quant: str, mmproj_type: str) -> tuple[str, str]:
 
 
 def convert(
-    source: str,
+    source: "str | hub.Source",
     out_dir: Path | None = None,
     quant: str = "Q4_K_M",
     mmproj_type: str = "F16",
@@ -88,6 +92,7 @@ def convert(
     progress: Progress = NoProgress(),
     threads: int | None = None,
     name: str | None = None,
+    verbose: bool = False,
 ) -> ConvertResult:
     if quant not in TEXT_TYPES:
         raise ConvertError(f"unknown text quantization {quant!r} (choose from {', '.join(TEXT_TYPES)})")
@@ -141,7 +146,8 @@ def convert(
             f16 = staging.scratch(text_path, "f16")
             _write(progress, "language model (F16 intermediate)", f16, family.arch, text_metadata, text_tensors)
             with progress.phase(f"quantize to {quant}", 1.0) as done:
-                quantize_text(f16, staging.path_for(text_path), quant, threads or default_threads(), done)
+                quantize_text(f16, staging.path_for(text_path), quant, threads or default_threads(), done,
+                              verbose=verbose)
             f16.unlink()
         _check_outputs(out_dir, [text_path, mmproj_path], force)  # nothing appeared meanwhile
         staging.commit()
@@ -150,7 +156,8 @@ def convert(
         text_path=str(text_path), text_type=quant, text_bytes=text_path.stat().st_size,
         mmproj_path=str(mmproj_path), mmproj_type=mmproj_type, mmproj_bytes=mmproj_path.stat().st_size,
         source=src.label, family=family.name, layout=family.layout, image_tokens=vision.n_tokens,
-        seconds=round(time.monotonic() - started, 2),
+        seconds=round(time.monotonic() - started, 2), tokenizer_from=family.tokenizer_from,
+        context_length=family.n_ctx, context_from=family.context_from, vision_config_from=vision.config_from,
     )
 
 

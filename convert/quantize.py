@@ -12,21 +12,20 @@ import threading
 from pathlib import Path
 
 from .errors import ConvertError
-
-# llama_ftype values (llama.h) and roughly how many bytes each stores per F16 byte.
-TEXT_FTYPES = {"Q4_K_M": (15, 0.30), "Q8_0": (7, 0.53)}
+from .formats import TEXT_TYPES
 
 
-def quantize_text(src: Path, dst: Path, quant: str, threads: int, on_fraction=lambda f: None) -> None:
-    from imp_cli.engine import quantize_model
+def quantize_text(src: Path, dst: Path, quant: str, threads: int, on_fraction=lambda f: None,
+                  verbose: bool = False) -> None:
+    from .native import native_log, quantize_model
 
-    ftype, ratio = TEXT_FTYPES[quant]
+    ftype, ratio = TEXT_TYPES[quant]
     expected = max(1, int(src.stat().st_size * ratio))
     result: dict[str, object] = {}
 
     def work() -> None:
         try:
-            result["rc"] = quantize_model(src, dst, ftype, threads)
+            result["rc"] = quantize_model(src, dst, ftype, threads, verbose)
         except BaseException as e:  # surfaced in the main thread below
             result["error"] = e
 
@@ -39,7 +38,8 @@ def quantize_text(src: Path, dst: Path, quant: str, threads: int, on_fraction=la
     if "error" in result:
         raise ConvertError(f"quantization failed: {result['error']}")
     if result.get("rc") != 0:
-        raise ConvertError(f"quantization to {quant} failed inside llama.cpp (code {result.get('rc')})")
+        why = native_log.last_error() or f"code {result.get('rc')}"
+        raise ConvertError(f"quantization to {quant} failed inside llama.cpp: {why}")
     on_fraction(1.0)
 
 

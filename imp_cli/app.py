@@ -6,12 +6,16 @@ Heavy modules (numpy, Pillow, gguf, llama_cpp) are imported inside commands so t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+
+from convert.formats import DEFAULT_MMPROJ_TYPE, DEFAULT_TEXT_TYPE, MMPROJ_TYPES, TEXT_TYPES
 
 try:  # typer >= 0.21 vendors its own parser; older releases use click's exceptions
     from typer import TyperException as _ParserError
@@ -21,23 +25,29 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 app = typer.Typer(
     name="imp",
     help="Run Imp vision-language models locally, quantized, through llama.cpp.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-class TextType(str, Enum):
-    Q4_K_M = "Q4_K_M"
-    Q8_0 = "Q8_0"
-    F16 = "F16"
+# The choices come from the one list of types (convert/formats.py, no heavy imports).
+TextType = Enum("TextType", {t: t for t in TEXT_TYPES}, type=str)
+MmprojType = Enum("MmprojType", {t: t for t in MMPROJ_TYPES}, type=str)
 
 
-class MmprojType(str, Enum):
-    F16 = "F16"
-    Q8_0 = "Q8_0"
-
-
+# Options shared by the commands that answer (ask, chat, serve): declared once.
+MODEL_OPTION = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Store name, known name, repo id, text GGUF (mmproj found beside it) or folder holding the pair.")
+MMPROJ_OPTION = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model.")
+MAX_TOKENS_OPTION = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens.")
+TEMPERATURE_OPTION = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic).")
+TOP_P_OPTION = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0)
+TOP_K_OPTION = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k.")
+SEED_OPTION = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0).")
+SYSTEM_OPTION = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt.")
+THREADS_OPTION = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores).")
+CTX_OPTION = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context).")
+NO_CACHE_OPTION = typer.Option(False, "--no-cache", help="Neither read nor write the prompt cache (also IMP_CACHE=off).")
 VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Show llama.cpp logs and tracebacks.")
 
 
@@ -45,8 +55,8 @@ VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Sho
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder, or Hugging Face repo id (owner/name[@revision])."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for the two GGUF files."),
-    quant: TextType = typer.Option(TextType.Q4_K_M, "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
-    mmproj_type: MmprojType = typer.Option(MmprojType.F16, "--mmproj-type", case_sensitive=False, help="Vision projector type."),
+    quant: TextType = typer.Option(TextType[DEFAULT_TEXT_TYPE], "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
+    mmproj_type: MmprojType = typer.Option(MmprojType[DEFAULT_MMPROJ_TYPE], "--mmproj-type", case_sensitive=False, help="Vision projector type."),
     name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: the checkpoint's)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing output files."),
     threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", help="Quantization threads (0: all cores)."),
@@ -54,14 +64,11 @@ def convert(
     verbose: bool = VERBOSE,
 ) -> None:
     """Convert an Imp checkpoint into a language-model GGUF and a vision (mmproj) GGUF."""
-    from .output import Output
-
-    output = Output(json_mode=json_out, verbose=verbose)
-    with _errors(output):
+    with _command(json_mode=json_out, verbose=verbose) as output:
         from convert.pipeline import convert as run_convert
 
         result = run_convert(source, out, quant=quant.value, mmproj_type=mmproj_type.value, force=force,
-                             progress=output, threads=threads or None, name=name)
+                             progress=output, threads=threads or None, name=name, verbose=verbose)
         if json_out:
             output.record(result.as_dict())
         else:
@@ -70,53 +77,149 @@ def convert(
                 f"{result.mmproj_path}\t{result.mmproj_type}\t{_size(result.mmproj_bytes)}\n"
             )
             output.info(f"converted {result.source} ({result.family}, {result.layout} layout) in {result.seconds:.1f} s")
+            output.info(f"read the vocabulary from {result.tokenizer_from}, the context length "
+                        f"({result.context_length}) from {result.context_from}, the vision tower from "
+                        f"{result.vision_config_from}")
 
 
 @app.command()
 def ask(
-    images: List[str] = typer.Argument(..., metavar="IMAGE...", help="Image(s): a path, - for standard input, or an http(s) URL; one answer per image."),
-    question: str = typer.Argument(..., help="The question about the image(s)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Text GGUF (mmproj found beside it) or a folder holding the pair."),
-    mmproj: Optional[str] = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens."),
-    temperature: float = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic)."),
-    top_p: float = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0),
-    top_k: int = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k."),
-    seed: int = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0)."),
-    system: Optional[str] = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt."),
-    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores)."),
-    ctx: int = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context)."),
+    args: List[str] = typer.Argument(..., metavar="IMAGE... [QUESTION]", help="Image(s): a path, - for standard input, or an http(s) URL; then the question, unless given with -q."),
+    questions: Optional[List[str]] = typer.Option(None, "--question", "-q", help="A question (repeatable); every positional argument is then an image."),
+    questions_from: Optional[str] = typer.Option(None, "--questions-from", metavar="FILE|-", help="Questions, one per line, from a file or standard input."),
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_p: float = TOP_P_OPTION,
+    top_k: int = TOP_K_OPTION,
+    seed: int = SEED_OPTION,
+    system: Optional[str] = SYSTEM_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens (for benchmarks)."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (answer, model, image, timings) at the end."),
+    choices: Optional[str] = typer.Option(None, "--choices", metavar="A,B,...|@FILE", help="Print the likeliest of these answers (scored, not generated; --json adds their probabilities)."),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="SCHEMA|@FILE", help="Generate JSON valid against this JSON schema (inline or a file)."),
+    grammar: Optional[str] = typer.Option(None, "--grammar", metavar="@FILE", help="Generate only what this GBNF grammar (root rule `root`) allows."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     verbose: bool = VERBOSE,
 ) -> None:
-    """Answer a question about an image (or each of several), streaming the answer to stdout."""
+    """Answer a question about an image (or each question about each of several), streaming to stdout."""
     from .output import Output
 
+    images, asked = _split_ask_args(list(args), list(questions or []), questions_from)
     output = Output(json_mode=json_out, verbose=verbose)
+    choice_list, constraint = _constraints(choices, json_schema, grammar, output)
     with _errors(output):
-        from .ask import Request, run_ask
+        from .ask import Request, read_questions, run_ask
 
-        request = Request(images=list(images), question=question, model=model, mmproj=mmproj, max_tokens=max_tokens,
+        if questions_from:
+            asked += read_questions(questions_from)
+        request = Request(images=images, questions=asked, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
-                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos)
-        run_ask(request, output, stats=stats)
+                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache,
+                          choices=choice_list, constraint=constraint)
+        status = run_ask(request, output, stats=stats)
+    if status:
+        raise typer.Exit(status)
+
+
+def _constraints(choices: str | None, json_schema: str | None, grammar: str | None, output):
+    """--choices / --json-schema / --grammar, checked before any model work: a value that cannot
+    be used is a one-line usage error (exit 2)."""
+    if choices is None and json_schema is None and grammar is None:
+        return None, None
+    from .constrain import ConstraintError, from_options
+
+    try:
+        return from_options(choices, json_schema, grammar)
+    except ConstraintError as e:
+        output.error(str(e))
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def chat(
+    image: Optional[str] = typer.Argument(None, metavar="[IMAGE]", help="The image to talk about: a path, - for standard input, or an http(s) URL (/image changes it)."),
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    top_p: float = TOP_P_OPTION,
+    top_k: int = TOP_K_OPTION,
+    seed: int = SEED_OPTION,
+    system: Optional[str] = SYSTEM_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens per answer."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per turn instead of the streamed text."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Talk about an image: a REPL in a terminal (/help for its commands), or one question per input line from a pipe."""
+    with _command(json_mode=json_out, verbose=verbose) as output:
+        from .ask import Request
+        from .chat import run_chat
+
+        options = Request(images=[image] if image is not None else [], questions=[], model=model, mmproj=mmproj,
+                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                          system=system, threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos,
+                          cache=not no_cache)
+        code = run_chat(options, output)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", envvar="IMP_HOST", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8080, "--port", "-p", envvar="IMP_PORT", min=0, max=65535, help="Port (0: any free port, printed at start)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="IMP_API_KEY", help="Require `Authorization: Bearer KEY` on every request but /health."),
+    max_queue: int = typer.Option(16, "--max-queue", envvar="IMP_MAX_QUEUE", min=0, help="Requests that may wait for the engine; more get 503."),
+    max_body: int = typer.Option(50 * 1024 * 1024, "--max-body", envvar="IMP_MAX_BODY", min=1024, help="Largest request body in bytes (413 beyond)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs (never from loopback or private addresses)."),
+    max_tokens: int = MAX_TOKENS_OPTION,
+    temperature: float = TEMPERATURE_OPTION,
+    threads: int = THREADS_OPTION,
+    ctx: int = CTX_OPTION,
+    no_cache: bool = NO_CACHE_OPTION,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
+    with _command(verbose=verbose) as output:
+        from .serve import ServeOptions, run_serve
+
+        run_serve(ServeOptions(model=model, mmproj=mmproj, host=host, port=port, api_key=api_key, max_queue=max_queue,
+                               max_body=max_body, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
+                               temperature=temperature, threads=threads, ctx=ctx, cache=not no_cache,
+                               verbose=verbose), output)
+
+
+def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:
+    """`imp ask IMAGE... QUESTION`, or with -q/--questions-from every positional is an image."""
+    if questions or questions_from:
+        if questions_from == "-" and "-" in args:
+            raise click.UsageError("standard input (-) cannot hold both an image and the questions")
+        return args, questions
+    if len(args) < 2:
+        raise click.UsageError("Missing argument 'QUESTION' (or give questions with -q)")
+    return args[:-1], [args[-1]]
 
 
 @app.command()
 def pull(
     model: str = typer.Argument("imp-v1-3b", help="A known model name or a Hugging Face repo id (owner/name[@revision])."),
-    quant: TextType = typer.Option(TextType.Q4_K_M, "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
+    quant: TextType = typer.Option(TextType[DEFAULT_TEXT_TYPE], "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
     force: bool = typer.Option(False, "--force", "-f", help="Download and convert again even if installed."),
     threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: all cores)."),
     verbose: bool = VERBOSE,
 ) -> None:
     """Download and convert a model into the model store (see `imp models`)."""
-    from .output import Output
-
-    output = Output(verbose=verbose)
-    with _errors(output):
+    with _command(verbose=verbose) as output:
         from .pull import pull as run_pull
 
         entry = run_pull(model, output, quant=quant.value, force=force, threads=threads or None)
@@ -130,10 +233,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON array on stdout.")) -> None:
     """The installed models: name, source, type, size, folder."""
-    from .output import Output
-
-    output = Output(json_mode=json_out)
-    with _errors(output):
+    with _command(json_mode=json_out) as output:
         from . import store
 
         rows = [e.summary() for e in store.entries()]
@@ -151,10 +251,7 @@ def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON ar
 @models_app.command("path")
 def models_path(name: str = typer.Argument(..., help="Store name.")) -> None:
     """Print the folder of an installed model."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from . import store
         from .errors import ImpError
 
@@ -170,10 +267,7 @@ def models_rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Remove an installed model (asks first unless --yes)."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from . import store
         from .errors import ImpError
 
@@ -197,14 +291,40 @@ def models_import(
     force: bool = typer.Option(False, "--force", "-f", help="Replace an installed model of that name."),
 ) -> None:
     """Copy an existing GGUF pair into the store under NAME."""
-    from .output import Output
-
-    output = Output()
-    with _errors(output):
+    with _command() as output:
         from .imports import import_pair
 
         entry = import_pair(text, mmproj, name, force=force)
         output.answer(f"{entry.folder}\n")
+
+
+cache_app = typer.Typer(help="The prompt cache: saved KV states of [system, image] prefixes.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info(json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout.")) -> None:
+    """Where the cache is, how many entries, how many bytes, the budget."""
+    with _command(json_mode=json_out) as output:
+        from .prompt_cache import PromptCache
+
+        info = PromptCache().info()
+        if json_out:
+            output.record(info)
+        else:
+            output.answer(f"folder\t{info['folder']}\nentries\t{info['entries']}\n"
+                          f"size\t{_size(info['bytes'])}\nbudget\t{_size(info['budget'])}\n")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every entry."""
+    with _command() as output:
+        from .prompt_cache import PromptCache
+
+        cache = PromptCache()
+        n = cache.clear()
+        output.info(f"removed {n} entr{'y' if n == 1 else 'ies'} from {cache.folder}")
 
 
 def _size(n: float) -> str:
@@ -214,6 +334,16 @@ def _size(n: float) -> str:
         n /= 1024
         if n < 1024 or unit == "GB":
             return f"{n:.1f} {unit}"
+
+
+@contextlib.contextmanager
+def _command(json_mode: bool = False, verbose: bool = False):
+    """Every command's frame: the one Output for what is not the answer, and the error table."""
+    from .output import Output
+
+    output = Output(json_mode=json_mode, verbose=verbose)
+    with _errors(output):
+        yield output
 
 
 class _errors:

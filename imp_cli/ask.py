@@ -1,8 +1,9 @@
-"""`imp ask`: one image, one question, one streamed answer."""
+"""`imp ask`: one answer per (image, question), streamed, through one Session."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from .errors import ImpError
 from .output import Output
@@ -11,7 +12,7 @@ from .output import Output
 @dataclass
 class Request:
     images: list[str]
-    question: str
+    questions: list[str]
     model: str | None
     mmproj: str | None = None
     max_tokens: int = 512
@@ -24,79 +25,142 @@ class Request:
     ctx: int = 4096
     verbose: bool = False
     ignore_eos: bool = False
+    cache: bool = True
+    choices: list[str] | None = None  # --choices: score these instead of generating
+    constraint: object = None  # --json-schema / --grammar: a constrain.Constraint
+    extra: dict = field(default_factory=dict)
 
 
-def run_ask(req: Request, output: Output, stats: bool = False) -> None:
-    """Answer the question about each image in turn. One model load serves every image, and the
-    system prompt's evaluation is reused from one image to the next."""
-    from .engine import Engine, Sampling
-    from .images import load_image
-    from .prompts import build_prompt
-    from .pull import resolve_model
+def read_questions(source: str, stdin=None) -> list[str]:
+    """--questions-from FILE|-: one question per line; blank lines skipped."""
+    import sys
 
-    if not req.question.strip():
-        raise ImpError("the question is empty")
-    images = [load_image(source) for source in req.images]  # fail on a bad image before model work
-    pair = resolve_model(req.model, req.mmproj, output)
-    before, after = build_prompt(pair.prompt_family, req.question, system=req.system)
-    sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos)
-
-    # A token is at least one byte, so this bounds prompt + answer: a KV cache sized to it rather
-    # than to --ctx saves up to ~1 GB of memory on a one-shot answer.
-    bound = pair.image_tokens + len((before + after).encode("utf-8")) + req.max_tokens + 1
-    n_ctx = min(req.ctx, -(-bound // 256) * 256)
-    with Engine(pair, n_ctx=n_ctx, threads=req.threads, verbose=req.verbose) as engine:
-        head, tail = engine.tokenize(before), engine.tokenize(after)
-        needed = len(head) + pair.image_tokens + len(tail)
-        if needed >= engine.n_ctx:
-            raise ImpError(f"prompt is {needed} tokens (image {pair.image_tokens}), more than the context of "
-                           f"{engine.n_ctx}: shorten the question or raise --ctx")
-        for n, image in enumerate(images):
-            if len(images) > 1 and not output.json_mode:  # headers as `head` prints them
-                output.answer(("\n" if n else "") + f"==> {image.source} <==\n")
-            answer, timings = _answer(engine, pair, image, head, tail, sampling, req.max_tokens, output)
-            if output.json_mode:
-                output.record({
-                    "answer": answer,
-                    "model": {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path),
-                              "type": pair.text_type},
-                    "image": {"source": image.source, "width": image.size[0], "height": image.size[1],
-                              "sha256": image.sha256},
-                    "finish_reason": timings["finish_reason"],
-                    "timings": timings,
-                })
-            else:
-                output.answer("\n")
-            if timings["finish_reason"] == "context":
-                output.warn("the answer was cut off: the context is full (raise --ctx)")
-            if stats:
-                title = "timings" + (f" ({image.source})" if len(images) > 1 else "")
-                output.table(title, {k: v for k, v in timings.items() if v is not None})
-
-
-def _answer(engine, pair, image, head, tail, sampling, max_tokens, output) -> tuple[str, dict]:
-    """Stream one answer to stdout (unless --json); returns it stripped, with its timings."""
-    from .images import preprocess
-
-    engine.start_request()
-    pixels = preprocess(image.image, size=pair.image_size, aspect=pair.image_aspect)
-    embedding = engine.encode_image(pixels, image.sha256)
-    engine.evaluate([head, embedding, tail])
-    pieces: list[str] = []
-    blank = ""  # whitespace held back until more text follows: the answer is stripped
     try:
-        for piece in engine.generate(sampling, max_tokens):
-            text = blank + piece
-            if not pieces:  # the answer follows "ASSISTANT:" after a space
-                text = text.lstrip()
-            shown = text.rstrip()
-            blank = text[len(shown):]
-            if shown:
-                pieces.append(shown)
-                if not output.json_mode:
-                    output.answer(shown)
+        if source == "-":
+            text = (stdin or sys.stdin).read()
+        else:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+    except FileNotFoundError:
+        raise ImpError(f"questions file '{source}' not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImpError(f"cannot read questions file '{source}': {getattr(e, 'strerror', None) or e}") from None
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not questions:
+        raise ImpError(f"no questions in '{source}'")
+    return questions
+
+
+def check_images_exist(sources: list[str]) -> None:
+    """Fail on a missing image file before any model work; images themselves load one by one."""
+    if sources.count("-") > 1:
+        raise ImpError("standard input (-) can be given as an image only once")
+    for source in sources:
+        if source == "-" or source.lower().startswith(("http://", "https://")):
+            continue
+        if not os.path.exists(source):
+            raise ImpError(f"cannot read image '{source}': file not found")
+        if os.path.isdir(source):
+            raise ImpError(f"cannot read image '{source}': it is a directory")
+
+
+def run_ask(req: Request, output: Output, stats: bool = False) -> int:
+    """Answer each question about each image in turn. One model load serves every pair; each
+    image is loaded when its turn comes (memory stays that of one image), and the questions
+    after the first about an image evaluate only their own tokens. Returns the exit status: 1
+    if a constrained answer could not be completed."""
+    from .engine import Sampling
+    from .images import load_image
+    from .session import Session, context_for
+
+    for q in req.questions:
+        if not q.strip():
+            raise ImpError("the question is empty")
+    check_images_exist(req.images)
+    first = load_image(req.images[0])  # a bad first image fails before the model loads
+    from .prompts import build_prompt
+    from .session import default_cache, open_pair
+
+    pair = open_pair(req.model, req.mmproj, output)
+    texts = ["".join(build_prompt(pair.prompt_family, q, system=req.system)) for q in req.questions]
+    answer_room = max(len(c.encode("utf-8")) + 2 for c in req.choices) if req.choices else req.max_tokens
+    n_ctx = context_for(pair, texts, answer_room, req.ctx)
+    sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos,
+                        grammar=req.constraint.grammar if req.constraint else "")
+    status = 0
+    several = len(req.images) * len(req.questions) > 1
+    with Session(pair, threads=req.threads, ctx=n_ctx, verbose=req.verbose,
+                 cache=default_cache(output, req.cache), note=output.note) as session:
+        n = 0
+        for i, source in enumerate(req.images):
+            image = first if i == 0 else load_image(source)
+            staged = session.stage(image)
+            del image
+            for question in req.questions:
+                if several and not output.json_mode:  # headers as `head` prints them
+                    title = source if len(req.questions) == 1 else f"{source} | {question}"
+                    output.answer(("\n" if n else "") + f"==> {title} <==\n")
+                n += 1
+                if req.choices:
+                    from .constrain import decide
+
+                    result = decide(session, staged, question, req.choices, req.system)
+                    if not output.json_mode:
+                        output.answer(result.text)
+                else:
+                    result = _answer(session, staged, question, req, sampling, output)
+                value, extra = result.text, {}
+                if req.choices:
+                    extra = {"choices": result.probabilities}
+                elif req.constraint is not None:
+                    value = _finish_constrained(result, req.constraint, output)
+                    status = status if value is not None else 1
+                if output.json_mode:
+                    output.record({
+                        "answer": value,
+                        **extra,
+                        "question": question,
+                        "model": {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path),
+                                  "type": pair.text_type},
+                        "image": {"source": staged.source, "width": staged.width, "height": staged.height,
+                                  "sha256": staged.sha256},
+                        "finish_reason": result.finish_reason,
+                        "cache": result.cache,
+                        "timings": result.timings,
+                    })
+                elif value is not None:  # an unfinished constrained answer printed nothing
+                    output.answer("\n")
+                if result.finish_reason == "context":
+                    output.warn("the answer was cut off: the context is full (raise --ctx)")
+                if stats:
+                    title = "timings" + (f" ({source}: {question})" if several else "")
+                    output.table(title, {k: v for k, v in result.timings.items() if v is not None})
+    return status
+
+
+def _finish_constrained(result, constraint, output):
+    """A constrained answer is printed only once complete: the parsed value, or None (and a
+    warning) when it stopped before the grammar was satisfied."""
+    if result.finish_reason != "stop":
+        if result.finish_reason != "context":  # that one has its own warning
+            output.warn("the answer reached --max-tokens before it was complete: not printed"
+                        if result.finish_reason == "length" else
+                        f"the answer could not be completed ({result.finish_reason}): not printed")
+        return None
+    value = constraint.parse(result.text)
+    if not output.json_mode:
+        output.answer(result.text)
+    return value
+
+
+def _answer(session, staged, question, req: Request, sampling, output):
+    stream = session.answer(staged, question, system=req.system, sampling=sampling, max_tokens=req.max_tokens)
+    try:
+        for piece in stream:
+            if not output.json_mode and req.constraint is None:  # constrained: printed once complete
+                output.answer(piece)
     except KeyboardInterrupt:
-        if pieces and not output.json_mode:
+        if stream.text and not output.json_mode and req.constraint is None:
             output.answer("\n")  # end the partial answer's line
         raise
-    return "".join(pieces), engine.timings.as_dict()
+    return stream.result

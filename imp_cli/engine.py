@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
 import numpy as np
+
+from convert.native import native_log
 
 from .errors import ImpError
 from .modelfiles import ModelPair
@@ -26,58 +26,6 @@ from .modelfiles import ModelPair
 
 class EngineError(ImpError):
     pass
-
-
-# -- native logging --------------------------------------------------------------------------
-class _NativeLog:
-    """Routes llama.cpp/ggml/mtmd logs: printed with -v, else swallowed but the last lines kept,
-    so a native failure can be reported in one line. The callback must outlive every call."""
-
-    def __init__(self) -> None:
-        self.verbose = False
-        self.recent: deque[str] = deque(maxlen=8)
-        self._callback = None
-
-    def install(self, verbose: bool) -> None:
-        import llama_cpp
-
-        self.verbose = verbose
-        if self._callback is None:
-            @llama_cpp.llama_log_callback
-            def callback(level, text, user_data):
-                line = text.decode("utf-8", "replace") if text else ""
-                if self.verbose:
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
-                elif line.strip() and level in (2, 3):  # GGML_LOG_LEVEL_WARN, _ERROR
-                    self.recent.append(line.strip())
-
-            self._callback = callback
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
-        try:
-            from llama_cpp import mtmd_cpp
-
-            mtmd_cpp.mtmd_log_set(self._callback, ctypes.c_void_p(0))
-            mtmd_cpp.mtmd_helper_log_set(self._callback, ctypes.c_void_p(0))
-        except (ImportError, OSError, AttributeError):
-            pass
-
-    def last_error(self) -> str:
-        return self.recent[-1] if self.recent else ""
-
-
-native_log = _NativeLog()
-
-
-def quantize_model(src: Path, dst: Path, ftype: int, threads: int, verbose: bool = False) -> int:
-    """llama_model_quantize on a GGUF file; returns llama.cpp's status code (0 = ok)."""
-    import llama_cpp
-
-    native_log.install(verbose)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = threads
-    return int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)))
 
 
 # -- data types ------------------------------------------------------------------------------
@@ -88,15 +36,21 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks compare fixed counts)
+    grammar: str = ""  # GBNF: only tokens it allows; check_grammar() it first
+    grammar_root: str = "root"
 
 
 @dataclass
 class Timings:
     load_ms: float = 0.0
+    vision_load_ms: float = 0.0
     image_encode_ms: float = 0.0
     prompt_tokens: int = 0
     prompt_ms: float = 0.0
     reused_tokens: int = 0
+    cache_read_ms: float = 0.0  # the prompt cache: restoring a prefix's KV state from disk
+    cache_save_ms: float = 0.0  # copying a prefix's KV state out (the disk write is off-line)
+    scored_tokens: int = 0  # decoded to score continuations (score_continuations)
     generated_tokens: int = 0
     generation_ms: float = 0.0
     first_token_ms: float = 0.0
@@ -113,6 +67,15 @@ class Timings:
 
 
 @dataclass
+class ImageRef:
+    """An image's place in a prompt: its key and token count. Enough to reuse a prefix that is
+    already in the KV cache (restored from the prompt cache) without encoding the image."""
+
+    key: str
+    n_tokens: int
+
+
+@dataclass
 class ImageEmbedding:
     """A projected image: n_tokens x n_embd float32, plus mtmd's chunk (needed to decode it)."""
 
@@ -125,7 +88,11 @@ class ImageEmbedding:
         return self.data.shape[0]
 
 
-Segment = Union[list, ImageEmbedding]  # list[int] of token ids, or an image
+Segment = Union[list, ImageRef, ImageEmbedding]  # list[int] of token ids, or an image
+
+# Embeddings kept for re-use: the image being asked about. More would let memory grow with the
+# number of images in one run (7.5 MB each for the 3B), and answers go image by image.
+KEEP_IMAGES = 1
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -133,20 +100,21 @@ class Engine:
     def __init__(self, pair: ModelPair, n_ctx: int = 4096, threads: int = 0, verbose: bool = False,
                  n_batch: int = 512):
         import llama_cpp
-        from llama_cpp import mtmd_cpp
 
-        t0 = time.perf_counter()  # load time: the two files, not the Python import
+        t0 = time.perf_counter()  # load time: the text model, not the Python import
 
-        self._llama_cpp, self._mtmd = llama_cpp, mtmd_cpp
+        self._llama_cpp = llama_cpp
         native_log.install(verbose)
         self.pair = pair
         self.timings = Timings()
         self.n_ctx = max(64, min(n_ctx, pair.n_ctx_train))  # past the trained context Phi-2 degrades
-        threads = threads or _physical_cores()
+        self.threads = threads or _physical_cores()
+        self.verbose = verbose
+        native_log.clear()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(pair.text_path), n_ctx=self.n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=verbose,
+                n_threads=self.threads, n_threads_batch=self.threads, n_gpu_layers=0, verbose=verbose,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise EngineError(f"llama.cpp could not load {pair.text_path.name}: {native_log.last_error() or e}") from None
@@ -156,19 +124,34 @@ class Engine:
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_batch = n_batch
+        self._mtmd = None
+        self._mtmd_ctx = None  # the vision tower: loaded on the first image that must be encoded
+        self._cached: list = []  # one key per KV-cache position: token id or (image key, i)
+        self.generated: list[int] = []  # the last answer's token ids (a conversation feeds them back)
+        self._images: list[ImageEmbedding] = []
+        self._candidates = None  # the sampler's token array, allocated on the first sample
+        self.timings.load_ms = (time.perf_counter() - t0) * 1000
 
+    @property
+    def vision_loaded(self) -> bool:
+        return self._mtmd_ctx is not None
+
+    def _load_vision(self) -> None:
+        from llama_cpp import mtmd_cpp
+
+        t0 = time.perf_counter()
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = False
         params.print_timings = False
-        params.n_threads = threads
+        params.n_threads = self.threads
         params.warmup = False  # a whole extra image encode at start-up; one-shot runs don't want it
-        self._mtmd_ctx = mtmd_cpp.mtmd_init_from_file(str(pair.mmproj_path).encode(), self.llm.model, params)
-        if not self._mtmd_ctx:
-            self.llm.close()
-            raise EngineError(f"llama.cpp could not load {pair.mmproj_path.name}: {native_log.last_error() or 'unknown error'}")
-        self._cached: list = []  # one key per KV-cache position: token id or (image key, i)
-        self._images: list[ImageEmbedding] = []
-        self.timings.load_ms = (time.perf_counter() - t0) * 1000
+        native_log.clear()
+        ctx = mtmd_cpp.mtmd_init_from_file(str(self.pair.mmproj_path).encode(), self.llm.model, params)
+        if not ctx:
+            raise EngineError(f"llama.cpp could not load {self.pair.mmproj_path.name}: "
+                              f"{native_log.last_error() or 'unknown error'}")
+        self._mtmd, self._mtmd_ctx = mtmd_cpp, ctx
+        self.timings.vision_load_ms += (time.perf_counter() - t0) * 1000
 
     def start_request(self) -> None:
         """Fresh per-answer timings (the load time stays: it was paid once)."""
@@ -198,6 +181,8 @@ class Engine:
         for img in self._images:
             if img.key == key:
                 return img
+        if self._mtmd_ctx is None:
+            self._load_vision()
         m = self._mtmd
         t0 = time.perf_counter()
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
@@ -228,47 +213,91 @@ class Engine:
             m.mtmd_input_chunks_free(chunks)
             m.mtmd_bitmap_free(bitmap)
         img = ImageEmbedding(key, data, owned)
+        while len(self._images) >= KEEP_IMAGES:
+            self._free_image(self._images.pop(0))
         self._images.append(img)
         self.timings.image_encode_ms += (time.perf_counter() - t0) * 1000
         return img
 
     # -- prompt evaluation with prefix reuse ----------------------------------------------------
-    def evaluate(self, segments: list[Segment]) -> None:
-        """Bring the KV cache to exactly `segments`, evaluating only what is not cached yet."""
-        if not segments or isinstance(segments[-1], ImageEmbedding) or not segments[-1]:
+    def evaluate(self, segments: list[Segment], logits: bool = True) -> None:
+        """Bring the KV cache to exactly `segments`, evaluating only what is not cached yet.
+
+        With `logits` (the default) the prompt must end with text and its last token is always
+        re-run, so last_logits() is the next-token distribution. Without, the segments are a
+        prefix to keep (e.g. [system, image] before it is saved) and may end with an image."""
+        if not segments or (logits and (isinstance(segments[-1], (ImageRef, ImageEmbedding)) or not segments[-1])):
             raise EngineError("a prompt must end with text")
-        keys: list = []
-        for s in segments:
-            keys += [(s.key, i) for i in range(s.n_tokens)] if isinstance(s, ImageEmbedding) else list(s)
+        keys = prompt_keys(segments)
         if len(keys) >= self.n_ctx:
             raise ImpError(f"prompt is {len(keys)} tokens, more than the context of {self.n_ctx} (raise --ctx or shorten it)")
-        keep = 0
-        for a, b in zip(self._cached, keys):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(keys) - 1)  # the last token is always re-run: we need its logits
-        while keep > 0 and isinstance(keys[keep], tuple) and keys[keep][1] > 0:
+        keep = common_prefix(self._cached, keys)
+        if logits:
+            keep = min(keep, len(keys) - 1)  # the last token is always re-run: we need its logits
+        while 0 < keep < len(keys) and isinstance(keys[keep], tuple) and keys[keep][1] > 0:
             keep -= 1  # never resume inside an image
-        mem = self._llama_cpp.llama_get_memory(self._ctx)
-        self._llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
-        self._cached = keys[:keep]
+        self._truncate(keep)
 
         t0 = time.perf_counter()
         pos = 0
         for s in segments:
-            n = s.n_tokens if isinstance(s, ImageEmbedding) else len(s)
+            n = s.n_tokens if isinstance(s, (ImageRef, ImageEmbedding)) else len(s)
             if pos + n > keep:
                 skip = max(0, keep - pos)
                 if isinstance(s, ImageEmbedding):
                     self._decode_image(s, pos)
+                elif isinstance(s, ImageRef):
+                    raise EngineError(f"image {s.key[:12]} is not in the KV cache and was not encoded")
                 else:
                     self._decode_tokens(s[skip:])
             pos += n
         self._cached = keys
         self.timings.reused_tokens = keep
         self.timings.prompt_tokens = len(keys) - keep
-        self.timings.prompt_ms = (time.perf_counter() - t0) * 1000
+        self.timings.prompt_ms += (time.perf_counter() - t0) * 1000
+
+    def cached_prefix(self, segments: list[Segment]) -> int:
+        """How many leading positions of `segments` the KV cache already holds."""
+        return common_prefix(self._cached, prompt_keys(segments))
+
+    def _truncate(self, keep: int) -> None:
+        mem = self._llama_cpp.llama_get_memory(self._ctx)
+        self._llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
+        self._cached = self._cached[:keep]
+
+    # -- KV state of a prefix (the prompt cache's payload) --------------------------------------
+    def kv_layout(self) -> dict:
+        """What a saved KV state depends on besides the model files: restoring a state into a
+        context that differs in any of these is refused (llama.cpp may not notice)."""
+        import llama_cpp
+
+        p = self.llm.context_params
+        return {"llama_cpp": llama_cpp.__version__, "type_k": int(p.type_k), "type_v": int(p.type_v),
+                "flash_attn": int(getattr(p, "flash_attn_type", getattr(p, "flash_attn", 0))),
+                "n_embd": self.pair.n_embd}
+
+    def save_state(self) -> np.ndarray:
+        """The KV cells of sequence 0 (what the cache holds now) as a byte array."""
+        lc = self._llama_cpp
+        size = lc.llama_state_seq_get_size(self._ctx, 0)
+        buf = np.empty(size, dtype=np.uint8)
+        written = lc.llama_state_seq_get_data(self._ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, 0)
+        if written != size:
+            raise EngineError(f"llama.cpp saved {written} of {size} bytes of KV state")
+        return buf
+
+    def restore_state(self, payload, keys: list) -> bool:
+        """Replace sequence 0 by a saved state covering `keys`; False (cache emptied) if llama.cpp
+        refuses it."""
+        lc = self._llama_cpp
+        self._truncate(0)
+        data = np.frombuffer(payload, dtype=np.uint8)
+        read = lc.llama_state_seq_set_data(self._ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), data.size, 0)
+        if read != data.size:
+            self._truncate(0)
+            return False
+        self._cached = list(keys)
+        return True
 
     def _decode_tokens(self, tokens: list[int]) -> None:
         lc = self._llama_cpp
@@ -291,6 +320,59 @@ class Engine:
         if rc != 0:
             raise EngineError(f"decoding the image embeddings failed (code {rc}): {native_log.last_error()}")
 
+    def score_continuations(self, continuations: list[list[int]]) -> list[float]:
+        """log P(continuation | what the KV cache holds) for each token list, teacher-forced: the
+        sum of each token's log-probability given the ones before it. Call after evaluate(); the
+        cached prompt is evaluated once for all, each continuation only decodes its own tokens
+        but the last, and is dropped again (the cache ends as it began, last_logits() does not)."""
+        base = len(self._cached)
+        first = _log_softmax(self.last_logits())
+        totals = []
+        for tokens in continuations:
+            if not tokens:
+                raise EngineError("an empty continuation cannot be scored")
+            if base + len(tokens) >= self.n_ctx:
+                raise ImpError(f"prompt and continuation are {base + len(tokens)} tokens, more than the "
+                               f"context of {self.n_ctx} (raise --ctx or shorten it)")
+            total = float(first[tokens[0]])
+            if len(tokens) > 1:
+                rows = self._decode_all_logits(tokens[:-1])
+                self.timings.scored_tokens += len(tokens) - 1
+                total += sum(float(_log_softmax(row)[tok]) for row, tok in zip(rows, tokens[1:]))
+                self._truncate(base)
+            totals.append(total)
+        return totals
+
+    def _decode_all_logits(self, tokens: list[int]) -> np.ndarray:
+        """Decode `tokens` after the cached ones with the logits of every position (a plain
+        decode returns only the last); returns them, n x n_vocab."""
+        lc = self._llama_cpp
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            part = tokens[start:start + self.n_batch]
+            batch = lc.llama_batch_init(len(part), 0, 1)
+            try:
+                for i, tok in enumerate(part):
+                    batch.token[i] = tok
+                    batch.pos[i] = len(self._cached) + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                batch.n_tokens = len(part)
+                rc = lc.llama_decode(self._ctx, batch)
+                if rc != 0:
+                    raise EngineError(f"llama_decode failed (code {rc}): {native_log.last_error()}")
+            finally:
+                lc.llama_batch_free(batch)
+            self._cached += part
+            for i in range(len(part)):
+                ptr = lc.llama_get_logits_ith(self._ctx, i)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return np.stack(rows)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
     def last_logits(self) -> np.ndarray:
         ptr = self._llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
@@ -304,16 +386,21 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         t = self.timings
         t.generated_tokens, t.finish_reason = 0, "length"
+        self.generated = []
         t0 = time.perf_counter()
         try:
             while t.generated_tokens < max_tokens:
-                token = lc.llama_sampler_sample(chain, self._ctx, -1)
+                token = self._sample(chain)
+                if token is None:  # a grammar that allows nothing here (cannot complete)
+                    t.finish_reason = "grammar"
+                    break
                 t.generated_tokens += 1
                 if t.generated_tokens == 1:
                     t.first_token_ms = (time.perf_counter() - t0) * 1000
                 if lc.llama_vocab_is_eog(self._vocab, token) and not sampling.ignore_eos:
                     t.finish_reason = "stop"
                     break
+                self.generated.append(token)
                 text = decoder.decode(self._piece(token))
                 if text:
                     yield text
@@ -333,6 +420,13 @@ class Engine:
     def _sampler(self, s: Sampling):
         lc = self._llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if s.grammar:  # first: top-k after it could otherwise leave only forbidden tokens
+            grammar = lc.llama_sampler_init_grammar(self._vocab, s.grammar.encode("utf-8"),
+                                                   s.grammar_root.encode("utf-8"))
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise EngineError(f"llama.cpp refused the grammar: {native_log.last_error() or 'parse error'}")
+            lc.llama_sampler_chain_add(chain, grammar)
         if s.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return chain
@@ -344,11 +438,33 @@ class Engine:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
         return chain
 
+    def _sample(self, chain) -> int | None:
+        """llama_sampler_sample, but a token the samplers all forbid (logit -inf: a grammar with
+        no way forward) is None instead of being accepted, which aborts inside llama.cpp."""
+        lc = self._llama_cpp
+        if self._candidates is None:
+            self._candidates = (lc.llama_token_data * self.n_vocab)()
+            self._candidate_view = np.ctypeslib.as_array(self._candidates)  # fields id, logit, p
+        view = self._candidate_view
+        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        view["p"] = 0.0
+        cur = lc.llama_token_data_array(self._candidates, self.n_vocab, -1, False)
+        lc.llama_sampler_apply(chain, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size or not np.isfinite(cur.data[cur.selected].logit):
+            return None
+        token = int(cur.data[cur.selected].id)
+        lc.llama_sampler_accept(chain, token)
+        return token
+
+    def _free_image(self, img: ImageEmbedding) -> None:
+        if img._chunk:
+            self._mtmd.mtmd_input_chunk_free(img._chunk)
+            img._chunk = 0
+
     def close(self) -> None:
         for img in self._images:
-            if img._chunk:
-                self._mtmd.mtmd_input_chunk_free(img._chunk)
-                img._chunk = 0
+            self._free_image(img)
         self._images = []
         if self._mtmd_ctx:
             self._mtmd.mtmd_free(self._mtmd_ctx)
@@ -360,6 +476,63 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def check_grammar(grammar: str) -> str:
+    """'' if llama.cpp parses this GBNF grammar (root rule `root`), else its one-line complaint.
+    No model needed: the parser runs with no vocabulary (a grammar naming tokens as <...> then
+    fails: the text of a token needs the model's). Its fprintf to stderr is captured, not shown."""
+    import os
+    import tempfile
+
+    import llama_cpp
+
+    native_log.install(native_log.verbose)
+    native_log.clear()
+    with tempfile.TemporaryFile() as capture:
+        import sys
+
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode("utf-8"), b"root")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        printed = capture.read().decode("utf-8", "replace")
+    if sampler:
+        llama_cpp.llama_sampler_free(sampler)
+        return ""
+    # The parser prints "...: error parsing grammar: WHAT\n\n<the grammar>"; llama.cpp logs the rest.
+    for line in printed.splitlines():
+        if "error parsing grammar:" in line:
+            return line.split("error parsing grammar:", 1)[1].strip()
+    return native_log.last_error() or "llama.cpp could not parse the grammar"
+
+
+def prompt_keys(segments: list[Segment]) -> list:
+    """One key per KV position: a token id, or (image key, index) for an image's positions."""
+    keys: list = []
+    for s in segments:
+        keys += [(s.key, i) for i in range(s.n_tokens)] if isinstance(s, (ImageRef, ImageEmbedding)) else list(s)
+    return keys
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _physical_cores() -> int:

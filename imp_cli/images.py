@@ -52,8 +52,38 @@ def load_image(source: str, *, stdin: BinaryIO | None = None, timeout: float = 3
     else:
         what, image_what = f"'{source}'", f"image '{source}'"
         data = _read_file(source)
+    return image_from_bytes(data, source, what, image_what)
+
+
+def image_from_bytes(data: bytes, source: str, what: str, image_what: str) -> LoadedImage:
+    """Decode and validate image bytes from anywhere (a file, a URL, a data: URL): the one path
+    every image takes. `what`/`image_what` name it in errors ("'x.png'", "image 'x.png'")."""
     image = _decode(data, what, image_what)
     return LoadedImage(image, source, image.size, hashlib.sha256(data).hexdigest())
+
+
+def load_data_url(url: str, *, max_bytes: int = MAX_BYTES) -> LoadedImage:
+    """A `data:image/...;base64,...` URL (what OpenAI-style clients send) -> the decoded image."""
+    import base64
+    import binascii
+
+    header, comma, payload = url.partition(",")
+    media = header[len("data:"):].split(";")
+    if not header.lower().startswith("data:") or not comma or media[-1].strip().lower() != "base64":
+        raise ImageError("the image URL is not a base64 data: URL (expected data:image/...;base64,...)")
+    if not media[0].strip().lower().startswith("image/"):
+        raise ImageError(f"the data: URL holds {media[0].strip() or 'no media type'}, not an image")
+    payload = "".join(payload.split())  # some clients wrap base64 lines
+    if len(payload) // 4 * 3 > max_bytes:
+        raise ImageError(f"the data: URL image is larger than {_fmt_bytes(max_bytes)}")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the data: URL is not valid base64") from None
+    if not data:
+        raise ImageError("the data: URL holds no image data")
+    source = f"data:{media[0].strip().lower()} ({len(data):,} bytes)"
+    return image_from_bytes(data, source, "the data: URL", "the data: URL image")
 
 
 def preprocess(image: Image.Image, *, size: int, aspect: str) -> np.ndarray:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImpError
+from .prompts import TEMPLATES
 
-TEXT_ARCHS = {"phi2"}
-PROMPT_FAMILIES = {"phi2"}
+TEXT_ARCHS = {"phi2"}  # llama.cpp architectures of the language models imp converts
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
     if proj.get("general.architecture") != "clip":
         raise ImpError(f"{mmproj_path} is not a vision projector (mmproj) GGUF")
     family = _need(text, "imp.prompt_family", text_path)
-    if family not in PROMPT_FAMILIES:
+    if family not in TEMPLATES:
         raise ImpError(f"{text_path}: unsupported prompt family {family!r}")
     if proj.get("clip.projector_type") != "mlp" or not proj.get("clip.has_vision_encoder"):
         raise ImpError(f"{mmproj_path}: not an Imp vision projector (needs an mlp projector with a vision encoder)")

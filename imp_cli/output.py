@@ -40,6 +40,11 @@ class Output:
     def warn(self, message: str) -> None:
         self.err.print(f"[yellow]warning:[/] {_escape(_one_line(message))}")
 
+    def note(self, message: str) -> None:
+        """Only with -v: what happened behind the scenes (a cache entry ignored, say)."""
+        if self.verbose:
+            self.err.print(f"[dim]{_escape(_one_line(message))}[/]")
+
     def info(self, message: str) -> None:
         if not self.quiet:
             self.err.print(_escape(message))

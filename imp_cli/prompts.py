@@ -18,26 +18,53 @@ PHI2_SYSTEM = (
 class Turn:
     question: str
     answer: str
+    # The answer's token ids as the model generated them, when known: a conversation feeds these
+    # back rather than re-tokenizing the text, which can split it otherwise (then the KV cache
+    # would no longer match and the whole answer would be evaluated again).
+    tokens: tuple[int, ...] | None = None
 
 
-def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = None) -> tuple[str, str]:
-    """(text before the image, text after it). The image sits in the first user turn:
+def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = None,
+                image_turn: int = 0) -> tuple[str, str]:
+    """(text before the image, text after it). The image opens user turn `image_turn` (the
+    first by default, as Imp was trained):
 
-    `{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+    `{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
     """
     system = PHI2_SYSTEM if system is None else system
-    before = f"{system} USER: "
     turns = [*history, Turn(question, "")]
-    after = ""
+    if not 0 <= image_turn < len(turns):
+        raise ValueError(f"image_turn {image_turn} is not one of the {len(turns)} user turns")
+    before, after = f"{system} USER: ", ""
     for i, turn in enumerate(turns):
-        after += ("\n" if i == 0 else "USER: ") + f"{turn.question} ASSISTANT:"
-        if turn.answer:
-            after += f" {turn.answer}</s>"
+        user = "USER: " if i else ""  # the first one ends `before` already
+        body = f"{turn.question} ASSISTANT:" + (f" {turn.answer}</s>" if turn.answer else "")
+        if i < image_turn:
+            before += user + body
+        elif i == image_turn:  # the image opens the turn: "USER: <image>\n{question} ..."
+            before += user
+            after += "\n" + body
+        else:
+            after += user + body
     return before, after
 
 
 TEMPLATES = {"phi2": phi2_prompt}
 
 
-def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None) -> tuple[str, str]:
-    return TEMPLATES[family](question, list(history), system)
+def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None,
+                 image_turn: int = 0) -> tuple[str, str]:
+    return TEMPLATES[family](question, list(history), system, image_turn)
+
+
+def answer_frame(family: str) -> tuple[str, str]:
+    """(text before an answer, text after it) as the family's template writes an answered turn:
+    Phi-2 `ASSISTANT: {answer}</s>` gives (" ", "</s>USER: ..."). Read off the template itself
+    (an answered turn with a marker for the answer), so every family scores its own way."""
+    marker = "\x00answer\x00"
+    _, asked = build_prompt(family, "?")
+    _, answered = build_prompt(family, "!", [Turn("?", marker)])
+    if not answered.startswith(asked) or marker not in answered:
+        raise ValueError(f"the {family} template does not put an answer right after the question")
+    lead, _, after = answered[len(asked):].partition(marker)
+    return lead, after

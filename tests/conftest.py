@@ -99,10 +99,23 @@ def hub_cache(checkpoint, tmp_path_factory):
         snapshot = repo / "snapshots" / commit
         if not snapshot.is_dir():
             snapshot.mkdir(parents=True)
-            for f in src.iterdir():
-                shutil.copyfile(f, snapshot / f.name)
+            shutil.copytree(src, snapshot, dirs_exist_ok=True)  # with a tower folder, if any
             (repo / "refs").mkdir(exist_ok=True)
             (repo / "refs" / "main").write_text(commit)
         return root, commit
 
     return get
+
+
+@pytest.fixture(scope="session")
+def long_context_model(checkpoint, tmp_path_factory) -> Path:
+    """The tiny model with a 32k context: an answer of many thousand tokens (--ignore-eos) runs
+    long enough for an interrupt, a second request or a disconnect to land in the middle of it,
+    with no timing assumption."""
+    import dataclasses
+
+    from convert.pipeline import convert
+    from factory import TINY
+
+    folder = checkpoint("new", "float16", "square", sizes=dataclasses.replace(TINY, max_position_embeddings=32768))
+    return Path(convert(str(folder), tmp_path_factory.mktemp("long-ctx"), quant="F16").text_path)

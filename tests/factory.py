@@ -458,7 +458,7 @@ def _config(s: Sizes, layout: str, dtype: str, aspect: str, drop_lm_sizes: bool)
         "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch",
         "mm_vision_select_layer": -2,
-        "mm_vision_tower": f"google/siglip-so400m-patch{s.patch_size}-{s.image_size}",
+        "mm_vision_tower": f"google/{tower_folder_name(s)}",
         "use_mm_proj": True,
         "tie_word_embeddings": False,
         "torch_dtype": dtype,
@@ -479,25 +479,37 @@ def _config(s: Sizes, layout: str, dtype: str, aspect: str, drop_lm_sizes: bool)
     if layout == "new":  # Imp-v1.5: transformers' PhiConfig names
         lm = {"hidden_act": "gelu_new", "qk_layernorm": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
               "attention_dropout": 0.0}
-        sizes = {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
-                 "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
-                 "intermediate_size": s.intermediate_size,
-                 "partial_rotary_factor": s.partial_rotary_factor, "rope_theta": 10000.0,
-                 "layer_norm_eps": 1e-5, "vocab_size": s.vocab_rows,
-                 "max_position_embeddings": s.max_position_embeddings}
     else:  # imp-v1-3b: the phi-msft configuration class (Imp's phi2/configuration_phi.py)
         lm = {"activation_function": "gelu_new", "flash_attn": False, "flash_rotary": False,
               "fused_dense": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        sizes = {"n_embd": s.hidden_size, "n_layer": s.num_layers, "n_head": s.num_heads,
-                 "n_head_kv": None,
-                 # phi-msft writes null for the default 4 x n_embd, as the real imp-v1-3b does
-                 "n_inner": None if s.intermediate_size == 4 * s.hidden_size else s.intermediate_size,
-                 "rotary_dim": s.rotary_dim, "layer_norm_epsilon": 1e-5,
-                 "vocab_size": s.vocab_rows, "n_positions": s.max_position_embeddings}
     cfg.update(lm)
-    if not drop_lm_sizes:
-        cfg.update(sizes)
+    if drop_lm_sizes:
+        # As the current imp-v1-3b config: the sizes live in configuration_imp.py's defaults, the
+        # training context only in the LLaVA-style tokenizer_model_max_length.
+        cfg["tokenizer_model_max_length"] = s.max_position_embeddings
+    else:
+        cfg.update(_lm_size_keys(s, "hf" if layout == "new" else "phi-msft"))
     return dict(sorted(cfg.items()))
+
+
+def _lm_size_keys(s: Sizes, family: str) -> dict:
+    """The language-model size keys of one config family: transformers' PhiConfig ("hf") or
+    phi-msft's (Imp's phi2/configuration_phi.py, the original imp-v1-3b)."""
+    if family == "hf":
+        return {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers,
+                "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_heads,
+                "intermediate_size": s.intermediate_size,
+                "partial_rotary_factor": s.partial_rotary_factor, "rope_theta": 10000.0,
+                "layer_norm_eps": 1e-5, "vocab_size": s.vocab_rows,
+                "max_position_embeddings": s.max_position_embeddings}
+    if family == "phi-msft":
+        return {"n_embd": s.hidden_size, "n_layer": s.num_layers, "n_head": s.num_heads,
+                "n_head_kv": None,
+                # phi-msft writes null for the default 4 x n_embd, as the real imp-v1-3b does
+                "n_inner": None if s.intermediate_size == 4 * s.hidden_size else s.intermediate_size,
+                "rotary_dim": s.rotary_dim, "layer_norm_epsilon": 1e-5,
+                "vocab_size": s.vocab_rows, "n_positions": s.max_position_embeddings}
+    raise ValueError(f"lm_size_keys must be 'hf', 'phi-msft' or 'none', not {family!r}")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -509,11 +521,28 @@ def _write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", aspect: str = "square",
                     sizes: Sizes = TINY, seed: int = 0, n_shards: int | None = None,
-                    drop_lm_sizes_from_config: bool = False) -> Path:
+                    drop_lm_sizes_from_config: bool = False, lm_size_keys: str | None = None,
+                    tower_config: str = "inline", tower_config_layers: int | None = None,
+                    tokenizer_files: str = "all") -> Path:
     """Write a random-weight Imp checkpoint folder at dest and return dest.
 
     n_shards=None picks max(2, ceil(size / 2 GiB)): 2 shards for TINY, ~2 GB shards for FULL.
+
+    The other options give the config and file-set variants of the published repos; the weights
+    (and so the meaning) stay those of the plain checkpoint of the same sizes and seed:
+      lm_size_keys: None = the layout's own key family; "hf" or "phi-msft" = that family whatever
+        the layout; "none" = no size keys, as drop_lm_sizes_from_config (the current imp-v1-3b).
+      tower_config: where the SigLIP config is: "inline" (config.json's vision_tower_config),
+        "folder" (only a `siglip-so400m-patch14-<size>/config.json` beside the weights, as
+        Imp-v1.5-3B-196), "both", or "none" (as Imp-v1.5-2B-Qwen1.5).
+      tower_config_layers: the layer count that config states (default: kept + 1, the original
+        tower, as the real configs say 27 for 26 stored).
+      tokenizer_files: see TOKENIZER_FILE_SETS.
     """
+    if tower_config not in TOWER_CONFIGS:
+        raise ValueError(f"tower_config must be one of {TOWER_CONFIGS}, not {tower_config!r}")
+    if tokenizer_files not in TOKENIZER_FILE_SETS:
+        raise ValueError(f"tokenizer_files must be one of {sorted(TOKENIZER_FILE_SETS)}, not {tokenizer_files!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if aspect not in ("square", "pad"):
@@ -523,9 +552,65 @@ def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(dest)
-    _write_json(dest / "config.json", _config(sizes, layout, dtype, aspect, drop_lm_sizes_from_config))
+    _keep_tokenizer_files(dest, tokenizer_files)
+    cfg = _config(sizes, layout, dtype, aspect, drop_lm_sizes_from_config or lm_size_keys == "none")
+    if lm_size_keys not in (None, "none"):
+        cfg = {k: v for k, v in cfg.items()
+               if k not in _lm_size_keys(sizes, "hf") and k not in _lm_size_keys(sizes, "phi-msft")}
+        cfg = dict(sorted({**cfg, **_lm_size_keys(sizes, lm_size_keys)}.items()))
+    vision = cfg["vision_tower_config"]
+    if tower_config_layers is not None:
+        vision["num_hidden_layers"] = tower_config_layers
+    if tower_config in ("folder", "both"):
+        folder = dest / tower_folder_name(sizes)
+        folder.mkdir(exist_ok=True)
+        # As SiglipVisionModel.save_pretrained leaves it, with the preprocessor config beside it.
+        _write_json(folder / "config.json",
+                    dict(sorted({**vision, "architectures": ["SiglipVisionModel"], "torch_dtype": dtype}.items())))
+        _write_json(folder / "preprocessor_config.json",
+                    {"do_normalize": True, "do_resize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                     "image_processor_type": "SiglipImageProcessor", "resample": 3,
+                     "size": {"height": sizes.image_size, "width": sizes.image_size}})
+    if tower_config in ("folder", "none"):
+        del cfg["vision_tower_config"]
+    _write_json(dest / "config.json", cfg)
     _write_weights(dest, _plan(sizes, layout, seed), dtype, n_shards)
     return dest
+
+
+TOWER_CONFIGS = ("inline", "folder", "both", "none")
+# Tokenizer file sets a Phi-2-era repo may ship (names of the files kept; "all" keeps every one).
+TOKENIZER_FILE_SETS = {
+    "all": None,
+    # vocab.json + merges.txt + added_tokens.json + tokenizer_config.json (added_tokens_decoder)
+    "no-tokenizer-json": ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer_config.json",
+                          "special_tokens_map.json"),
+    # ... and a tokenizer_config.json without added_tokens_decoder (older transformers): which
+    # added tokens are special is then only said by the special-token names.
+    "no-tokenizer-json-no-decoder": ("vocab.json", "merges.txt", "added_tokens.json",
+                                     "tokenizer_config.json", "special_tokens_map.json"),
+    "tokenizer-json-only": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+}
+
+
+def tower_folder_name(s: Sizes) -> str:
+    """The tower folder's name: the last part of config.json's mm_vision_tower."""
+    return f"siglip-so400m-patch{s.patch_size}-{s.image_size}"
+
+
+def _keep_tokenizer_files(dest: Path, file_set: str) -> None:
+    keep = TOKENIZER_FILE_SETS[file_set]
+    if keep is None:
+        return
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
+                 "tokenizer_config.json", "special_tokens_map.json"):
+        if name not in keep:
+            (dest / name).unlink()
+    if file_set == "no-tokenizer-json-no-decoder":
+        path = dest / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        del config["added_tokens_decoder"]
+        _write_json(path, config)
 
 
 def make_bin_only_checkpoint(dest: Path, *, sharded: bool = False) -> Path:

@@ -197,12 +197,16 @@ class Oracle:
         return self._image_embeds(image).numpy()
 
     # --- text ---------------------------------------------------------------------------------
-    def prompt_ids(self, question: str, system: str | None = None) -> tuple[list[int], list[int]]:
-        """Token ids before and after <image> in `{system} USER: <image>\\n{question} ASSISTANT:`.
+    def prompt_ids(self, question: str, system: str | None = None,
+                   history: tuple = ()) -> tuple[list[int], list[int]]:
+        """Token ids before and after <image> in `{system} USER: <image>\\n{question} ASSISTANT:`,
+        or with earlier (question, answer) turns in `history` (the image in the first turn):
+        `{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {question} ASSISTANT:`.
 
         Each side is tokenized on its own, as Imp's tokenizer_image_token does; no BOS.
         """
-        prompt = f"{DEFAULT_SYSTEM if system is None else system} USER: <image>\n{question} ASSISTANT:"
+        earlier = "".join(f"{q} ASSISTANT: {a}</s>USER: " for q, a in history)
+        prompt = f"{DEFAULT_SYSTEM if system is None else system} USER: <image>\n{earlier}{question} ASSISTANT:"
         before, after = prompt.split("<image>")
         return (self.tokenizer.encode(before, add_special_tokens=False).ids,
                 self.tokenizer.encode(after, add_special_tokens=False).ids)
@@ -210,8 +214,9 @@ class Oracle:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
 
-    def _prompt_embeds(self, image: Image.Image, question: str, system: str | None) -> torch.Tensor:
-        before, after = self.prompt_ids(question, system)
+    def _prompt_embeds(self, image: Image.Image, question: str, system: str | None,
+                       history: tuple = ()) -> torch.Tensor:
+        before, after = self.prompt_ids(question, system, history)
         return torch.cat([self._embed(before), self._image_embeds(image), self._embed(after)])
 
     @torch.no_grad()
@@ -229,11 +234,13 @@ class Oracle:
 
     @torch.no_grad()
     def greedy(self, image: Image.Image, question: str, n_tokens: int, stop_at_eos: bool = True,
-               system: str | None = None) -> list[int]:
+               system: str | None = None, history: tuple = ()) -> list[int]:
         """Greedy (argmax, first index on ties) answer ids, at most n_tokens; a stop token
         (</s> or <|endoftext|>) ends the answer and is not included."""
+        return self._greedy_from(self._prompt_embeds(image, question, system, history), n_tokens, stop_at_eos)
+
+    def _greedy_from(self, embeds: torch.Tensor, n_tokens: int, stop_at_eos: bool = True) -> list[int]:
         cache = DynamicCache()  # updated in place by each forward
-        embeds = self._prompt_embeds(image, question, system)
         ids: list[int] = []
         while len(ids) < n_tokens:
             logits = self.lm(inputs_embeds=embeds.unsqueeze(0), use_cache=True,
@@ -245,11 +252,34 @@ class Oracle:
             embeds = self._embed([tok])
         return ids
 
-    def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None) -> str:
+    @torch.no_grad()
+    def chat_greedy(self, image: Image.Image | None, questions: list[str], n_tokens: int,
+                    system: str | None = None) -> list[list[int]]:
+        """A conversation's greedy answers, turn by turn: each answer goes back as the token ids
+        the model generated, where Imp's template puts the answer, then `</s>` and the next turn:
+        `{system} USER: <image>\\n{q1} ASSISTANT:{a1 ids}</s>USER: {q2} ASSISTANT:` (the blank
+        before an answer is the model's own: its first token carries it). Every turn is run from
+        scratch over the whole conversation. Without an image (None) the first turn is plain
+        `{system} USER: {q1} ASSISTANT:`."""
+        if image is None:
+            first = f"{DEFAULT_SYSTEM if system is None else system} USER: {questions[0]} ASSISTANT:"
+            embeds = self._embed(self.tokenizer.encode(first, add_special_tokens=False).ids)
+        else:
+            embeds = self._prompt_embeds(image, questions[0], system)
+        answers: list[list[int]] = []
+        for question in questions:
+            if answers:
+                turn = self.tokenizer.encode(f"</s>USER: {question} ASSISTANT:", add_special_tokens=False).ids
+                embeds = torch.cat([embeds, self._embed(answers[-1] + turn)])
+            answers.append(self._greedy_from(embeds, n_tokens))
+        return answers
+
+    def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None,
+                    history: tuple = ()) -> str:
         """The greedy answer as a user sees it: the ids decoded byte-level, special tokens
         (<|endoftext|>, </s>, <image>) skipped, NO clean_up_tokenization_spaces, then str.strip()
         on both ends (as Imp's own scripts do with `.strip()`)."""
-        ids = self.greedy(image, question, n_tokens, system=system)
+        ids = self.greedy(image, question, n_tokens, system=system, history=history)
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def teacher_forced_logits(self, image: Image.Image, question: str, token_ids: list[int],
@@ -263,6 +293,14 @@ class Oracle:
             embeds = torch.cat([self._prompt_embeds(image, question, system),
                                 self._embed(list(token_ids[:-1]))])
             return self._logits(embeds)[-len(token_ids):].numpy()
+
+    def answer_logprob(self, image: Image.Image, question: str, answer: str, system: str | None = None) -> float:
+        """log P(the model answers exactly `answer`): Imp writes an answer as
+        `ASSISTANT: {answer}</s>`, so the tokens of " {answer}</s>" (tokenized on their own, as
+        generated) after the prompt, each token's log-softmax over all rows, summed."""
+        ids = self.tokenizer.encode(f" {answer}</s>", add_special_tokens=False).ids
+        logits = torch.from_numpy(self.teacher_forced_logits(image, question, ids, system)).double()
+        return float(torch.log_softmax(logits, dim=-1)[torch.arange(len(ids)), ids].sum())
 
     def teacher_forced_top1(self, image: Image.Image, question: str, token_ids: list[int],
                             system: str | None = None) -> list[int]:

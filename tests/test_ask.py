@@ -67,15 +67,14 @@ def open_engine(text: Path, mmproj: Path):
 
 
 def prompt_segments(engine, image_path: Path, question: str = QUESTION):
-    """(head ids, image embedding, tail ids) exactly as `imp ask` builds them."""
-    from imp_cli.images import load_image, preprocess
-    from imp_cli.prompts import build_prompt
+    """(head ids, image embedding, tail ids) exactly as `imp ask` builds them (the Session's own
+    staging and prompt functions)."""
+    from imp_cli.images import load_image
+    from imp_cli.session import make_prompt, stage_image
 
-    pair = engine.pair
-    loaded = load_image(str(image_path))
-    pixels = preprocess(loaded.image, size=pair.image_size, aspect=pair.image_aspect)
-    before, after = build_prompt(pair.prompt_family, question)
-    return engine.tokenize(before), engine.encode_image(pixels, loaded.sha256), engine.tokenize(after)
+    staged = stage_image(engine.pair, load_image(str(image_path)))
+    prompt = make_prompt(engine, staged, question)
+    return prompt.head, engine.encode_image(staged.pixels, staged.key), prompt.tail
 
 
 def engine_greedy(engine, head, image, tail, n: int) -> list[int]:
@@ -358,7 +357,11 @@ def test_json_record(imp_bin, converted, photo, env):
     timings = record["timings"]
     assert timings["generated_tokens"] == N_TOKENS  # this answer runs to the limit
     assert timings["finish_reason"] == record["finish_reason"] == "length"
-    assert timings["prompt_tokens"] > 16  # 16 image tokens plus the text
+    # The plain run above saved the [system, image] prefix: this process restored it and
+    # evaluated only the question's tokens.
+    assert record["cache"] == timings["cache"] == "hit"
+    assert timings["reused_tokens"] > 16  # 16 image tokens plus the system text
+    assert 0 < timings["prompt_tokens"] < 16
 
 
 def test_stats_go_to_stderr_only(imp_bin, converted, photo, env):

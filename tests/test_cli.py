@@ -400,3 +400,15 @@ def test_model_given_as_a_folder(imp_bin, model, photo, env, reference_answer):
     p = run_imp("ask", photo, QUESTION, "--model", model[0].parent, "-n", N_TOKENS, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout == reference_answer
+
+
+def test_shell_completion(imp_bin, env):
+    """Typer's completion is on (it costs `imp --help` nothing measurable): the completion
+    protocol answers with commands and options. (The script itself, `--show-completion`, names
+    the user's shell, found from the parent process: not something a test runner has.)"""
+    complete = dict(env, _IMP_COMPLETE="complete_bash", COMP_WORDS="imp ca", COMP_CWORD="1")
+    assert run_imp(env=complete).stdout.split() == ["cache"]
+    complete.update(COMP_WORDS="imp ask --no-c", COMP_CWORD="2")
+    assert run_imp(env=complete).stdout.split() == ["--no-cache"]
+    complete.update(COMP_WORDS="imp ch", COMP_CWORD="1")
+    assert run_imp(env=complete).stdout.split() == ["chat"]

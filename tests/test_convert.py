@@ -470,19 +470,17 @@ def test_q8_0_mmproj_types(converted):
 
 def _first_step(text: Path, mmproj: Path, image_path: Path, question: str, n_generate: int = 0):
     """First-answer-token logits of llama.cpp for (prompt + image), and optionally a greedy answer."""
-    from PIL import Image
-
     from imp_cli.engine import Engine, Sampling
-    from imp_cli.images import preprocess
+    from imp_cli.images import load_image
     from imp_cli.modelfiles import read_pair
-    from imp_cli.prompts import build_prompt
+    from imp_cli.session import make_prompt, stage_image
 
     pair = read_pair(Path(text), Path(mmproj))
     with Engine(pair, n_ctx=256, threads=2) as eng:
-        before, after = build_prompt(pair.prompt_family, question)
-        img = Image.open(image_path).convert("RGB")
-        emb = eng.encode_image(preprocess(img, size=pair.image_size, aspect=pair.image_aspect), "photo")
-        eng.evaluate([eng.tokenize(before), emb, eng.tokenize(after)])
+        staged = stage_image(pair, load_image(str(image_path)))
+        prompt = make_prompt(eng, staged, question)
+        emb = eng.encode_image(staged.pixels, staged.key)
+        eng.evaluate([prompt.head, emb, prompt.tail])
         logits = eng.last_logits()
         answer = "".join(eng.generate(Sampling(), n_generate)) if n_generate else ""
         generated = eng.timings.generated_tokens if n_generate else 0
@@ -591,8 +589,9 @@ def _tensor_wrong_shape(d: Path):
 
 def _no_tokenizer(d: Path):
     make_checkpoint(d)
-    (d / "tokenizer.json").unlink()
-    return d, ["tokenizer.json"]
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (d / name).unlink()
+    return d, ["tokenizer.json", "vocab.json + merges.txt"]
 
 
 def _nonexistent(d: Path):
@@ -613,7 +612,7 @@ BAD_INPUTS = {
     "config-intermediate-size-lies": _config_lies("intermediate_size", 256, 160),
     "config-layer-count-lies": _config_lies("num_hidden_layers", 3, 2),
     "tensor-wrong-shape": _tensor_wrong_shape,
-    "no-tokenizer-json": _no_tokenizer,
+    "no-tokenizer-files": _no_tokenizer,
     "nonexistent-source": _nonexistent,
 }
 
@@ -747,7 +746,7 @@ def test_failed_quantization_leaves_nothing(monkeypatch, checkpoint, tmp_path):
 
     seen = {}
 
-    def broken(src, dst, quant, threads, on_fraction=lambda f: None):
+    def broken(src, dst, quant, threads, on_fraction=lambda f: None, verbose=False):
         seen["src_exists"] = Path(src).stat().st_size > 0
         Path(dst).write_bytes(b"half a file")
         raise ConvertError("quantization to Q8_0 failed inside llama.cpp (code 1)")
@@ -859,9 +858,10 @@ def test_convert_repo_id_offline(imp_bin, tiny_hub, tmp_path, source, aspect):
     assert "Traceback" not in r.stderr
     assert listing(out) == ["imp-tiny-test-F16.gguf", "imp-tiny-test-mmproj-F16.gguf"]
     result = json.loads(r.stdout)
-    assert result["source"] == source
+    commit = OTHER if source.endswith(OTHER) else COMMIT  # main and no revision: refs/main
+    assert result["source"] == f"{REPO}@{commit}"  # the repo id and the commit it resolved to
     g = GGUFReader(out / "imp-tiny-test-F16.gguf")
-    assert kv(g, "imp.source") == source
+    assert kv(g, "imp.source") == f"{REPO}@{commit}"
     assert kv(g, "imp.image_aspect_ratio") == aspect  # the revision asked for, not refs/main
     assert kv(g, "phi2.embedding_length") == TINY.hidden_size
 

@@ -196,6 +196,35 @@ def test_manifest_revision_is_the_resolved_commit(tiny_pulled, hub):
     assert load_manifest(ctx.models / "imp-tiny-a")["revision"] == hub[TINY_REPO]
 
 
+def test_pull_records_repo_id_and_commit_as_source(tiny_pulled, hub):
+    """Both GGUF files name the repo and the commit pulled (issue 13, defect 3: it was the
+    Hugging Face cache folder)."""
+    from gguf import GGUFReader
+
+    ctx, _ = tiny_pulled
+    folder = ctx.models / "imp-tiny-a"
+    for name in ("imp-tiny-a-Q4_K_M.gguf", "imp-tiny-a-mmproj-F16.gguf"):
+        assert GGUFReader(folder / name).fields["imp.source"].contents() == f"{TINY_REPO}@{hub[TINY_REPO]}"
+
+
+def test_pull_repo_with_tower_folder_and_no_tokenizer_json(tmp_path, hub_cache, photo, tiny_pulled):
+    """A repo shaped like Imp-v1.5-3B-196's (tower config in a folder, no vision_tower_config) with
+    Phi-2-era tokenizer files (no tokenizer.json) installs, and answers as the plain repo does."""
+    from gguf import GGUFReader
+
+    repo = "MILVLG/imp-tiny-variant"
+    cache, commit = hub_cache(repo, tower_config="folder", tokenizer_files="no-tokenizer-json")
+    ctx = Ctx(tmp_path, hub=cache)
+    r = ok(ctx.run("pull", repo))
+    folder = ctx.models / "imp-tiny-variant"
+    assert r.stdout == f"{folder}\n"
+    check_entry(folder, "imp-tiny-variant", "Q4_K_M", repo)
+    assert GGUFReader(folder / "imp-tiny-variant-Q4_K_M.gguf").fields["imp.source"].contents() == f"{repo}@{commit}"
+    plain = tiny_pulled[0]  # the same weights, plain files
+    answer = ask_json(ctx, photo, "--model", "imp-tiny-variant")["answer"]
+    assert answer.strip() and answer == ask_json(plain, photo, "--model", "imp-tiny-a")["answer"]
+
+
 def test_pull_quant_q8_0_replaces_installed_q4(store_ctx, hub):
     ctx = Ctx(store_ctx.base, hub=hub["cache"])
     r = assert_ok(ctx.run("pull", TINY_REPO, "-q", "Q8_0"))

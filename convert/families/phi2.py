@@ -19,11 +19,14 @@ from ..vocab import read_bpe_vocab
 from . import register
 from .base import TextFamily
 
-# Phi-2's sizes, for configs that leave them to configuration_imp.py's defaults.
+# Phi-2's sizes, for configs that leave them to configuration_imp.py's defaults; the context is
+# Phi-2's own 2048 when no key gives Imp's training length.
 PHI2_DEFAULTS = dict(
     num_attention_heads=32, partial_rotary_factor=0.4, layer_norm_eps=1e-5, rope_theta=10000.0,
-    max_position_embeddings=3072,
+    max_position_embeddings=2048,
 )
+# Where the context length may be stated, in order of preference.
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "tokenizer_model_max_length")
 
 _NEW = dict(
     embed="model.embed_tokens.weight", layer="model.layers.{}.", norm="input_layernorm",
@@ -67,19 +70,30 @@ class Phi2(TextFamily):
         self.require(fc1)
         self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1, rank=2)[0], None)
 
-        self.n_head = int(cfg.get("num_attention_heads") or cfg.get("n_head") or PHI2_DEFAULTS["num_attention_heads"])
+        # Sizes no tensor shape tells: from either config family (HF or phi-msft), else Phi-2's.
+        self.n_head, _ = self.config_value(("num_attention_heads", "n_head"), PHI2_DEFAULTS["num_attention_heads"])
         if self.n_embd % self.n_head:
             raise ConvertError(f"hidden size {self.n_embd} is not divisible by {self.n_head} attention heads")
+        n_kv, kv_key = self.config_value(("num_key_value_heads", "n_head_kv"), self.n_head)
+        if n_kv != self.n_head:
+            raise ConvertError(f"config.json says {kv_key}={n_kv}, but Phi-2 has no grouped-query attention "
+                               f"({self.n_head} heads)")
         head_dim = self.n_embd // self.n_head
         # Phi-2 rotates only part of each head; llama.cpp rotates the whole head if this is absent.
-        rotary = cfg.get("rotary_dim") or int(head_dim * cfg.get("partial_rotary_factor", PHI2_DEFAULTS["partial_rotary_factor"]))
+        factor, _ = self.config_value(("partial_rotary_factor",), PHI2_DEFAULTS["partial_rotary_factor"], float)
+        rotary, rotary_key = self.config_value(("rotary_dim",), int(head_dim * factor))
+        if rotary_key and cfg.get("partial_rotary_factor") is not None and rotary != int(head_dim * factor):
+            raise ConvertError(f"config.json disagrees with itself: rotary_dim={rotary} but "
+                               f"partial_rotary_factor={factor} of head size {head_dim}")
         if not 0 < rotary <= head_dim or rotary % 2:
             raise ConvertError(f"invalid rotary dimension {rotary} for head size {head_dim}")
         self.n_rot = int(rotary)
-        self.eps = float(cfg.get("layer_norm_eps") or cfg.get("layer_norm_epsilon") or PHI2_DEFAULTS["layer_norm_eps"])
-        self.rope_theta = float(cfg.get("rope_theta") or PHI2_DEFAULTS["rope_theta"])
-        self.n_ctx = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or PHI2_DEFAULTS["max_position_embeddings"])
+        self.eps, _ = self.config_value(("layer_norm_eps", "layer_norm_epsilon"), PHI2_DEFAULTS["layer_norm_eps"], float)
+        self.rope_theta, _ = self.config_value(("rope_theta",), PHI2_DEFAULTS["rope_theta"], float)
+        self.n_ctx, key = self.config_value(CONTEXT_KEYS, PHI2_DEFAULTS["max_position_embeddings"], agree=False)
+        self.context_from = key or "Phi-2 default"
         self.vocab = read_bpe_vocab(ckpt, self.n_rows, cfg.get("eos_token_id"), "</s>")
+        self.tokenizer_from = self.vocab.source
 
     @property
     def embedding_length(self) -> int:

@@ -1,0 +1,780 @@
+"""`imp serve`: an OpenAI-compatible HTTP server over one Session.
+
+Shape: uvicorn runs a Starlette app on the event loop; one worker thread owns the Session (the
+model, its engine and the prompt cache) and answers jobs one at a time, in the order they were
+admitted. The event loop never touches the engine: it parses and checks requests, decodes
+images in a small thread pool, queues jobs and relays the worker's text pieces to the client
+(server-sent events when `stream` is true). A client that goes away sets its job's cancel flag;
+the worker checks it before every token, so the engine is free for the next job at once.
+
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with the HTTP status
+OpenAI uses for the same case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import ipaddress
+import json
+import math
+import secrets
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import ImpError
+from .images import MAX_BYTES, ImageError
+from .prompts import Turn
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOPS = 4  # as OpenAI
+RETRY_AFTER_MAX = 300
+
+
+@dataclass
+class ServeOptions:
+    model: str | None = None
+    mmproj: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_queue: int = 16
+    max_body: int = MAX_BYTES
+    allow_remote_images: bool = False
+    max_tokens: int = 512  # when a request gives none
+    temperature: float = 0.0  # when a request gives none
+    threads: int = 0
+    ctx: int = 4096
+    cache: bool = True
+    verbose: bool = False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- requests ----------------------------------------------------------------------------------
+@dataclass
+class ChatRequest:
+    model: str
+    question: str
+    history: list[Turn]
+    system: str | None
+    image_url: str | None
+    image_turn: int
+    sampling: object  # engine.Sampling
+    max_tokens: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, code=code, param=param)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}", name, "invalid_type")
+    if not (lo <= value <= hi) or (not integer and not math.isfinite(value)):
+        raise _bad(f"'{name}' must be between {lo:g} and {hi:g}", name)
+    return value
+
+
+def _flag(body: dict, name: str, where: str | None = None) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(f"'{where or name}' must be true or false", where or name, "invalid_type")
+    return value
+
+
+def _content(content, param: str, role: str) -> tuple[str, list[str]]:
+    """A message's content -> (its text, its image URLs)."""
+    if isinstance(content, str):
+        return content, []
+    if content is None and role == "assistant":
+        return "", []
+    if not isinstance(content, list):
+        raise _bad(f"'{param}' must be a string or a list of content parts", param, "invalid_type")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if not isinstance(part, dict):
+            raise _bad(f"'{where}' must be an object", where, "invalid_type")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"'{where}.text' must be a string", f"{where}.text", "invalid_type")
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str):
+                raise _bad(f"'{where}.image_url.url' must be a string", f"{where}.image_url", "invalid_type")
+            if role != "user":
+                raise _bad(f"'{where}': only user messages can hold an image", where)
+            images.append(url)
+        else:
+            raise _bad(f"'{where}.type' must be 'text' or 'image_url'", f"{where}.type")
+    return "\n".join(texts), images
+
+
+def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) -> ChatRequest:
+    """The body of POST /v1/chat/completions -> what the Session needs, or an ApiError 400."""
+    from .engine import Sampling
+
+    model = body.get("model")
+    if model is None:
+        raise _bad("you must provide a model parameter", "model", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise _bad("'model' must be a string", "model", "invalid_type")
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", "messages", "invalid_type")
+
+    system: list[str] = []
+    turns: list[list] = []  # [role, text]: user and assistant alternate (consecutive ones merged)
+    image_url, image_turn = None, 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"'{where}' must be an object", where, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _bad(f"'{where}.role' must be one of {', '.join(ROLES)}", f"{where}.role")
+        if "content" not in m:
+            raise _bad(f"'{where}.content' is required", f"{where}.content", "missing_required_parameter")
+        text, images = _content(m["content"], f"{where}.content", role)
+        if role in ("system", "developer"):
+            if images:
+                raise _bad(f"'{where}': a system message cannot hold an image", where)
+            system.append(text)
+            continue
+        if turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + text
+        else:
+            turns.append([role, text])
+        if images:
+            if image_url is not None or len(images) > 1:
+                raise _bad("Imp takes one image per conversation; this one has more", where, "too_many_images")
+            image_url, image_turn = images[0], len(turns) // 2  # the index of this user turn
+    if not turns or turns[0][0] != "user":
+        raise _bad("the conversation must start with a user message (after any system messages)", "messages")
+    if turns[-1][0] != "user":
+        raise _bad("the last message must be a user message", "messages")
+    history = [Turn(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
+
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = _flag(options or {}, "include_usage", "stream_options.include_usage")
+    if _number(body, "n", 1, 2**31 - 1, integer=True) not in (None, 1):
+        raise _bad("'n' must be 1: one answer per request", "n")
+    max_tokens = _number(body, "max_completion_tokens", 1, 2**31 - 1, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_tokens", 1, 2**31 - 1, integer=True)
+    temperature = _number(body, "temperature", 0, 2)
+    top_p = _number(body, "top_p", 0, 1)
+    top_k = _number(body, "top_k", 0, 2**31 - 1, integer=True)  # not OpenAI's; llama.cpp's servers take it
+    seed = _number(body, "seed", -2**63, 2**64 - 1, integer=True)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
+        raise _bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if stop is not None and len(stop) > MAX_STOPS:
+        raise _bad(f"'stop' takes at most {MAX_STOPS} strings", "stop")
+    sampling = Sampling(
+        temperature=default_temperature if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p), top_k=top_k or 0,
+        seed=secrets.randbits(32) if seed is None else seed)
+    return ChatRequest(model, turns[-1][1], history, "\n".join(system) if system else None, image_url,
+                       image_turn, sampling, max_tokens or default_max_tokens, [s for s in stop or [] if s],
+                       stream, include_usage)
+
+
+class StopText:
+    """Cuts the answer before the first stop string; text that may be the start of one is held
+    back until the next piece decides."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held = stops, ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        if not self.stops:
+            return piece, False
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+# -- the engine side -----------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    finish_reason: str  # stop | length
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int  # of the prompt, from the KV cache or the prompt cache (for the log)
+    cancelled: bool
+
+
+@dataclass
+class Job:
+    request: ChatRequest
+    staged: object  # session.Staged or None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def post(self, kind: str, value=None) -> None:
+        """From the worker thread: ("start"), ("text", str), ("end", Outcome), ("error", ApiError)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: the server is gone, nobody listens
+            pass
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Scheduler:
+    """Jobs in arrival order, one running, at most `max_queue` waiting for it."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running = False
+        self._closed = False
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def full(self) -> bool:
+        # An idle engine takes the next job at once: that one does not count as waiting.
+        return len(self._waiting) >= self.max_queue + (0 if self._running else 1)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise ApiError(503, "the server is shutting down", "server_error", "shutting_down")
+            if self.full():
+                raise QueueFull()
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def take(self) -> Job | None:
+        """The next job (it is running until done()), or None once closed."""
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            self._running = bool(self._waiting)
+            return self._waiting.popleft() if self._waiting else None
+
+    def done(self) -> None:
+        with self._cond:
+            self._running = False
+
+    def close(self) -> list[Job]:
+        """No more jobs; those still waiting are returned (to be refused)."""
+        with self._cond:
+            self._closed = True
+            left = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+            return left
+
+
+class Worker(threading.Thread):
+    """Owns the Session: loads it, answers jobs one by one, closes it."""
+
+    def __init__(self, options: ServeOptions, output, scheduler: Scheduler):
+        super().__init__(name="imp-engine", daemon=True)
+        self.options, self.output, self.scheduler = options, output, scheduler
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.session = None
+        self.seconds_per_job = 5.0  # a running mean, for Retry-After
+
+    def run(self) -> None:
+        from .session import Session
+
+        o = self.options
+        try:
+            self.session = Session.open(o.model, o.mmproj, self.output, use_cache=o.cache, threads=o.threads,
+                                        ctx=o.ctx, verbose=o.verbose, note=self.output.note)
+        except BaseException as e:  # reported by the main thread
+            self.error = e
+            return
+        finally:
+            self.ready.set()
+        try:
+            while (job := self.scheduler.take()) is not None:
+                t0 = time.perf_counter()
+                try:
+                    self.answer(job)
+                except Exception as e:  # the server lives on; this request gets a 500
+                    job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+                self.scheduler.done()
+                self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (time.perf_counter() - t0)
+        finally:
+            self.session.close()
+
+    def answer(self, job: Job) -> None:
+        from .session import PromptTooLong
+
+        r = job.request
+        if job.cancel.is_set():  # the client left while it waited
+            job.post("end", Outcome("stop", 0, 0, 0, True))
+            return
+        try:
+            stream = self.session.answer(job.staged, r.question, r.history, r.system, r.sampling, r.max_tokens,
+                                         image_turn=r.image_turn)
+        except PromptTooLong as e:
+            job.post("error", ApiError(400, str(e), code="context_length_exceeded", param="messages"))
+            return
+        except ImpError as e:
+            job.post("error", ApiError(500, str(e), "server_error"))
+            return
+        job.post("start")
+        stopper = StopText(r.stop)
+        pieces = iter(stream)
+        stopped = False
+        try:
+            for piece in pieces:
+                if job.cancel.is_set():
+                    break
+                text, stopped = stopper.feed(piece)
+                if text:
+                    job.post("text", text)
+                if stopped:
+                    break
+        finally:
+            pieces.close()  # stops generation now if we left early; sets stream.result
+        if not stopped and (rest := stopper.flush()):
+            job.post("text", rest)
+        a = stream.result
+        # The end-of-turn token that ended an answer is not part of it: not counted.
+        completion = a.completion_tokens - (1 if a.finish_reason == "stop" else 0)
+        finish = "length" if a.finish_reason in ("length", "context") else "stop"
+        job.post("end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set()))
+
+
+# -- the HTTP side -------------------------------------------------------------------------------
+def _json(obj, status: int = 200, headers: dict | None = None):
+    from starlette.responses import Response
+
+    return Response(json.dumps(obj, ensure_ascii=False), status, headers, media_type="application/json")
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, at most `limit` bytes, else 413. An oversized body is read on (discarded, up to
+    as much again) before answering, so that the client reads our 413 instead of a reset."""
+    from starlette.requests import ClientDisconnect
+
+    too_large = ApiError(413, f"the request body is larger than {limit:,} bytes (see imp serve --max-body)",
+                         code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > 2 * limit):
+        if not declared.isdigit():
+            raise _bad("bad Content-Length header")
+        raise too_large  # not worth reading: answer now, uvicorn closes the connection
+    body, received = bytearray(), 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received <= limit:
+                body += chunk
+            elif received > 2 * limit:
+                break
+    except ClientDisconnect:
+        raise _bad("the client disconnected while sending the body") from None
+    if received > limit:
+        raise too_large
+    return bytes(body)
+
+
+class Api:
+    """The Starlette app and the state its handlers share."""
+
+    def __init__(self, options: ServeOptions, worker: Worker, scheduler: Scheduler, log):
+        self.options, self.worker, self.scheduler, self.log = options, worker, scheduler, log
+        self.pair = worker.session.pair
+        self.model_id = model_id(options.model, options.mmproj, self.pair)
+        self.created = int(self.pair.text_path.stat().st_mtime)
+        self._decoders = None  # a small thread pool for image decoding (made on the loop)
+
+    def app(self):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        async def api_error(request, exc: ApiError):
+            return _json(exc.body(), exc.status, exc.headers)
+
+        async def http_error(request, exc: HTTPException):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+            message = {404: f"no route {request.method} {request.url.path}",
+                       405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+            return _json(ApiError(exc.status_code, message, code=code).body(), exc.status_code, exc.headers)
+
+        async def server_error(request, exc: Exception):
+            return _json(ApiError(500, f"internal error: {type(exc).__name__}", "server_error").body(), 500)
+
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+        ]
+        app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
+                                                           Exception: server_error})
+        return Guard(app, self.options.api_key, self.log)
+
+    # -- endpoints ----------------------------------------------------------------------------
+    async def health(self, request):
+        return _json({"status": "ok"})
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "imp"}
+
+    async def models(self, request):
+        return _json({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request):
+        self._check_model(request.path_params["model"])
+        return _json(self._model_card())
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_id:
+            raise ApiError(404, f"the model '{name}' does not exist: this server runs '{self.model_id}'",
+                           code="model_not_found", param="model")
+
+    def _queue_full(self) -> ApiError:
+        wait = self.worker.seconds_per_job * (self.scheduler.waiting() + 1)
+        seconds = max(1, min(RETRY_AFTER_MAX, math.ceil(wait)))
+        return ApiError(503, f"the server is busy ({self.scheduler.waiting()} requests waiting): retry later",
+                        "server_error", "queue_full", headers={"Retry-After": str(seconds)})
+
+    async def chat(self, request):
+        if self.scheduler.full():
+            raise self._queue_full()  # before reading a body we would not serve
+        body = await _read_body(request, self.options.max_body)
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
+            raise _bad(f"the body is not valid JSON ({str(e)[:200]})", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise _bad("the body must be a JSON object", code="invalid_json")
+        r = parse_chat(data, self.options.max_tokens, self.options.temperature)
+        self._check_model(r.model)
+        staged = await self._stage(r.image_url) if r.image_url is not None else None
+
+        job = Job(r, staged, asyncio.get_running_loop())
+        try:
+            self.scheduler.submit(job)
+        except QueueFull:
+            raise self._queue_full() from None
+        watcher = asyncio.ensure_future(_watch_disconnect(request, job))
+        try:
+            kind, value = await job.events.get()  # waits its turn, then the prefill
+            if kind == "error":
+                raise value
+            if kind == "end":  # cancelled before it started: the client is gone
+                request.state.note = "client gone"
+                return _json({}, 499)
+            if r.stream:
+                watcher.cancel()  # the streaming response watches for a disconnect itself
+                from starlette.responses import StreamingResponse
+
+                return StreamingResponse(self._events(request, job), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            text = []
+            while True:
+                kind, value = await job.events.get()
+                if kind == "text":
+                    text.append(value)
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+            self._note(request, value)
+            return _json({
+                "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text), "refusal": None},
+                             "logprobs": None, "finish_reason": value.finish_reason}],
+                "usage": _usage(value),
+            })
+        except BaseException:
+            job.cancel.set()  # an error or a cancelled handler (shutdown): free the engine
+            raise
+        finally:
+            watcher.cancel()
+
+    async def _events(self, request, job: Job):
+        """Server-sent events in OpenAI's chunk format, then `data: [DONE]`."""
+        r = job.request
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.model_id}
+
+        def chunk(delta: dict, finish=None) -> str:
+            obj = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if r.include_usage:
+                obj["usage"] = None
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        ended = False
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await job.events.get()
+                if kind == "text":
+                    yield chunk({"content": value})
+                elif kind == "error":  # the status is sent already: an error event ends the stream
+                    ended = True
+                    yield f"data: {json.dumps(value.body())}\n\n"
+                    return
+                else:
+                    ended = True
+                    self._note(request, value)
+                    yield chunk({}, value.finish_reason)
+                    if r.include_usage:
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(value)})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if not ended:  # the client went away (or the server stops): stop the generation now
+                job.cancel.set()
+                await self._settle(request, job)
+
+    async def _settle(self, request, job: Job) -> None:
+        """After a disconnect: wait (shielded from the cancellation, bounded) for the worker to
+        stop, so that the request's log line says how far it got."""
+        import anyio
+
+        request.state.note = "client gone"
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            while True:
+                kind, value = await job.events.get()
+                if kind == "end":
+                    self._note(request, value)
+                if kind in ("end", "error"):
+                    return
+
+    @staticmethod
+    def _note(request, outcome: Outcome) -> None:
+        request.state.usage = (outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
+        if outcome.cancelled:
+            request.state.note = "client gone"
+
+    async def _stage(self, url: str):
+        import anyio
+
+        if self._decoders is None:
+            self._decoders = anyio.CapacityLimiter(2)
+        try:
+            return await anyio.to_thread.run_sync(self._load, url, limiter=self._decoders)
+        except ImageError as e:
+            raise _bad(str(e), "messages", "invalid_image") from None
+
+    def _load(self, url: str):
+        from .images import image_from_bytes, load_data_url
+        from .session import stage_image
+
+        limit = self.options.max_body
+        if url[:5].lower() == "data:":
+            image = load_data_url(url, max_bytes=limit)
+        elif url.lower().startswith(("http://", "https://")):
+            if not self.options.allow_remote_images:
+                raise ImageError("image URLs other than data: URLs are refused (start imp serve with "
+                                 "--allow-remote-images to fetch http(s) URLs)")
+            from .remote import fetch_public
+
+            data = fetch_public(url, max_bytes=limit)
+            image = image_from_bytes(data, url, f"image URL {url}", f"image URL {url}")
+        else:
+            raise ImageError("the image URL must be a data:image/...;base64 URL (or http(s) with --allow-remote-images)")
+        return stage_image(self.pair, image)
+
+
+def model_id(spec: str | None, mmproj: str | None, pair) -> str:
+    """The name clients send as `model`: the store name, or the text GGUF's file name without
+    .gguf for a model given by path."""
+    from .resolve import resolve
+
+    found = resolve(spec, mmproj)
+    return found.name or pair.text_path.stem
+
+
+def _usage(o: Outcome) -> dict:
+    return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+            "total_tokens": o.prompt_tokens + o.completion_tokens}
+
+
+async def _watch_disconnect(request, job: Job) -> None:
+    """Cancel the job when the client disconnects (after its body was read, receive() only
+    returns on a disconnect or once the response is complete)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel.set()
+            return
+
+
+class Guard:
+    """ASGI wrapper: the API key (every path but /health) and one log line per request."""
+
+    def __init__(self, app, api_key: str | None, log):
+        self.app, self.log = app, log
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        state = scope.setdefault("state", {})
+        status = [0]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.expected is not None and scope["path"] != "/health" and not self._authorized(scope):
+                error = ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await _json(error.body(), 401, error.headers)(scope, receive, sending)
+                return
+            await self.app(scope, receive, sending)
+        finally:
+            usage = state.get("usage")
+            tokens = f"{usage[0]}+{usage[1]} tokens ({usage[2]} reused)" if usage else "-"
+            note = f" ({state['note']})" if state.get("note") else ""
+            path = "".join(c if c.isprintable() else "?" for c in scope["path"])[:200]
+            self.log(f"{scope['method']} {path} {status[0] or '-'} {tokens} "
+                     f"{(time.perf_counter() - t0) * 1000:.0f} ms{note}")
+
+    def _authorized(self, scope) -> bool:
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        return hmac.compare_digest(given, self.expected)  # constant time
+
+
+# -- running it ----------------------------------------------------------------------------------
+def _bind(host: str, port: int) -> socket.socket:
+    """Bound, not listening yet: a taken port fails before the model loads, and nobody can
+    connect (and hang) while it loads."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise ImpError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_serve(options: ServeOptions, output) -> None:
+    """Load the model, listen, serve until Ctrl-C or SIGTERM, then finish or cancel what runs and
+    return (exit 0)."""
+    import uvicorn
+
+    sock = _bind(options.host, options.port)
+    if not _is_loopback(sock.getsockname()[0]) and not options.api_key:
+        output.warn(f"listening on {options.host}, not a loopback address, without --api-key: "
+                    "anyone who can reach it can use the model")
+    scheduler = Scheduler(options.max_queue)
+    worker = Worker(options, output, scheduler)
+    worker.start()
+    worker.ready.wait()
+    if worker.error is not None:
+        sock.close()
+        raise worker.error
+    try:
+        sock.listen(128)
+        host, port = sock.getsockname()[:2]
+        api = Api(options, worker, scheduler, output.info)
+        shown = f"[{host}]" if ":" in host else host
+        ready = (f"imp serve: {api.model_id} on http://{shown}:{port}/v1 "
+                 f"(max queue {options.max_queue}{', API key required' if options.api_key else ''})")
+
+        config = uvicorn.Config(api.app(), log_level="info" if options.verbose else "warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=10, server_header=False)
+        server = _server_class()(config, scheduler, lambda: output.info(ready))
+        server.run(sockets=[sock])
+    finally:
+        for job in scheduler.close():
+            job.post("error", ApiError(503, "the server is shutting down", "server_error", "shutting_down"))
+        worker.join()
+    output.info("imp serve: stopped")
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, scheduler: Scheduler, on_ready):
+            super().__init__(config)
+            self.scheduler, self.on_ready = scheduler, on_ready
+            self.loop = None
+
+        async def startup(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+            if not self.should_exit:
+                self.on_ready()  # signals are ours from here: Ctrl-C stops gracefully, exit 0
+
+        def handle_exit(self, sig, frame) -> None:
+            # Refuse the waiting jobs (on the loop: a signal may land while it holds the lock);
+            # the running one finishes, or is cancelled when the graceful timeout runs out.
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._refuse_waiting)
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after a graceful stop; a stop on request is exit 0.
+            getattr(self, "_captured_signals", []).clear()
+
+        def _refuse_waiting(self) -> None:
+            for job in self.scheduler.close():
+                job.post("error", ApiError(503, "the server is shutting down", "server_error", "shutting_down"))
+
+    return Server
+
