@@ -46,11 +46,12 @@ def _decoded(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
-def run_imp(*args, env: dict, stdin: bytes = b"", cwd: Path | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    """`imp ARGS` with all three streams pipes; stdout/stderr as str."""
+def run_imp(*args, env: dict, stdin: bytes = b"", cwd: Path | None = None, timeout: float = 120,
+            **popen: object) -> subprocess.CompletedProcess:
+    """`imp ARGS` with all three streams pipes; stdout/stderr as str. `popen`: more arguments
+    for subprocess (e.g. preexec_fn to set a resource limit)."""
     p = subprocess.run([IMP, *map(str, args)], input=stdin, capture_output=True, env=env, cwd=cwd,
-                       timeout=timeout)
+                       timeout=timeout, **popen)
     return _decoded(p)
 
 

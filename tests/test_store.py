@@ -215,7 +215,7 @@ def test_pull_repo_with_tower_folder_and_no_tokenizer_json(tmp_path, hub_cache, 
     repo = "MILVLG/imp-tiny-variant"
     cache, commit = hub_cache(repo, tower_config="folder", tokenizer_files="no-tokenizer-json")
     ctx = Ctx(tmp_path, hub=cache)
-    r = ok(ctx.run("pull", repo))
+    r = assert_ok(ctx.run("pull", repo))
     folder = ctx.models / "imp-tiny-variant"
     assert r.stdout == f"{folder}\n"
     check_entry(folder, "imp-tiny-variant", "Q4_K_M", repo)
