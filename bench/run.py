@@ -316,7 +316,7 @@ def worker_engine(a: dict) -> dict:
         out["load_ms"] = eng.timings.load_ms
         eog = _eog_ids(eng.llm.model)
         out["eog_ids"] = eog
-        head, tail = eng.tokenize(before), eng.tokenize(after)
+        head, tail = eng.tokenize(before, first=True), eng.tokenize(after)
         keys = iter(range(10**6))
 
         def pick(logits: np.ndarray) -> int:
@@ -486,7 +486,7 @@ def worker_ab(a: dict) -> dict:
     before, after = build_prompt(pair.prompt_family, a["question"])
     eng = Engine(pair, n_ctx=4096, threads=a["threads"])
     eog = _eog_ids(eng.llm.model)
-    head, tail = eng.tokenize(before), eng.tokenize(after)
+    head, tail = eng.tokenize(before, first=True), eng.tokenize(after)
     emb = eng.encode_image(pixels, "ab")
     eng.evaluate([head, emb, tail])
     logits = eng.last_logits()

@@ -117,7 +117,7 @@ def _checked_config(config: dict, path: Path) -> dict:
     check(config, _COUNTS)
     for key in _IDS:
         v = config.get(key)
-        need(v is None or is_int(v) and 0 <= v < _LIMIT, key, v, "a token id")
+        need(v is None or is_int(v) and 0 <= v < _LIMIT, key, v, "an integer token id")
     for key in _STRINGS:
         need(config.get(key) is None or isinstance(config[key], str), key, config.get(key), "a string")
     select = config.get("mm_vision_select_layer")

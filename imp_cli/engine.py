@@ -158,11 +158,13 @@ class Engine:
         self.timings = Timings(load_ms=self.timings.load_ms)
 
     # -- text -----------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text` with special tokens parsed, as Imp's HF tokenizer does; no BOS."""
-        if not text:
+    def tokenize(self, text: str, first: bool = False) -> list[int]:
+        """Tokens of `text` with special tokens parsed, as Imp's HF tokenizer does. `first`: the
+        start of the prompt, which gets the BOS if the model's tokenizer adds one (Phi-3's)."""
+        if not text and not first:
             return []
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        # add_bos here is llama.cpp's add_special: a BOS only where the GGUF's add_bos_token says
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=first, special=True)
 
     def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import ImpError
 from .prompts import TEMPLATES
 
-TEXT_ARCHS = {"phi2"}  # llama.cpp architectures of the language models imp converts
+TEXT_ARCHS = {"phi2", "phi3", "qwen2"}  # llama.cpp architectures of the Imp backbones (3B, 4B, 2B)
 
 
 @dataclass(frozen=True)

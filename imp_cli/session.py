@@ -145,13 +145,15 @@ def make_prompt(engine: Engine, staged: Staged | None, question: str, history: S
     before, after = render_conversation(pair.prompt_family, staged is not None, question, history, system,
                                         image_turn)
 
-    def tokens(pieces: list) -> list[int]:
-        return [t for p in pieces for t in (engine.tokenize(p) if isinstance(p, str) else p)]
+    def tokens(pieces: list, first: bool = False) -> list[int]:
+        """`first`: the prompt's start, which gets the BOS where the tokenizer adds one."""
+        return [t for i, p in enumerate(pieces)
+                for t in (engine.tokenize(p, first=first and i == 0) if isinstance(p, str) else p)]
 
     if staged is None:
-        return Prompt(tokens(before + after), None, [], None)
+        return Prompt(tokens(before + after, first=True), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
-    return Prompt(tokens(before), image, tokens(after), staged)
+    return Prompt(tokens(before, first=True), image, tokens(after), staged)
 
 
 def render_conversation(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
