@@ -187,8 +187,6 @@ def _decode(data: bytes, what: str, image_what: str) -> Image.Image:
         raise ImageError(f"{image_what} is truncated or corrupt ({lines[-1] if lines else error})")
     if error:
         raise ImageError(error)
-    if not image.width or not image.height:
-        raise ImageError(f"{image_what} has no pixels (it says {image.width} x {image.height})")
     try:
         return _to_rgb(image)
     except ValueError as e:

@@ -112,7 +112,8 @@ def _declare_size(fmt: str, data: bytearray, w: int, h: int) -> bool:
                 return True
         return False
     if fmt == "bmp":
-        data[18:26] = struct.pack("<ii", (w % 2**32) - 2**31, (h % 2**32) - 2**31)
+        signed = [v % 2**32 - (2**32 if v % 2**32 >= 2**31 else 0) for v in (w, h)]
+        data[18:26] = struct.pack("<ii", *signed)  # negative height: rows stored top-down
         return True
     if fmt.startswith("tiff") and data[:4] == b"II*\0":
         ifd = struct.unpack_from("<I", data, 4)[0]
@@ -724,3 +725,67 @@ def test_fuzz_checkpoint_end_to_end(ckpt, tmp_path):
         p = run_imp("convert", folder, "--out", out, "-q", "F16", env=clean_env(tmp_path))
         assert assert_one_line_error(p) == f"error: {caught.value}", name
         assert not out.exists() or list(out.iterdir()) == [], name
+
+
+# =============================================================================================
+# regressions: one pinned case per bug the fuzzers found (they also stay in the fuzzers' reach)
+# =============================================================================================
+def test_regression_strip_too_long_to_pad_is_refused():
+    """A GIF declaring a 0 x 65535 screen decodes as a 26 x 65535 strip (1.7 M pixels, within
+    Pillow's limit); padding it to a square asked for 12 GB and the process was killed."""
+    from imp_cli.images import ImageError, load_image, preprocess
+
+    data = bytearray(_image_seeds()["gif"])
+    _declare_size("gif", data, 0, 65535)
+    strip = load_image("-", stdin=io.BytesIO(bytes(data))).image
+    assert strip.size == (26, 65535)
+    with pytest.raises(ImageError, match="too long and thin to pad") as caught:
+        preprocess(strip, size=28, aspect="pad")
+    one_line(str(caught.value))
+    assert preprocess(strip, size=28, aspect="square").shape == (28, 28, 3)  # a squash needs no canvas
+
+
+def test_regression_decoder_output_stays_off_stderr(capfd, caplog):
+    """libtiff printed "ZIPDecode: ..." on file descriptor 2 and Pillow logged errors (printed by
+    Python with no handler): beside the error line, that made two or more lines."""
+    from imp_cli.images import ImageError, load_image
+
+    tiff = bytearray(_image_seeds()["tiff-deflate-cmyk"])
+    tiff[8] ^= 0x10  # inside the deflate stream
+    with pytest.raises(ImageError, match="ZIPDecode") as caught:
+        load_image("-", stdin=io.BytesIO(bytes(tiff)))
+    one_line(str(caught.value))
+    assert capfd.readouterr().err == ""
+    assert not caplog.records
+
+
+def test_regression_tensor_of_another_rank_is_a_convert_error(ckpt, tmp_path):
+    """The patch embedding stored flat (same bytes, rank 1) raised ValueError from unpacking."""
+    from convert.errors import ConvertError
+    from convert.pipeline import convert
+
+    shard = next(p for p in sorted(ckpt.glob("*.safetensors"))
+                 if "patch_embedding" in json.dumps(_split_safetensors(p.read_bytes())[0]))
+    header, data = _split_safetensors(shard.read_bytes())
+    name = next(k for k in header if k.endswith("patch_embedding.weight"))
+    header[name]["shape"] = [int(np.prod(header[name]["shape"]))]
+    folder = _linked_copy(ckpt, tmp_path / "ck", replace={shard.name: _join_safetensors(header, data)})
+    with pytest.raises(ConvertError, match="expected"):
+        convert(str(folder), tmp_path / "out", quant="F16", mmproj_type="F16")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_regression_missing_vision_tensor_is_a_convert_error(ckpt, tmp_path):
+    """A shard without the position embedding raised KeyError from Checkpoint.shape."""
+    from convert.errors import ConvertError
+    from convert.pipeline import convert
+
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        header, data = _split_safetensors(shard.read_bytes())
+        name = next((k for k in header if k.endswith("position_embedding.weight")), None)
+        if name:
+            del header[name]
+            break
+    folder = _linked_copy(ckpt, tmp_path / "ck", replace={shard.name: _join_safetensors(header, data)})
+    with pytest.raises(ConvertError, match="position_embedding"):
+        convert(str(folder), tmp_path / "out", quant="F16", mmproj_type="F16")
