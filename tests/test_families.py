@@ -26,7 +26,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType, TokenType
 
-from cli_env import clean_env
+from helpers import assert_ok, assert_one_line_error, clean_env, run_imp
 from factory import (
     PHI3_BOS_ID,
     PHI3_EOS_ID,
@@ -54,12 +54,10 @@ from test_ask import (  # noqa: F401  (_torch_one_thread: the module-wide autous
     rel_diff,
 )
 from test_convert import (
-    assert_one_line_error,
     kv,
     kv_types,
     np_shape,
     read_checkpoint,
-    run_imp,
     tensors,
     values,
     vision_map,
@@ -232,7 +230,7 @@ def test_family_from_tensor_names_when_config_names_none(family_ckpt, tmp_path, 
 
 def test_config_naming_another_family_is_a_clear_error(imp_bin, family_ckpt, tmp_path):
     folder = _rename_config(family_ckpt("qwen2"), tmp_path / "ck", architectures=["ImpForCausalLM"], model_type="imp")
-    r = run_imp(imp_bin, "convert", str(folder), "--out", str(tmp_path / "out"), "-q", "F16")
+    r = run_imp("convert", str(folder), "--out", str(tmp_path / "out"), "-q", "F16", env=clean_env(tmp_path))
     assert_one_line_error(r, "phi2", "tensors")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
@@ -273,7 +271,7 @@ def test_unreproducible_phi3_checkpoint_is_refused(imp_bin, family_ckpt, tmp_pat
     name, edit, words = UNREPRODUCIBLE[case]
     folder = shutil.copytree(family_ckpt("phi3"), tmp_path / "ck")
     _edit_json(folder, name, edit)
-    r = run_imp(imp_bin, "convert", str(folder), "--out", str(tmp_path / "out"), "-q", "F16")
+    r = run_imp("convert", str(folder), "--out", str(tmp_path / "out"), "-q", "F16", env=clean_env(tmp_path))
     assert_one_line_error(r, *words)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
@@ -663,12 +661,9 @@ def test_pull_known_name_then_ask(imp_bin, hub_cache, family_oracle, photo, tmp_
     """`imp pull imp-v1.5-4b` / `imp-v1.5-2b` (offline, from a hub cache holding the tiny
     checkpoint under the real repo id): the store entry, named without "phi3", answers as the
     oracle does."""
-    import subprocess
-
     name, repo = KNOWN[family]
     cache, _ = hub_cache(repo, family=family)
-    env = clean_env(tmp_path, HF_HUB_CACHE=str(cache))
-    p = subprocess.run([imp_bin, "pull", name, "-q", "F16"], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr
+    env = clean_env(tmp_path, hub=cache)
+    assert_ok(run_imp("pull", name, "-q", "F16", env=env, timeout=300))
     answer = ask_ok(imp_bin, photo, name, env=env)
     assert answer == family_oracle(family).answer_text(as_imp_sees_it(photo), QUESTION, N_TOKENS)

@@ -59,13 +59,13 @@ class Phi2(TextFamily):
         self.layout = "hf-phi" if self.keys is _NEW else "phi-msft"
         cfg = ckpt.config
         k = self.keys
-        self.n_rows, self.n_embd = ckpt.shape(k["embed"])
+        self.n_rows, self.n_embd = ckpt.shape(k["embed"], rank=2)
         self.n_layer = self.config_int(("num_hidden_layers", "n_layer"), self.count_layers(k["layer"]), None)
         self.config_int(("hidden_size", "n_embd"), self.n_embd, None)
         self.config_int(("vocab_size",), self.n_rows, None)
         fc1 = k["layer"].format(0) + k["fc1"] + ".weight"
         self.require(fc1)
-        self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1)[0], None)
+        self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1, rank=2)[0], None)
 
         # Sizes no tensor shape tells: from either config family (HF or phi-msft), else Phi-2's.
         self.n_head, _ = self.config_value(("num_attention_heads", "n_head"), PHI2_DEFAULTS["num_attention_heads"])
