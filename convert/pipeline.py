@@ -122,7 +122,7 @@ def convert(
     aspect = ckpt.config.get("image_aspect_ratio", "square")
 
     def imp_metadata(w: GGUFWriter) -> None:
-        w.add_name(f"Imp {base}")
+        w.add_name(family.gguf_name(f"Imp {base}"))
         w.add_string("imp.source", src.label)
         w.add_string("imp.prompt_family", family.name)
         w.add_string("imp.image_aspect_ratio", aspect)

@@ -66,7 +66,7 @@ class VisionTower:
         pos_key = self.prefix + "embeddings.position_embedding.weight"
         if pos_key not in ckpt.tensors:
             raise ConvertError(f"{ckpt.folder}: checkpoint is missing tensor {pos_key}")
-        n_pos = ckpt.shape(pos_key)[0]
+        n_pos = ckpt.shape(pos_key, rank=2)[0]
         side = math.isqrt(n_pos)
         if side * side != n_pos:
             raise ConvertError(f"vision position embedding has {n_pos} rows, not a square grid")
@@ -79,7 +79,7 @@ class VisionTower:
         fc1 = self.prefix + "encoder.layers.0.mlp.fc1.weight"
         if fc1 not in ckpt.tensors:
             raise ConvertError(f"{ckpt.folder}: checkpoint is missing tensor {fc1}")
-        self.n_ff = ckpt.shape(fc1)[0]
+        self.n_ff = ckpt.shape(fc1, rank=2)[0]
 
         configs = self._configs()
         for where, vcfg in configs:
@@ -100,8 +100,8 @@ class VisionTower:
         self.eps = self._agreed(configs, "layer_norm_eps", float) or 1e-6
         self.config_from = " + ".join(w for w, _ in configs) if configs else f"tensor shapes ({known[0]})"
 
-        self.proj_in = ckpt.shape(self.proj + "0.weight")[1]
-        self.proj_out = ckpt.shape(self.proj + "2.weight")[0]
+        self.proj_in = ckpt.shape(self.proj + "0.weight", rank=2)[1]
+        self.proj_out = ckpt.shape(self.proj + "2.weight", rank=2)[0]
         if self.proj_in != self.hidden:
             raise ConvertError(f"projector expects width {self.proj_in}, vision tower gives {self.hidden}")
         mm_hidden = cfg.get("mm_hidden_size")

@@ -34,6 +34,7 @@ app = typer.Typer(
 # The choices come from the one list of types (convert/formats.py, no heavy imports).
 TextType = Enum("TextType", {t: t for t in TEXT_TYPES}, type=str)
 MmprojType = Enum("MmprojType", {t: t for t in MMPROJ_TYPES}, type=str)
+Switch = Enum("Switch", {v: v for v in ("auto", "on", "off")}, type=str)
 
 
 # Options shared by the commands that answer (ask, chat, serve): declared once.
@@ -49,6 +50,8 @@ THREADS_OPTION = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0,
 CTX_OPTION = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context).")
 NO_CACHE_OPTION = typer.Option(False, "--no-cache", help="Neither read nor write the prompt cache (also IMP_CACHE=off).")
 VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Show llama.cpp logs and tracebacks.")
+REPACK_OPTION = typer.Option(Switch.auto, "--repack", envvar="IMP_REPACK", case_sensitive=False, help="Repack the weights at load (llama.cpp's use_extra_bufts); auto: as `imp tune` measured, else the CPU family's default.")
+FLASH_ATTN_OPTION = typer.Option(Switch.auto, "--flash-attn", envvar="IMP_FLASH_ATTN", case_sensitive=False, help="Flash attention; auto: as `imp tune` measured, else the CPU family's default.")
 
 
 @app.command()
@@ -104,6 +107,8 @@ def ask(
     grammar: Optional[str] = typer.Option(None, "--grammar", metavar="@FILE", help="Generate only what this GBNF grammar (root rule `root`) allows."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
+    repack: Switch = REPACK_OPTION,
+    flash_attn: Switch = FLASH_ATTN_OPTION,
     verbose: bool = VERBOSE,
 ) -> None:
     """Answer a question about an image (or each question about each of several), streaming to stdout."""
@@ -120,7 +125,8 @@ def ask(
         request = Request(images=images, questions=asked, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
                           threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache,
-                          choices=choice_list, constraint=constraint)
+                          choices=choice_list, constraint=constraint, repack=repack.value,
+                          flash_attn=flash_attn.value)
         status = run_ask(request, output, stats=stats)
     if status:
         raise typer.Exit(status)
@@ -215,15 +221,32 @@ def pull(
     model: str = typer.Argument("imp-v1-3b", help="A known model name or a Hugging Face repo id (owner/name[@revision])."),
     quant: TextType = typer.Option(TextType[DEFAULT_TEXT_TYPE], "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
     force: bool = typer.Option(False, "--force", "-f", help="Download and convert again even if installed."),
-    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: all cores)."),
+    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: all cores); also the threads `imp tune` measures with (0: physical cores)."),
+    no_tune: bool = typer.Option(False, "--no-tune", help="Do not run `imp tune` after a conversion."),
     verbose: bool = VERBOSE,
 ) -> None:
-    """Download and convert a model into the model store (see `imp models`)."""
+    """Download and convert a model into the model store (see `imp models`), then tune llama.cpp for it."""
     with _command(verbose=verbose) as output:
         from .pull import pull as run_pull
 
-        entry = run_pull(model, output, quant=quant.value, force=force, threads=threads or None)
+        entry = run_pull(model, output, quant=quant.value, force=force, threads=threads or None, tune=not no_tune)
         output.answer(f"{entry.folder}\n")
+
+
+@app.command()
+def tune(
+    model: Optional[str] = MODEL_OPTION,
+    mmproj: Optional[str] = MMPROJ_OPTION,
+    threads: int = THREADS_OPTION,
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Measure each setting this many times, interleaved, and keep its best figures (on a busy machine)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object on stdout (key, choice, measurements)."),
+    verbose: bool = VERBOSE,
+) -> None:
+    """Measure weight repacking and flash attention on/off for this model and machine; keep the fastest."""
+    with _command(json_mode=json_out, verbose=verbose) as output:
+        from .tune import run_tune
+
+        run_tune(model, mmproj, output, threads=threads, verbose=verbose, rounds=rounds)
 
 
 models_app = typer.Typer(help="List, locate, import and remove models in the store.", no_args_is_help=True)

@@ -26,6 +26,8 @@ class Request:
     verbose: bool = False
     ignore_eos: bool = False
     cache: bool = True
+    repack: str = "auto"  # weight repacking: auto (imp tune's choice) | on | off
+    flash_attn: str = "auto"
     choices: list[str] | None = None  # --choices: score these instead of generating
     constraint: object = None  # --json-schema / --grammar: a constrain.Constraint
     extra: dict = field(default_factory=dict)
@@ -90,7 +92,8 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
     status = 0
     several = len(req.images) * len(req.questions) > 1
     with Session(pair, threads=req.threads, ctx=n_ctx, verbose=req.verbose,
-                 cache=default_cache(output, req.cache), note=output.note) as session:
+                 cache=default_cache(output, req.cache), note=output.note,
+                 repack=req.repack, flash_attn=req.flash_attn) as session:
         n = 0
         for i, source in enumerate(req.images):
             image = first if i == 0 else load_image(source)
@@ -124,6 +127,8 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
                                   "type": pair.text_type},
                         "image": {"source": staged.source, "width": staged.width, "height": staged.height,
                                   "sha256": staged.sha256},
+                        "settings": {"repack": session.engine.tuning.repack,  # what imp tune / --repack chose
+                                     "flash_attn": session.engine.tuning.flash_attn},
                         "finish_reason": result.finish_reason,
                         "cache": result.cache,
                         "timings": result.timings,

@@ -96,40 +96,70 @@ KEEP_IMAGES = 1
 
 
 # -- the engine ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tuning:
+    """How llama.cpp runs the model on this machine: neither changes the answer, both change the
+    speed, and which is faster depends on the CPU (see `imp tune`). The defaults are
+    llama-cpp-python's: weights repacked at load (llama.cpp's `use_extra_bufts`), flash
+    attention off."""
+
+    repack: bool = True
+    flash_attn: bool = False
+
+    def describe(self) -> str:
+        return f"repack {'on' if self.repack else 'off'}, flash attention {'on' if self.flash_attn else 'off'}"
+
+
+_backend_ready = False
+
+
 class Engine:
     def __init__(self, pair: ModelPair, n_ctx: int = 4096, threads: int = 0, verbose: bool = False,
-                 n_batch: int = 512):
-        import llama_cpp
+                 n_batch: int = 512, tuning: Tuning = Tuning()):
+        import llama_cpp as lc
 
+        global _backend_ready
         t0 = time.perf_counter()  # load time: the text model, not the Python import
 
-        self._llama_cpp = llama_cpp
+        self._llama_cpp = lc
         native_log.install(verbose)
         self.pair = pair
+        self.tuning = tuning
         self.timings = Timings()
         self.n_ctx = max(64, min(n_ctx, pair.n_ctx_train))  # past the trained context Phi-2 degrades
-        self.threads = threads or _physical_cores()
+        self.threads = threads or physical_cores()
         self.verbose = verbose
-        native_log.clear()
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(pair.text_path), n_ctx=self.n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                n_threads=self.threads, n_threads_batch=self.threads, n_gpu_layers=0, verbose=verbose,
-            )
-        except (ValueError, RuntimeError, OSError) as e:
-            raise EngineError(f"llama.cpp could not load {pair.text_path.name}: {native_log.last_error() or e}") from None
-        # Llama() re-registers its own logger on import paths; make ours win again.
-        native_log.install(verbose)
-        self._ctx = self.llm._ctx.ctx
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.n_batch = n_batch
+        self.n_batch = min(n_batch, self.n_ctx)
+        self.model = self._ctx = None
         self._mtmd = None
         self._mtmd_ctx = None  # the vision tower: loaded on the first image that must be encoded
         self._cached: list = []  # one key per KV-cache position: token id or (image key, i)
         self.generated: list[int] = []  # the last answer's token ids (a conversation feeds them back)
         self._images: list[ImageEmbedding] = []
         self._candidates = None  # the sampler's token array, allocated on the first sample
+        if not _backend_ready:
+            lc.llama_backend_init()
+            _backend_ready = True
+        # The low-level API, not llama_cpp.Llama: that class does not expose use_extra_bufts.
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.use_extra_bufts = tuning.repack
+        native_log.clear()
+        self.model = lc.llama_model_load_from_file(str(pair.text_path).encode(), mp)
+        if not self.model:
+            raise EngineError(f"llama.cpp could not load {pair.text_path.name}: {native_log.last_error() or 'unknown error'}")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if tuning.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.context_params = cp
+        self._ctx = lc.llama_init_from_model(self.model, cp)
+        if not self._ctx:
+            error = native_log.last_error() or "unknown error"
+            self.close()
+            raise EngineError(f"llama.cpp could not create a context for {pair.text_path.name}: {error}")
+        self._vocab = lc.llama_model_get_vocab(self.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
         self.timings.load_ms = (time.perf_counter() - t0) * 1000
 
     @property
@@ -146,7 +176,7 @@ class Engine:
         params.n_threads = self.threads
         params.warmup = False  # a whole extra image encode at start-up; one-shot runs don't want it
         native_log.clear()
-        ctx = mtmd_cpp.mtmd_init_from_file(str(self.pair.mmproj_path).encode(), self.llm.model, params)
+        ctx = mtmd_cpp.mtmd_init_from_file(str(self.pair.mmproj_path).encode(), self.model, params)
         if not ctx:
             raise EngineError(f"llama.cpp could not load {self.pair.mmproj_path.name}: "
                               f"{native_log.last_error() or 'unknown error'}")
@@ -158,11 +188,19 @@ class Engine:
         self.timings = Timings(load_ms=self.timings.load_ms)
 
     # -- text -----------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text` with special tokens parsed, as Imp's HF tokenizer does; no BOS."""
-        if not text:
+    def tokenize(self, text: str, first: bool = False) -> list[int]:
+        """Tokens of `text` with special tokens parsed, as Imp's HF tokenizer does. `first`: the
+        start of the prompt, which gets the BOS if the model's tokenizer adds one (Phi-3's)."""
+        if not text and not first:
             return []
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        lc, data = self._llama_cpp, text.encode("utf-8")
+        size = len(data) + 2  # a token is at least one byte; and the BOS
+        ids = (lc.llama_token * size)()
+        # add_special: a BOS only where the GGUF's add_bos_token says (Phi-3's), and only at the start
+        n = lc.llama_tokenize(self._vocab, data, len(data), ids, size, first, True)
+        if n < 0:
+            raise EngineError(f"llama.cpp could not tokenize {len(data)} bytes of text")
+        return list(ids[:n])
 
     def _piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -269,12 +307,9 @@ class Engine:
     def kv_layout(self) -> dict:
         """What a saved KV state depends on besides the model files: restoring a state into a
         context that differs in any of these is refused (llama.cpp may not notice)."""
-        import llama_cpp
-
-        p = self.llm.context_params
-        return {"llama_cpp": llama_cpp.__version__, "type_k": int(p.type_k), "type_v": int(p.type_v),
-                "flash_attn": int(getattr(p, "flash_attn_type", getattr(p, "flash_attn", 0))),
-                "n_embd": self.pair.n_embd}
+        p = self.context_params  # flash attention stores the V cache untransposed: part of the layout
+        return {"llama_cpp": self._llama_cpp.__version__, "type_k": int(p.type_k), "type_v": int(p.type_v),
+                "flash_attn": int(p.flash_attn_type), "n_embd": self.pair.n_embd}
 
     def save_state(self) -> np.ndarray:
         """The KV cells of sequence 0 (what the cache holds now) as a byte array."""
@@ -469,7 +504,12 @@ class Engine:
         if self._mtmd_ctx:
             self._mtmd.mtmd_free(self._mtmd_ctx)
             self._mtmd_ctx = None
-        self.llm.close()
+        if self._ctx:
+            self._llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self.model:
+            self._llama_cpp.llama_model_free(self.model)
+            self.model = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -535,7 +575,7 @@ def common_prefix(a: list, b: list) -> int:
     return n
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
     """Physical cores (llama.cpp is slower with SMT siblings); falls back to logical CPUs."""
     try:
         cores = set()

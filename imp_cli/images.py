@@ -4,8 +4,10 @@ only normalises it)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import re
 import socket
 import sys
@@ -93,6 +95,9 @@ def preprocess(image: Image.Image, *, size: int, aspect: str) -> np.ndarray:
     if aspect == "pad":  # LLaVA's expand2square: centre on a grey square of the longer side
         w, h = image.size
         if w != h:
+            if max(w, h) ** 2 > Image.MAX_IMAGE_PIXELS:  # a 65535 x 1 strip would need 17 GB
+                raise ImageError(f"a {w} x {h} image is too long and thin to pad to a square "
+                                 f"({max(w, h) ** 2:,} pixels; limit {Image.MAX_IMAGE_PIXELS:,})")
             canvas = Image.new("RGB", (max(w, h),) * 2, PAD_COLOR)
             canvas.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
             image = canvas
@@ -159,25 +164,70 @@ def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
 def _decode(data: bytes, what: str, image_what: str) -> Image.Image:
     # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make both an error. The check
     # runs on the header, before any pixel is decompressed.
-    with warnings.catch_warnings():
+    native: list[str] = []
+    with warnings.catch_warnings(), _decoder_chatter(native):
         warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": noise to the user
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))  # multi-frame formats open on the first frame
             image.load()  # decode now, so a truncated file fails here (LOAD_TRUNCATED_IMAGES off)
             image = ImageOps.exif_transpose(image)
+            error = None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
             detail = f"{int(m[1]):,} pixels; limit {int(m[2]):,}" if m else str(e)
-            raise ImageError(f"{image_what} is too large ({detail})") from None
+            error = f"{image_what} is too large ({detail})"
         except Image.UnidentifiedImageError:
-            raise ImageError(f"{what} is not an image Pillow can read") from None
+            error = f"{what} is not an image Pillow can read"
         except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-            raise ImageError(f"{image_what} is truncated or corrupt ({e})") from None
+            error = e
+    if isinstance(error, BaseException):
+        # the decoder's own line (libtiff's, say) says more than Pillow's "decoder error -2"
+        lines = [line.strip() for line in "".join(native).splitlines() if line.strip()]
+        raise ImageError(f"{image_what} is truncated or corrupt ({lines[-1] if lines else error})")
+    if error:
+        raise ImageError(error)
     try:
         return _to_rgb(image)
     except ValueError as e:
         raise ImageError(f"{image_what} has an unsupported mode {image.mode} ({e})") from None
+
+
+@contextlib.contextmanager
+def _decoder_chatter(captured: list[str]):
+    """Decoders report problems beside our error: libtiff prints straight to file descriptor 2,
+    Pillow's plugins log (with no handler, Python prints those on stderr). Either breaks the
+    one-line error; collect them instead."""
+    import logging
+    import tempfile
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(record.getMessage() + "\n")
+
+    logger, handler = logging.getLogger("PIL"), Collect(logging.WARNING)
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to protect
+        saved = None
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            if saved is not None:
+                sys.stderr.flush()
+                os.dup2(tmp.fileno(), 2)
+            try:
+                yield
+            finally:
+                if saved is not None:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                    tmp.seek(0)
+                    captured.append(tmp.read(4096).decode("utf-8", "replace"))
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

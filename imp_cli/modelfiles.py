@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import ImpError
 from .prompts import TEMPLATES
 
-TEXT_ARCHS = {"phi2"}  # llama.cpp architectures of the language models imp converts
+TEXT_ARCHS = {"phi2", "phi3", "qwen2"}  # llama.cpp architectures of the Imp backbones (3B, 4B, 2B)
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,12 @@ class ModelPair:
     mmproj_type: str
 
 
-def _read(path: Path) -> dict:
-    """The scalar and short-array key/values of a GGUF file, after checking that every tensor's
-    data lies inside the file. Long arrays (the tokenizer's) are skipped, not decoded: gguf's own
-    reader decodes them all in Python, over a second per model, which llama.cpp then redoes."""
+def _read(path: Path) -> tuple[dict, dict]:
+    """The scalar and short-array key/values of a GGUF file, after checking its header as
+    llama.cpp will (value types of the keys it reads, tensor directory, every tensor's data inside
+    the file): llama.cpp aborts the process on a key of the wrong type. Long arrays (the
+    tokenizer's) are skipped, not decoded: gguf's own reader decodes them all in Python, over a
+    second per model, which llama.cpp then redoes."""
     import mmap
 
     if not path.is_file():
@@ -44,23 +46,85 @@ def _read(path: Path) -> dict:
             if f.read(4) != b"GGUF":
                 raise ImpError(f"{path} is not a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                fields, end = _scan(data)
+                fields, kinds, tensors, end = _scan(data)
     except OSError as e:
         raise ImpError(f"cannot read {path}: {e.strerror}") from None
-    except (ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError, struct.error):
+    except (IndexError, KeyError, UnicodeDecodeError, OverflowError, struct.error):
         raise ImpError(f"{path} is truncated or corrupt (unreadable GGUF header)") from None
+    except ValueError as e:
+        raise ImpError(f"{path} is truncated or corrupt (unreadable GGUF header: {e})") from None
     if end > path.stat().st_size:
         raise ImpError(f"{path} is truncated (tensor data ends past the end of the file)")
-    return fields
+    _check_kinds(fields, kinds, path)
+    return fields, tensors
 
 
 # GGUF value types (gguf spec): scalar struct formats; 8 = string, 9 = array.
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY, _SHORT_ARRAY = 8, 9, 16
+_U32, _I32, _F32, _BOOL = 4, 5, 6, 7
+_KIND_NAMES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32",
+               7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64"}
+_MAX_DIMS, _MAX_NAME = 4, 64  # ggml's GGML_MAX_DIMS and GGML_MAX_NAME (a name must be shorter)
+
+# The value type llama.cpp's getters require of each key it reads (a mismatch is an abort in
+# ggml for the mmproj keys, a failed load for the others); (ARRAY, item type) for arrays. Keys
+# of the text architecture are listed without their "<arch>." prefix.
+_KINDS = {
+    "general.architecture": _STRING, "general.name": _STRING, "general.alignment": _U32,
+    "general.file_type": _U32,
+    "imp.prompt_family": _STRING, "imp.image_aspect_ratio": _STRING, "imp.image_token_count": _U32,
+    "tokenizer.ggml.model": _STRING, "tokenizer.ggml.pre": _STRING,
+    "tokenizer.ggml.tokens": (_ARRAY, _STRING), "tokenizer.ggml.token_type": (_ARRAY, _I32),
+    "tokenizer.ggml.scores": (_ARRAY, _F32), "tokenizer.ggml.merges": (_ARRAY, _STRING),
+    "tokenizer.ggml.bos_token_id": _U32, "tokenizer.ggml.eos_token_id": _U32,
+    "tokenizer.ggml.eot_token_id": _U32, "tokenizer.ggml.unknown_token_id": _U32,
+    "tokenizer.ggml.padding_token_id": _U32, "tokenizer.ggml.add_bos_token": _BOOL,
+    "tokenizer.ggml.add_eos_token": _BOOL,
+    "clip.has_vision_encoder": _BOOL, "clip.has_text_encoder": _BOOL, "clip.has_llava_projector": _BOOL,
+    "clip.projector_type": _STRING, "clip.use_gelu": _BOOL, "clip.use_silu": _BOOL,
+    "clip.vision.image_size": _U32, "clip.vision.patch_size": _U32,
+    "clip.vision.embedding_length": _U32, "clip.vision.feed_forward_length": _U32,
+    "clip.vision.projection_dim": _U32, "clip.vision.block_count": _U32,
+    "clip.vision.attention.head_count": _U32, "clip.vision.attention.layer_norm_epsilon": _F32,
+    "clip.vision.image_mean": (_ARRAY, _F32), "clip.vision.image_std": (_ARRAY, _F32),
+    "clip.vision.feature_layer": (_ARRAY, _I32),
+}
+_ARCH_KINDS = {
+    "context_length": _U32, "embedding_length": _U32, "feed_forward_length": _U32, "block_count": _U32,
+    "attention.head_count": _U32, "attention.head_count_kv": _U32, "rope.dimension_count": _U32,
+    "attention.layer_norm_epsilon": _F32, "attention.layer_norm_rms_epsilon": _F32, "rope.freq_base": _F32,
+}
+_SAME_LENGTH = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
-def _scan(data) -> tuple[dict, int]:
-    """Parse a GGUF header from a buffer: (fields, end of the last tensor's data)."""
+def _kind_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return f"ARRAY of {_KIND_NAMES.get(kind[1], kind[1])}"
+    return _KIND_NAMES.get(kind, str(kind))
+
+
+def _check_kinds(fields: dict, kinds: dict, path: Path) -> None:
+    arch = fields.get("general.architecture")
+    for key, (kind, item, n) in kinds.items():
+        prefix, _, rest = key.partition(".")
+        want = _ARCH_KINDS.get(rest) if prefix == arch and key not in _KINDS else _KINDS.get(key)
+        have = (kind, item) if kind == _ARRAY else kind
+        if want is not None and have != want:
+            raise ImpError(f"{path}: GGUF key {key} is {_kind_name(have)}, expected {_kind_name(want)}")
+    lengths = {key: kinds[key][2] for key in _SAME_LENGTH if key in kinds}
+    if len(set(lengths.values())) > 1:
+        raise ImpError(f"{path}: the tokenizer arrays differ in length ("
+                       + ", ".join(f"{k.rsplit('.', 1)[1]} {n}" for k, n in lengths.items()) + ")")
+    for key in ("clip.vision.image_mean", "clip.vision.image_std"):
+        if key in kinds and kinds[key][2] != 3:
+            raise ImpError(f"{path}: GGUF key {key} has {kinds[key][2]} values, expected 3 (R, G, B)")
+
+
+def _scan(data) -> tuple[dict, dict, dict, int]:
+    """Parse a GGUF header from a buffer: (fields, {key: (type, item type, length)},
+    {tensor name: dims}, end of the tensor data). Checks the tensor directory as llama.cpp's
+    gguf loader does."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     pos = 4
@@ -84,35 +148,69 @@ def _scan(data) -> tuple[dict, int]:
             return take(_SCALAR[kind])
         if kind == _STRING:
             return string(keep)
-        if kind == _ARRAY:
-            item, n = take("I"), take("Q")
-            keep = keep and n <= _SHORT_ARRAY
-            if item in _SCALAR and not keep:  # skip fixed-size items in one step
-                nonlocal pos
-                pos += n * struct.calcsize(_SCALAR[item])
-                return None
-            items = [value(item, keep) for _ in range(n)]
-            return items if keep else None
         raise ValueError(f"unknown GGUF value type {kind}")
 
-    take("I")  # version
+    version = take("I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version}, expected 2 or 3")
     n_tensors, n_kv = take("Q"), take("Q")
-    fields = {}
+    fields, kinds = {}, {}
     for _ in range(n_kv):
         key = string()
-        fields[key] = value(take("I"))
-    last = 0
+        if key in fields:
+            raise ValueError(f"duplicate key {key!r}")
+        kind, item, n = take("I"), None, None
+        if kind == _ARRAY:  # arrays of scalars or strings (llama.cpp reads no nested arrays)
+            item, n = take("I"), take("Q")
+            keep = n <= _SHORT_ARRAY
+            if item in _SCALAR and not keep:  # skip fixed-size items in one step
+                pos += n * struct.calcsize(_SCALAR[item])
+                if pos > len(data):
+                    raise ValueError(f"array {key!r} past the end")
+                fields[key] = None
+            elif key == "tokenizer.ggml.tokens" and item == _STRING:
+                # llama.cpp aborts (GGML_ASSERT) on a vocabulary with a token listed twice
+                seen, u64, end_of_data = set(), struct.Struct("<Q").unpack_from, len(data)
+                for _ in range(n):
+                    (size,) = u64(data, pos)
+                    pos += 8 + size
+                    if pos > end_of_data:
+                        raise ValueError("string past the end")
+                    seen.add(data[pos - size:pos])
+                if len(seen) != n:
+                    raise ValueError("a token appears twice in the vocabulary")
+                fields[key] = None
+            else:
+                items = [value(item, keep) for _ in range(n)]
+                fields[key] = items if keep else None
+        else:
+            fields[key] = value(kind)
+        kinds[key] = (kind, item, n)
+    align = fields.get("general.alignment", 32)
+    if kinds.get("general.alignment", (_U32,))[0] != _U32 or align <= 0 or align & (align - 1):
+        raise ValueError(f"general.alignment {align!r} is not a UINT32 power of two")
+    tensors, expected, end = {}, 0, 0
     for _ in range(n_tensors):
-        string(keep=False)
-        dims = [take("Q") for _ in range(take("I"))]
+        name = string()
+        if len(name.encode()) >= _MAX_NAME or name in tensors:
+            raise ValueError(f"tensor name {name!r} is too long or repeated")
+        n_dims = take("I")
+        if n_dims > _MAX_DIMS:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [take("Q") for _ in range(n_dims)]
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(take("I"))]
-        offset = take("Q")
         count = 1
         for d in dims:
             count *= d
-        last = max(last, offset + count // block * size)
-    align = int(fields.get("general.alignment") or 32)
-    return fields, -(-pos // align) * align + last
+        if any(d >= 2**63 for d in dims) or count >= 2**63 or (dims and dims[0] % block):
+            raise ValueError(f"tensor {name!r} has impossible dimensions {dims}")
+        tensors[name] = dims
+        # llama.cpp wants the tensors' data back to back, in directory order, each aligned.
+        if take("Q") != expected:
+            raise ValueError(f"tensor {name!r} is not at the offset its predecessors imply")
+        end = expected + count // block * size
+        expected += -(-(count // block * size) // align) * align
+    return fields, kinds, tensors, -(-pos // align) * align + end
 
 
 def _need(fields: dict, key: str, path: Path):
@@ -121,8 +219,16 @@ def _need(fields: dict, key: str, path: Path):
     return fields[key]
 
 
+def _size(fields: dict, key: str, path: Path) -> int:
+    """A size llama.cpp divides by or allocates from: present and positive (its type is checked)."""
+    value = _need(fields, key, path)
+    if value <= 0:
+        raise ImpError(f"{path}: GGUF key {key} is {value}, expected a positive size")
+    return value
+
+
 def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
-    text, proj = _read(text_path), _read(mmproj_path)
+    (text, _), (proj, proj_tensors) = _read(text_path), _read(mmproj_path)
     arch = text.get("general.architecture")
     if arch == "clip":
         raise ImpError(f"{text_path} is a vision projector (mmproj), not a language model")
@@ -135,28 +241,88 @@ def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
         raise ImpError(f"{text_path}: unsupported prompt family {family!r}")
     if proj.get("clip.projector_type") != "mlp" or not proj.get("clip.has_vision_encoder"):
         raise ImpError(f"{mmproj_path}: not an Imp vision projector (needs an mlp projector with a vision encoder)")
-    n_embd = int(_need(text, f"{arch}.embedding_length", text_path))
-    proj_dim = int(_need(proj, "clip.vision.projection_dim", mmproj_path))
+    n_embd = _size(text, f"{arch}.embedding_length", text_path)
+    _check_text(text, arch, n_embd, text_path)
+    proj_dim = _size(proj, "clip.vision.projection_dim", mmproj_path)
     if proj_dim != n_embd:
         raise ImpError(
             f"mismatched model pair: {mmproj_path.name} projects images to width {proj_dim} but "
             f"{text_path.name} has embeddings of width {n_embd}"
         )
-    image_size = int(_need(proj, "clip.vision.image_size", mmproj_path))
-    patch = int(_need(proj, "clip.vision.patch_size", mmproj_path))
+    image_size = _size(proj, "clip.vision.image_size", mmproj_path)
+    patch = _size(proj, "clip.vision.patch_size", mmproj_path)
+    image_tokens = (image_size // patch) ** 2
+    _check_projector(proj, proj_tensors, image_tokens, mmproj_path)
+    from .images import ASPECTS
+
+    aspect = proj.get("imp.image_aspect_ratio", text.get("imp.image_aspect_ratio", "square"))
+    if aspect not in ASPECTS:  # else Pillow code meets it mid-answer
+        where = mmproj_path if "imp.image_aspect_ratio" in proj else text_path
+        raise ImpError(f"{where}: unsupported imp.image_aspect_ratio {aspect!r} (expected {' or '.join(ASPECTS)})")
     return ModelPair(
         text_path=text_path,
         mmproj_path=mmproj_path,
         name=str(text.get("general.name", text_path.stem)),
         prompt_family=family,
-        image_aspect=str(proj.get("imp.image_aspect_ratio", text.get("imp.image_aspect_ratio", "square"))),
+        image_aspect=aspect,
         image_size=image_size,
-        image_tokens=int(proj.get("imp.image_token_count", (image_size // patch) ** 2)),
+        image_tokens=image_tokens,
         n_embd=n_embd,
-        n_ctx_train=int(_need(text, f"{arch}.context_length", text_path)),
+        n_ctx_train=_size(text, f"{arch}.context_length", text_path),
         text_type=_file_type(text),
         mmproj_type=_file_type(proj),
     )
+
+
+def _check_text(text: dict, arch: str, n_embd: int, path: Path) -> None:
+    """Sizes llama.cpp divides by or asserts on while building the graph (it aborts on a zero
+    block count, a rotary width wider than a head; it hangs on a rotary width of zero)."""
+    _size(text, f"{arch}.block_count", path)
+    heads = _size(text, f"{arch}.attention.head_count", path)
+    kv_heads = text.get(f"{arch}.attention.head_count_kv", heads)
+    if n_embd % heads or not 0 < kv_heads <= heads or heads % kv_heads:
+        raise ImpError(f"{path}: {heads} attention heads ({kv_heads} for keys/values) do not divide "
+                       f"the embedding width {n_embd}")
+    rope = text.get(f"{arch}.rope.dimension_count")
+    if rope is not None and not (0 < rope <= n_embd // heads and rope % 2 == 0):
+        raise ImpError(f"{path}: rotary width {rope} does not fit heads of width {n_embd // heads}")
+
+
+def _check_projector(proj: dict, tensors: dict, image_tokens: int, path: Path) -> None:
+    """Every tensor llama.cpp's clip code uses, with the shape the sizes imply: it dereferences
+    a missing tensor (a crash) and asserts on a shape it cannot multiply (an abort)."""
+    hidden = _size(proj, "clip.vision.embedding_length", path)
+    n_ff = _size(proj, "clip.vision.feed_forward_length", path)
+    n_layer = _size(proj, "clip.vision.block_count", path)
+    heads = _size(proj, "clip.vision.attention.head_count", path)
+    out = proj["clip.vision.projection_dim"]
+    patch = proj["clip.vision.patch_size"]
+    if hidden % heads:
+        raise ImpError(f"{path}: {heads} vision attention heads do not divide the width {hidden}")
+    layers = proj.get("clip.vision.feature_layer") or []
+    if not all(0 < n <= n_layer for n in layers):
+        raise ImpError(f"{path}: clip.vision.feature_layer {layers} names layers outside 1..{n_layer}")
+    tokens = proj.get("imp.image_token_count", image_tokens)
+    if tokens != image_tokens:
+        raise ImpError(f"{path}: imp.image_token_count is {tokens} but the image makes {image_tokens} patches")
+    def wanted():  # (name, ggml dims), layer by layer: a bad block count stops at the first gap
+        yield from {"v.patch_embd.weight": [patch, patch, 3, hidden], "v.patch_embd.bias": [hidden],
+                    "v.position_embd.weight": [hidden, image_tokens], "mm.0.weight": [hidden, out],
+                    "mm.0.bias": [out], "mm.2.weight": [out, out], "mm.2.bias": [out]}.items()
+        for i in range(n_layer):
+            for name in ("attn_q", "attn_k", "attn_v", "attn_out", "ffn_up", "ffn_down"):
+                n_in, n_out = {"ffn_up": (hidden, n_ff), "ffn_down": (n_ff, hidden)}.get(name, (hidden, hidden))
+                yield f"v.blk.{i}.{name}.weight", [n_in, n_out]
+                yield f"v.blk.{i}.{name}.bias", [n_out]
+            for name in ("ln1", "ln2"):
+                yield f"v.blk.{i}.{name}.weight", [hidden]
+                yield f"v.blk.{i}.{name}.bias", [hidden]
+
+    for name, dims in wanted():
+        if name not in tensors:
+            raise ImpError(f"{path} lacks tensor {name}; was it made by `imp convert`?")
+        if tensors[name] != dims:
+            raise ImpError(f"{path}: tensor {name} has shape {tensors[name]}, expected {dims}")
 
 
 def _file_type(fields: dict) -> str:
@@ -175,13 +341,15 @@ def find_mmproj(text_path: Path) -> Path:
     candidates = sorted(p for p in folder.glob("*.gguf") if "mmproj" in p.name.lower())
     stem = text_path.name.rsplit("-", 1)[0]  # "imp-v1-3b-Q4_K_M.gguf" -> "imp-v1-3b"
     same = [p for p in candidates if p.name.startswith(stem + "-mmproj")]
-    if len(same) >= 1:
+    if len(same) == 1:
         return same[0]
-    if len(candidates) == 1:
+    if not same and len(candidates) == 1:
         return candidates[0]
     if not candidates:
         raise ImpError(f"no mmproj GGUF beside {text_path} (give it with --mmproj)")
-    raise ImpError(f"several mmproj GGUFs beside {text_path}; choose one with --mmproj")
+    # e.g. an F16 and a Q8_0 projector for the same model: which one is the user's to say
+    names = ", ".join(p.name for p in same or candidates)
+    raise ImpError(f"several mmproj GGUFs beside {text_path} ({names}); choose one with --mmproj")
 
 
 def resolve_paths(model: str, mmproj: str | None) -> tuple[Path, Path]:

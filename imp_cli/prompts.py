@@ -2,6 +2,8 @@
 
 The text before and after the image is returned separately: Imp tokenizes the two sides of
 `<image>` independently (its `tokenizer_image_token`), and so must we for identical tokens.
+Stop tokens and the BOS are not here: they are the GGUF's (eos/eot ids, add_bos_token), which
+the converter writes from the checkpoint's own tokenizer.
 """
 
 from __future__ import annotations
@@ -24,6 +26,23 @@ class Turn:
     tokens: tuple[int, ...] | None = None
 
 
+def _conversation(head: str, user: str, bodies: list[str], image_turn: int) -> tuple[str, str]:
+    """`head`, then `user` + body for each turn, cut where the image opens user turn
+    `image_turn`: (text before the image, "\n" + the rest)."""
+    if not 0 <= image_turn < len(bodies):
+        raise ValueError(f"image_turn {image_turn} is not one of the {len(bodies)} user turns")
+    before, after = head, ""
+    for i, body in enumerate(bodies):
+        if i < image_turn:
+            before += user + body
+        elif i == image_turn:  # the image opens the turn: "{user}<image>\n{question} ..."
+            before += user
+            after += "\n" + body
+        else:
+            after += user + body
+    return before, after
+
+
 def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = None,
                 image_turn: int = 0) -> tuple[str, str]:
     """(text before the image, text after it). The image opens user turn `image_turn` (the
@@ -32,24 +51,30 @@ def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = No
     `{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
     """
     system = PHI2_SYSTEM if system is None else system
-    turns = [*history, Turn(question, "")]
-    if not 0 <= image_turn < len(turns):
-        raise ValueError(f"image_turn {image_turn} is not one of the {len(turns)} user turns")
-    before, after = f"{system} USER: ", ""
-    for i, turn in enumerate(turns):
-        user = "USER: " if i else ""  # the first one ends `before` already
-        body = f"{turn.question} ASSISTANT:" + (f" {turn.answer}</s>" if turn.answer else "")
-        if i < image_turn:
-            before += user + body
-        elif i == image_turn:  # the image opens the turn: "USER: <image>\n{question} ..."
-            before += user
-            after += "\n" + body
-        else:
-            after += user + body
-    return before, after
+    bodies = [f"{t.question} ASSISTANT:" + (f" {t.answer}</s>" if t.answer else "")
+              for t in [*history, Turn(question, "")]]
+    return _conversation(f"{system} ", "USER: ", bodies, image_turn)
 
 
-TEMPLATES = {"phi2": phi2_prompt}
+def _tagged(system_tag: str, user_tag: str, assistant_tag: str, end: str):
+    """A template of tagged turns, `{tag}{text}{end}` each (Phi-3 and Qwen2 chat formats):
+
+    `{system_tag}{system}{end}{user_tag}<image>\n{q1}{end}{assistant_tag}{a1}{end}{user_tag}{q2}...`
+    """
+    def prompt(question: str, history: list[Turn] = (), system: str | None = None,
+               image_turn: int = 0) -> tuple[str, str]:
+        system = PHI2_SYSTEM if system is None else system
+        bodies = [f"{t.question}{end}{assistant_tag}" + (f"{t.answer}{end}" if t.answer else "")
+                  for t in [*history, Turn(question, "")]]
+        return _conversation(f"{system_tag}{system}{end}", user_tag, bodies, image_turn)
+
+    return prompt
+
+
+phi3_prompt = _tagged("<|system|>\n", "<|user|>\n", "<|assistant|>\n", "<|end|>\n")
+qwen2_prompt = _tagged("<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n")
+
+TEMPLATES = {"phi2": phi2_prompt, "phi3": phi3_prompt, "qwen2": qwen2_prompt}
 
 
 def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None,

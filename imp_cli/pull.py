@@ -11,7 +11,9 @@ from .resolve import installed, resolve_spec
 
 
 def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", force: bool = False,
-         threads: int | None = None) -> store.Entry:
+         threads: int | None = None, tune: bool = False) -> store.Entry:
+    """Install `spec` (unless it already is); with `tune`, measure llama.cpp's settings for it
+    after a conversion (`imp tune`)."""
     from convert.hub import download, remote_size
     from convert.pipeline import convert
 
@@ -39,7 +41,22 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
         read_pair(text, mmproj)  # verify the pair loads as the runtime will see it
         entry = install.commit(text, mmproj, quant, mmproj_type, repo_id, source.commit, revision)
     output.info(f"installed {name} ({entry.folder})")
+    if tune:
+        _tune(entry, output, threads or 0)
     return entry
+
+
+def _tune(entry: store.Entry, output, threads: int) -> None:
+    """A failed measurement leaves the model installed (the defaults apply) and says so."""
+    from .modelfiles import read_pair
+    from .tune import tune_pair
+
+    try:
+        result = tune_pair(read_pair(entry.text_path, entry.mmproj_path), output, threads=threads)
+    except ImpError as e:
+        output.warn(f"could not tune llama.cpp for {entry.name} ({e}): run `imp tune -m {entry.name}` later")
+        return
+    output.info(f"tuned: {result.choice.describe()} (saved in {result.path})")
 
 
 def _check_disk(folder: Path, need: int) -> None:

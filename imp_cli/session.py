@@ -23,6 +23,7 @@ from .images import LoadedImage, preprocess
 from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
+from .tune import choose
 
 __all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "PromptTooLong",
            "context_for"]
@@ -145,13 +146,15 @@ def make_prompt(engine: Engine, staged: Staged | None, question: str, history: S
     before, after = render_conversation(pair.prompt_family, staged is not None, question, history, system,
                                         image_turn)
 
-    def tokens(pieces: list) -> list[int]:
-        return [t for p in pieces for t in (engine.tokenize(p) if isinstance(p, str) else p)]
+    def tokens(pieces: list, first: bool = False) -> list[int]:
+        """`first`: the prompt's start, which gets the BOS where the tokenizer adds one."""
+        return [t for i, p in enumerate(pieces)
+                for t in (engine.tokenize(p, first=first and i == 0) if isinstance(p, str) else p)]
 
     if staged is None:
-        return Prompt(tokens(before + after), None, [], None)
+        return Prompt(tokens(before + after, first=True), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
-    return Prompt(tokens(before), image, tokens(after), staged)
+    return Prompt(tokens(before, first=True), image, tokens(after), staged)
 
 
 def render_conversation(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
@@ -200,7 +203,8 @@ def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int
 
 class Session:
     def __init__(self, pair: ModelPair, *, threads: int = 0, ctx: int = 4096, verbose: bool = False,
-                 cache: PromptCache | None = None, note=lambda message: None):
+                 cache: PromptCache | None = None, note=lambda message: None,
+                 repack: str = "auto", flash_attn: str = "auto"):
         self.pair = pair
         self.cache = cache
         self.note = note
@@ -210,7 +214,9 @@ class Session:
         if cache is not None:
             self._identity = Future()
             threading.Thread(target=self._identify, daemon=True).start()
-        self.engine = Engine(pair, n_ctx=ctx, threads=threads, verbose=verbose)
+        # repack / flash attention: "auto" (as `imp tune` measured, else the CPU family's default), "on", "off"
+        tuning = choose(pair, threads, repack, flash_attn, note)
+        self.engine = Engine(pair, n_ctx=ctx, threads=threads, verbose=verbose, tuning=tuning)
 
     @classmethod
     def open(cls, model: str | None, mmproj: str | None, output, *, pull: bool = True,

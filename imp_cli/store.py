@@ -23,6 +23,8 @@ KNOWN_MODELS = {
     "imp-v1-3b": "MILVLG/imp-v1-3b",
     "imp-v1.5-3b": "MILVLG/Imp-v1.5-3B-Phi2",
     "imp-v1.5-3b-196": "MILVLG/Imp-v1.5-3B-196",
+    "imp-v1.5-4b": "MILVLG/Imp-v1.5-4B-Phi3",
+    "imp-v1.5-2b": "MILVLG/Imp-v1.5-2B-Qwen1.5",
 }
 DEFAULT_MODEL = "imp-v1-3b"
 MANIFEST = "manifest.json"

@@ -12,8 +12,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 
 from factory import make_checkpoint  # noqa: E402
-
-IMP = str(Path(sys.executable).parent / "imp")  # the installed console script
+from helpers import IMP  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""Synthetic Imp checkpoints (Phi-2 + SigLIP) with random weights, in the real Hugging Face layouts.
+"""Synthetic Imp checkpoints with random weights, in the real Hugging Face layouts.
+
+Three language backbones (`family`): "phi2" (Imp-v1 / v1.5-3B), "phi3" (Imp-v1.5-4B: Phi-3-mini,
+SentencePiece tokenizer) and "qwen2" (Imp-v1.5-2B: Qwen1.5, byte-level BPE, and a config without
+vision_tower_config, as published), each with the same SigLIP tower and projector.
 
 `make_checkpoint` writes a folder that looks like a real Imp checkpoint: config.json, a byte-level
 BPE tokenizer with Phi-2's special-token arrangement, and sharded safetensors with an index, in
@@ -11,7 +15,8 @@ canonical name is the new-layout one. Hence the order of writing does not matter
 arguments give byte-identical files, and the old layout holds exactly the same weights as the new
 one (its Wqkv is the row concatenation q|k|v of the new q_proj, k_proj, v_proj).
 
-Only numpy and tokenizers are needed here (no torch): the safetensors files are written directly.
+Only numpy, tokenizers and (for phi3) sentencepiece are needed here (no torch): the safetensors
+files are written directly.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                        processors, trainers)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,23 @@ FULL = Sizes(  # Phi-2 + SigLIP-so400m/14@384 minus its last layer: Imp-v1(.5)-3
     image_size=384, patch_size=14,
 )
 FULL_196 = Sizes(**{**FULL.__dict__, "image_size": 196})  # Imp-v1.5-3B-196: 14 x 14 tokens
+# Phi-3 and Qwen2 rotate whole heads. The Qwen2 config has no vision_tower_config, so its tower
+# is told by its shapes: SigLIP-so400m's widths (1152 / 4304, 16 heads), two layers, 56 px.
+TINY_PHI3 = Sizes(**{**TINY.__dict__, "partial_rotary_factor": 1.0, "vocab_rows": 704,
+                     "max_position_embeddings": 4096})
+TINY_QWEN2 = Sizes(**{**TINY.__dict__, "partial_rotary_factor": 1.0, "vocab_rows": 768,
+                      "vision_hidden_size": 1152, "vision_intermediate_size": 4304, "vision_heads": 16,
+                      "max_position_embeddings": 32768})
+FULL_PHI3 = Sizes(  # Imp-v1.5-4B-Phi3: Phi-3-mini
+    hidden_size=3072, num_layers=32, num_heads=32, intermediate_size=8192, partial_rotary_factor=1.0,
+    vocab_rows=32064, vision_hidden_size=1152, vision_intermediate_size=4304, vision_heads=16,
+    vision_layers=26, image_size=384, patch_size=14, max_position_embeddings=4096)
+FULL_QWEN2 = Sizes(  # Imp-v1.5-2B-Qwen1.5: Qwen1.5-1.8B
+    hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=5504, partial_rotary_factor=1.0,
+    vocab_rows=151936, vision_hidden_size=1152, vision_intermediate_size=4304, vision_heads=16,
+    vision_layers=26, image_size=384, patch_size=14, max_position_embeddings=32768)
+TINY_FOR = {"phi2": TINY, "phi3": TINY_PHI3, "qwen2": TINY_QWEN2}
+FAMILIES = tuple(TINY_FOR)
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer. Layout (mirrors Phi-2's, scaled down):
@@ -154,18 +177,26 @@ def _corpus() -> Iterator[str]:
         yield f"{SYSTEM_PROMPT} USER: {question} ASSISTANT: {answer}"
 
 
+def _train_byte_bpe(size: int, pre_tokenizer, normalizer=None) -> Tokenizer:
+    """A byte-level BPE of exactly `size` tokens trained on the corpus (no added tokens yet)."""
+    tok = Tokenizer(models.BPE())
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    if tok.get_vocab_size() != size:
+        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {size}")
+    return tok
+
+
 @lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     """Train the BPE once per process and add the special tokens in Phi-2's order."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_SIZE, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer)
-    if tok.get_vocab_size() != BPE_SIZE:
-        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, wanted {BPE_SIZE}")
+    tok = _train_byte_bpe(BPE_SIZE, pre_tokenizers.ByteLevel(add_prefix_space=False))
 
     # GPT-2 keeps <|endoftext|> inside the BPE vocabulary (vocab.json), right after the merges.
     spec = json.loads(tok.to_str())
@@ -183,22 +214,132 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
+# ---------------------------------------------------------------------------------------------
+# Phi-3 tokenizer: a SentencePiece BPE model (Llama layout: <unk> <s> </s>, 256 byte pieces, then
+# learned pieces) and the tokenizer.json a Phi-3 repo ships for it (the legacy form: a "▁" is
+# prepended to every piece of text between special tokens), plus Phi-3's added tokens in their
+# order. Flags as in Phi-3-mini: the chat tokens and </s> strip the whitespace after them.
+#   0 1 2          <unk> <s> </s>
+#   3 .. 258       <0x00> .. <0xFF>
+#   259 .. 639     learned pieces                          (Phi-3: up to 31999)
+#   640 .. 650     <|endoftext|> <|assistant|> <|placeholder1..4|> <|system|> <|end|>
+#                  <|placeholder5|> <|placeholder6|> <|user|>                (Phi-3: 32000-32010)
+#   651            <image>
+# ---------------------------------------------------------------------------------------------
+SPM_SIZE = 640
+PHI3_ADDED = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+PHI3_IDS = {t: SPM_SIZE + i for i, t in enumerate(PHI3_ADDED)}
+PHI3_IMAGE_ID = SPM_SIZE + len(PHI3_ADDED)
+PHI3_N_TOKENS = PHI3_IMAGE_ID + 1
+PHI3_BOS_ID, PHI3_EOS_ID = 1, PHI3_IDS["<|end|>"]
+PHI3_STOP_IDS = (PHI3_IDS["<|end|>"], PHI3_IDS["<|endoftext|>"], PHI3_IDS["<|assistant|>"])
+SPACE = "\u2581"
+
+
 @lru_cache(maxsize=1)
-def predictable_ids() -> np.ndarray:
-    """Sorted ids whose lm_head rows have an ordinary bias: every token but <image>, the padding
-    rows, and the single-byte tokens that alone decode to a control character or broken UTF-8."""
-    tok = Tokenizer.from_str(_tokenizer_json())
+def _spm_model() -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(_corpus())), model_writer=buf, vocab_size=SPM_SIZE, model_type="bpe",
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        minloglevel=2)
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=1)
+def _phi3_tokenizer_json() -> str:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=_spm_model())
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    if len(pieces) != SPM_SIZE or pieces[:3] != ["<unk>", "<s>", "</s>"] or pieces[3] != "<0x00>":
+        raise RuntimeError(f"unexpected SentencePiece layout: {pieces[:4]}, {len(pieces)} pieces")
+    vocab = {p: i for i, p in enumerate(pieces)}
+    # BPE merges from the SentencePiece scores: every split of a learned piece into two pieces,
+    # the highest-scoring result first (what a SentencePiece -> tokenizers conversion produces).
+    learned = [i for i in range(SPM_SIZE) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+    merges = []
+    for i in sorted(learned, key=lambda i: -sp.get_score(i)):
+        p = pieces[i]
+        merges += sorted(((p[:k], p[k:]) for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab),
+                         key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken("<unk>", special=True, normalized=False),
+                            AddedToken("<s>", special=True, normalized=False)])
+    tok.add_tokens([AddedToken("</s>", special=False, rstrip=True, normalized=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>")
+                            for t in PHI3_ADDED])
+    tok.add_special_tokens([AddedToken(IMAGE, special=True, normalized=False)])  # Imp's, default flags
+    got = {t: tok.token_to_id(t) for t in [*PHI3_IDS, IMAGE]}
+    if got != {**PHI3_IDS, IMAGE: PHI3_IMAGE_ID} or tok.get_vocab_size() != PHI3_N_TOKENS:
+        raise RuntimeError(f"unexpected tokenizer layout: {got}")
+    return tok.to_str()
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2 tokenizer: byte-level BPE with Qwen2's pre-tokenizer regex and NFC normalizer; its
+# special tokens follow the BPE vocabulary as in Qwen1.5 (151643-151645), then Imp's <image>.
+# ---------------------------------------------------------------------------------------------
+QWEN_BPE_SIZE = 700
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_ADDED = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE)
+QWEN_IDS = {t: QWEN_BPE_SIZE + i for i, t in enumerate(QWEN_ADDED)}
+QWEN_N_TOKENS = QWEN_BPE_SIZE + len(QWEN_ADDED)
+QWEN_BOS_ID, QWEN_EOS_ID, QWEN_IMAGE_ID = QWEN_IDS["<|endoftext|>"], QWEN_IDS["<|im_end|>"], QWEN_IDS[IMAGE]
+QWEN_STOP_IDS = (QWEN_EOS_ID, QWEN_BOS_ID)
+
+
+@lru_cache(maxsize=1)
+def _qwen2_tokenizer_json() -> str:
+    tok = _train_byte_bpe(QWEN_BPE_SIZE, pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_ADDED])
+    got = {t: tok.token_to_id(t) for t in QWEN_ADDED}
+    if got != QWEN_IDS or tok.get_vocab_size() != QWEN_N_TOKENS:
+        raise RuntimeError(f"unexpected tokenizer layout: {got}")
+    return tok.to_str()
+
+
+def tokenizer_json(family: str = "phi2") -> str:
+    return {"phi2": _tokenizer_json, "phi3": _phi3_tokenizer_json, "qwen2": _qwen2_tokenizer_json}[family]()
+
+
+@lru_cache(maxsize=None)
+def predictable_ids(family: str = "phi2") -> np.ndarray:
+    """Sorted ids whose lm_head rows are ordinary: every token but <image>, the padding rows, the
+    single-byte tokens that alone decode to a control character or broken UTF-8, and (phi3) the
+    SentencePiece <unk>, <s> and </s>, which a trained model does not emit."""
+    tok = Tokenizer.from_str(tokenizer_json(family))
+    excluded = {tok.token_to_id(t) for t in (IMAGE, "<unk>", "<s>", "</s>")} if family == "phi3" else {IMAGE_ID}
 
     def plain(i: int) -> bool:
         text = tok.decode([i], skip_special_tokens=False)
         return text in ("\n", "\t") or (text.isascii() and text.isprintable())
 
-    ids = np.array([i for i in range(N_TOKENS) if i != IMAGE_ID and plain(i)])
+    ids = np.array([i for i in range(tok.get_vocab_size()) if i not in excluded and plain(i)])
     ids.setflags(write=False)  # shared by every caller (lru_cache)
     return ids
 
 
-def _write_tokenizer(dest: Path) -> None:
+def _write_tokenizer(dest: Path, family: str = "phi2") -> None:
+    if family == "phi3":
+        return _write_phi3_tokenizer(dest)
+    if family == "qwen2":
+        return _write_qwen2_tokenizer(dest)
     tok = Tokenizer.from_str(_tokenizer_json())
     tok.save(str(dest / "tokenizer.json"))
     tok.model.save(str(dest), None)  # vocab.json + merges.txt (with <|endoftext|> in vocab.json)
@@ -225,6 +366,42 @@ def _write_tokenizer(dest: Path) -> None:
     # Like Phi-2's added_tokens.json: the added tokens that are not in vocab.json.
     _write_json(dest / "added_tokens.json",
                 {t.content: i for i, t in sorted(added.items()) if i > ENDOFTEXT_ID})
+
+
+def _added_tokens_decoder(tok: Tokenizer) -> dict:
+    return {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tok.get_added_tokens_decoder().items())}
+
+
+def _write_phi3_tokenizer(dest: Path) -> None:
+    """tokenizer.model + tokenizer.json + tokenizer_config.json, as a Phi-3 repo has them."""
+    tok = Tokenizer.from_str(_phi3_tokenizer_json())
+    tok.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer.model").write_bytes(_spm_model())
+    _write_json(dest / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": _added_tokens_decoder(tok),
+        "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "<|end|>", "legacy": False,
+        "model_max_length": 4096, "pad_token": "<|endoftext|>", "padding_side": "right",
+        "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
+        "use_default_system_prompt": False})
+    _write_json(dest / "special_tokens_map.json",
+                {"bos_token": "<s>", "eos_token": "<|end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"})
+    _write_json(dest / "added_tokens.json", {t: i for t, i in [*PHI3_IDS.items(), (IMAGE, PHI3_IMAGE_ID)]})
+
+
+def _write_qwen2_tokenizer(dest: Path) -> None:
+    """tokenizer.json + vocab.json + merges.txt + tokenizer_config.json, as Qwen1.5 repos have."""
+    tok = Tokenizer.from_str(_qwen2_tokenizer_json())
+    tok.save(str(dest / "tokenizer.json"))
+    tok.model.save(str(dest), None)
+    _write_json(dest / "tokenizer_config.json", {
+        "add_prefix_space": False, "added_tokens_decoder": _added_tokens_decoder(tok), "bos_token": None,
+        "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
+        "model_max_length": 32768, "pad_token": "<|endoftext|>", "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
+    _write_json(dest / "special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    _write_json(dest / "added_tokens.json", QWEN_IDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,18 +440,40 @@ def _norm(name: str, n: int) -> list[_Init]:
     return [_Init(f"{name}.weight", (n,), 0.1, 1.0), _Init(f"{name}.bias", (n,), 0.05)]
 
 
-def _canonical_inits(s: Sizes) -> list[_Init]:
+def _rms_norm(name: str, n: int) -> list[_Init]:
+    return [_Init(f"{name}.weight", (n,), 0.1, 1.0)]
+
+
+def _weight(name: str, n_out: int, n_in: int, gain: float = 1.0) -> list[_Init]:
+    return [_Init(f"{name}.weight", (n_out, n_in), gain / math.sqrt(n_in))]
+
+
+def _text_layer_inits(s: Sizes, p: str, family: str) -> list[_Init]:
+    H, F = s.hidden_size, s.intermediate_size
+    if family == "phi2":
+        inits = _norm(p + "input_layernorm", H)
+        for proj in ("q_proj", "k_proj", "v_proj", "dense"):
+            inits += _linear(p + "self_attn." + proj, H, H)
+        return inits + _linear(p + "mlp.fc1", F, H) + _linear(p + "mlp.fc2", H, F)
+    inits = _rms_norm(p + "input_layernorm", H)
+    if family == "phi3":  # fused q|k|v and gate|up, no biases
+        inits += _weight(p + "self_attn.qkv_proj", 3 * H, H) + _weight(p + "self_attn.o_proj", H, H)
+        mlp = _weight(p + "mlp.gate_up_proj", 2 * F, H)
+    else:  # qwen2: q/k/v biases only
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            inits += _linear(p + "self_attn." + proj, H, H)
+        inits += _weight(p + "self_attn.o_proj", H, H)
+        mlp = _weight(p + "mlp.gate_proj", F, H) + _weight(p + "mlp.up_proj", F, H)
+    return inits + _rms_norm(p + "post_attention_layernorm", H) + mlp + _weight(p + "mlp.down_proj", H, F)
+
+
+def _canonical_inits(s: Sizes, family: str = "phi2") -> list[_Init]:
     """Every tensor of the checkpoint, under its new-layout name, in file order."""
     H, V = s.hidden_size, s.vision_hidden_size
     inits = [_Init("model.embed_tokens.weight", (s.vocab_rows, H), 1.0)]
     for i in range(s.num_layers):
-        p = f"model.layers.{i}."
-        inits += _norm(p + "input_layernorm", H)
-        for proj in ("q_proj", "k_proj", "v_proj", "dense"):
-            inits += _linear(p + "self_attn." + proj, H, H)
-        inits += _linear(p + "mlp.fc1", s.intermediate_size, H)
-        inits += _linear(p + "mlp.fc2", H, s.intermediate_size)
-    inits += _norm("model.final_layernorm", H)
+        inits += _text_layer_inits(s, f"model.layers.{i}.", family)
+    inits += _norm("model.final_layernorm", H) if family == "phi2" else _rms_norm("model.norm", H)
 
     vp = "model." + VISION_PREFIX
     patch_in = 3 * s.patch_size**2
@@ -293,23 +492,30 @@ def _canonical_inits(s: Sizes) -> list[_Init]:
 
     # The projector's output gain brings image embeddings to about the scale of text embeddings.
     inits += _linear("model.mm_projector.0", H, V) + _linear("model.mm_projector.2", H, H, gain=2.0)
-    # Logit std ~2: well spread, far from the float16 rounding of the weights.
-    inits += _linear("lm_head", s.vocab_rows, H, gain=2.0)
+    # Logit std ~2: well spread, far from the float16 rounding of the weights. Phi-3's and
+    # Qwen2's lm_head have no bias.
+    inits += (_linear if family == "phi2" else _weight)("lm_head", s.vocab_rows, H, gain=2.0)
     return inits
 
 
-def _draw_lm_head_weight(init: _Init, embed: _Init, seed: int) -> np.ndarray:
+def _draw_lm_head_weight(init: _Init, embed: _Init, seed: int, family: str = "phi2") -> np.ndarray:
     """Random rows minus SELF_REPEAT_PENALTY x the token's own unit embedding.
 
     A trained model seldom predicts the token it has just read; plain random weights do, and
     greedy decoding then falls into a one-token loop (2 seeds in 30 on TINY; 0 with this). The
     hidden state carries the input embedding through the residual path, so this lowers a token's
-    logit right after itself.
+    logit right after itself. Without an lm_head bias (phi3, qwen2), the rows of tokens outside
+    predictable_ids are zero instead: a logit of exactly 0 never beats the best of hundreds of
+    random ones.
     """
     e = embed.draw(seed)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     w = init.draw(seed)
     w -= SELF_REPEAT_PENALTY * e
+    if family != "phi2":
+        dead = np.ones(len(w), dtype=bool)
+        dead[predictable_ids(family)] = False
+        w[dead] = 0.0
     return w
 
 
@@ -335,16 +541,16 @@ def _draw_fused(parts: list[_Init], seed: int) -> np.ndarray:
     return np.concatenate([p.draw(seed) for p in parts])
 
 
-def _plan(s: Sizes, layout: str, seed: int) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+def _plan(s: Sizes, layout: str, seed: int, family: str = "phi2") -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(stored name, shape, float32 producer) for every tensor, in file order."""
-    if layout not in ("new", "old"):
-        raise ValueError(f"layout must be 'new' or 'old', not {layout!r}")
-    inits = _canonical_inits(s)
+    if layout not in ("new", "old") or (layout == "old" and family != "phi2"):
+        raise ValueError(f"layout must be 'new' or (phi2 only) 'old', not {layout!r}")
+    inits = _canonical_inits(s, family)
     by_name = {i.name: i for i in inits}
 
     def producer(init: _Init) -> Callable[[], np.ndarray]:
         if init.name == "lm_head.weight":
-            return partial(_draw_lm_head_weight, init, by_name["model.embed_tokens.weight"], seed)
+            return partial(_draw_lm_head_weight, init, by_name["model.embed_tokens.weight"], seed, family)
         if init.name == "lm_head.bias":
             return partial(_draw_lm_head_bias, init, seed)
         return partial(init.draw, seed)
@@ -370,9 +576,9 @@ def _plan(s: Sizes, layout: str, seed: int) -> list[tuple[str, tuple[int, ...], 
     return plan
 
 
-def planned_tensors(sizes: Sizes = TINY, layout: str = "new") -> dict[str, tuple[int, ...]]:
+def planned_tensors(sizes: Sizes = TINY, layout: str = "new", family: str = "phi2") -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor make_checkpoint would write, in file order (writes nothing)."""
-    return {name: shape for name, shape, _ in _plan(sizes, layout, seed=0)}
+    return {name: shape for name, shape, _ in _plan(sizes, layout, seed=0, family=family)}
 
 
 def _to_bf16(a: np.ndarray) -> np.ndarray:
@@ -444,13 +650,9 @@ def _write_weights(dest: Path, plan, dtype: str, n_shards: int | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # config.json
 # ---------------------------------------------------------------------------------------------
-def _config(s: Sizes, layout: str, dtype: str, aspect: str, drop_lm_sizes: bool) -> dict:
-    cfg = {
-        "architectures": ["ImpForCausalLM"],
-        "model_type": "imp",
-        "bos_token_id": ENDOFTEXT_ID,
-        "eos_token_id": EOS_ID,
-        "image_token_index": IMAGE_ID,
+def _mm_config(s: Sizes, dtype: str, aspect: str) -> dict:
+    """The multimodal part every Imp config has (vision_tower_config only in the Phi ones)."""
+    return {
         "image_aspect_ratio": aspect,
         "mm_hidden_size": s.vision_hidden_size,
         "mm_projector_type": "mlp2x_gelu",
@@ -476,6 +678,35 @@ def _config(s: Sizes, layout: str, dtype: str, aspect: str, drop_lm_sizes: bool)
             "attention_dropout": 0.0,
         },
     }
+
+
+def _llama_like_config(s: Sizes, dtype: str, aspect: str, drop_lm_sizes: bool, family: str) -> dict:
+    cfg = _mm_config(s, dtype, aspect)
+    sizes = {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_layers, "num_attention_heads": s.num_heads,
+             "num_key_value_heads": s.num_heads, "intermediate_size": s.intermediate_size,
+             "vocab_size": s.vocab_rows, "max_position_embeddings": s.max_position_embeddings}
+    if family == "phi3":  # Imp-v1.5-4B-Phi3 (Phi-3-mini-4k values)
+        cfg.update(architectures=["ImpPhi3ForCausalLM"], model_type="imp_phi3", bos_token_id=PHI3_BOS_ID,
+                   eos_token_id=PHI3_EOS_ID, pad_token_id=PHI3_IDS["<|endoftext|>"],
+                   image_token_index=PHI3_IMAGE_ID, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
+                   rope_scaling=None, sliding_window=2047, original_max_position_embeddings=4096,
+                   attention_bias=False, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    else:  # Imp-v1.5-2B-Qwen1.5 (Qwen1.5-1.8B values); make_checkpoint drops vision_tower_config
+        cfg.update(architectures=["ImpQwen2ForCausalLM"], model_type="imp_qwen2", bos_token_id=QWEN_BOS_ID,
+                   eos_token_id=QWEN_EOS_ID, image_token_index=QWEN_IMAGE_ID, hidden_act="silu",
+                   rms_norm_eps=1e-6, rope_theta=1e6, use_sliding_window=False, sliding_window=32768,
+                   max_window_layers=21, attention_dropout=0.0)
+    if not drop_lm_sizes:
+        cfg.update(sizes)
+    return dict(sorted(cfg.items()))
+
+
+def _config(s: Sizes, layout: str, dtype: str, aspect: str, drop_lm_sizes: bool, family: str = "phi2") -> dict:
+    if family != "phi2":
+        return _llama_like_config(s, dtype, aspect, drop_lm_sizes, family)
+    cfg = _mm_config(s, dtype, aspect)
+    cfg.update(architectures=["ImpForCausalLM"], model_type="imp", bos_token_id=ENDOFTEXT_ID, eos_token_id=EOS_ID,
+               image_token_index=IMAGE_ID)
     if layout == "new":  # Imp-v1.5: transformers' PhiConfig names
         lm = {"hidden_act": "gelu_new", "qk_layernorm": False, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
               "attention_dropout": 0.0}
@@ -520,13 +751,15 @@ def _write_json(path: Path, obj) -> None:
 # Public entry points
 # ---------------------------------------------------------------------------------------------
 def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", aspect: str = "square",
-                    sizes: Sizes = TINY, seed: int = 0, n_shards: int | None = None,
+                    sizes: Sizes | None = None, seed: int = 0, n_shards: int | None = None,
                     drop_lm_sizes_from_config: bool = False, lm_size_keys: str | None = None,
-                    tower_config: str = "inline", tower_config_layers: int | None = None,
-                    tokenizer_files: str = "all") -> Path:
+                    tower_config: str | None = None, tower_config_layers: int | None = None,
+                    tokenizer_files: str = "all", family: str = "phi2") -> Path:
     """Write a random-weight Imp checkpoint folder at dest and return dest.
 
-    n_shards=None picks max(2, ceil(size / 2 GiB)): 2 shards for TINY, ~2 GB shards for FULL.
+    family: the language backbone, "phi2", "phi3" or "qwen2"; sizes=None is its tiny size
+    (TINY_FOR). n_shards=None picks max(2, ceil(size / 2 GiB)): 2 shards for TINY, ~2 GB shards
+    for FULL.
 
     The other options give the config and file-set variants of the published repos; the weights
     (and so the meaning) stay those of the plain checkpoint of the same sizes and seed:
@@ -534,26 +767,35 @@ def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", 
         the layout; "none" = no size keys, as drop_lm_sizes_from_config (the current imp-v1-3b).
       tower_config: where the SigLIP config is: "inline" (config.json's vision_tower_config),
         "folder" (only a `siglip-so400m-patch14-<size>/config.json` beside the weights, as
-        Imp-v1.5-3B-196), "both", or "none" (as Imp-v1.5-2B-Qwen1.5).
+        Imp-v1.5-3B-196), "both", or "none" (as Imp-v1.5-2B-Qwen1.5). None: the family's own
+        ("none" for qwen2, else "inline").
       tower_config_layers: the layer count that config states (default: kept + 1, the original
         tower, as the real configs say 27 for 26 stored).
-      tokenizer_files: see TOKENIZER_FILE_SETS.
+      tokenizer_files: see TOKENIZER_FILE_SETS (Phi-2's file sets; phi3 and qwen2 take "all").
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    sizes = TINY_FOR[family] if sizes is None else sizes
+    tower_config = tower_config or ("none" if family == "qwen2" else "inline")
     if tower_config not in TOWER_CONFIGS:
         raise ValueError(f"tower_config must be one of {TOWER_CONFIGS}, not {tower_config!r}")
-    if tokenizer_files not in TOKENIZER_FILE_SETS:
-        raise ValueError(f"tokenizer_files must be one of {sorted(TOKENIZER_FILE_SETS)}, not {tokenizer_files!r}")
+    if tokenizer_files not in TOKENIZER_FILE_SETS or (family != "phi2" and tokenizer_files != "all"):
+        raise ValueError(f"tokenizer_files must be one of {sorted(TOKENIZER_FILE_SETS)} (phi2) or 'all', "
+                         f"not {tokenizer_files!r}")
+    if family != "phi2" and lm_size_keys not in (None, "none"):
+        raise ValueError("lm_size_keys 'hf' / 'phi-msft' are Phi-2 config key families")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if aspect not in ("square", "pad"):
         raise ValueError(f"aspect must be 'square' or 'pad', not {aspect!r}")
-    if sizes.vocab_rows <= N_TOKENS:
-        raise ValueError(f"vocab_rows ({sizes.vocab_rows}) must exceed the tokenizer size ({N_TOKENS})")
+    n_tokens = Tokenizer.from_str(tokenizer_json(family)).get_vocab_size()
+    if sizes.vocab_rows <= n_tokens:
+        raise ValueError(f"vocab_rows ({sizes.vocab_rows}) must exceed the tokenizer size ({n_tokens})")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(dest)
+    _write_tokenizer(dest, family)
     _keep_tokenizer_files(dest, tokenizer_files)
-    cfg = _config(sizes, layout, dtype, aspect, drop_lm_sizes_from_config or lm_size_keys == "none")
+    cfg = _config(sizes, layout, dtype, aspect, drop_lm_sizes_from_config or lm_size_keys == "none", family)
     if lm_size_keys not in (None, "none"):
         cfg = {k: v for k, v in cfg.items()
                if k not in _lm_size_keys(sizes, "hf") and k not in _lm_size_keys(sizes, "phi-msft")}
@@ -574,7 +816,7 @@ def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", 
     if tower_config in ("folder", "none"):
         del cfg["vision_tower_config"]
     _write_json(dest / "config.json", cfg)
-    _write_weights(dest, _plan(sizes, layout, seed), dtype, n_shards)
+    _write_weights(dest, _plan(sizes, layout, seed, family), dtype, n_shards)
     return dest
 
 
@@ -643,6 +885,7 @@ def main() -> None:
     """python -m tests.factory DEST [--sizes full] ...: write a checkpoint by hand (e.g. for bench)."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("dest", type=Path)
+    ap.add_argument("--family", choices=FAMILIES, default="phi2")
     ap.add_argument("--sizes", choices=["tiny", "full", "full_196"], default="tiny")
     ap.add_argument("--layout", choices=["new", "old"], default="new")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
@@ -650,9 +893,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=None)
     a = ap.parse_args()
-    sizes = {"tiny": TINY, "full": FULL, "full_196": FULL_196}[a.sizes]
+    full = {"phi2": FULL, "phi3": FULL_PHI3, "qwen2": FULL_QWEN2}[a.family]
+    sizes = {"tiny": TINY_FOR[a.family], "full": full, "full_196": FULL_196}[a.sizes]
     make_checkpoint(a.dest, layout=a.layout, dtype=a.dtype, aspect=a.aspect, sizes=sizes,
-                    seed=a.seed, n_shards=a.shards)
+                    seed=a.seed, n_shards=a.shards, family=a.family)
 
 
 if __name__ == "__main__":

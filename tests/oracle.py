@@ -2,11 +2,14 @@
 
 It reads the checkpoint folder on its own (config.json, tokenizer.json, safetensors) and shares no
 code with the product (convert/, imp_cli/) nor with tests/factory.py, so that it can judge them:
-  - language model: transformers' PhiForCausalLM; the old phi-msft layout is renamed to HF Phi
-    names and its fused Wqkv split into q, k, v rows;
-  - vision: transformers' SiglipVisionModel built with the KEPT layer count found in the weights;
+  - language model, by config.json's model_type: transformers' PhiForCausalLM ("imp"; the old
+    phi-msft layout is renamed to HF Phi names and its fused Wqkv split into q, k, v rows),
+    Phi3ForCausalLM ("imp_phi3") or Qwen2ForCausalLM ("imp_qwen2");
+  - vision: transformers' SiglipVisionModel built with the KEPT layer count found in the weights
+    (and, for configs without vision_tower_config, SigLIP-so400m's sizes read from the shapes);
     Imp's feature is the output of the last kept layer, before post_layernorm;
-  - Imp's preprocessing, projector and prompt template, written out here in a few lines.
+  - Imp's preprocessing, projector, prompt templates and `tokenizer_image_token`, written out
+    here in a few lines: the tokenizer is the checkpoint's tokenizer.json run by `tokenizers`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from tokenizers import Tokenizer
-from transformers import DynamicCache, PhiConfig, PhiForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import (DynamicCache, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel)
 
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -80,6 +84,40 @@ def _rename_old_layout(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# Imp's conversation templates (its conversation.py), one turn, and the tokens that end an answer.
+TEMPLATES = {
+    "phi2": "{system} USER: <image>\n{question} ASSISTANT:",
+    "phi3": "<|system|>\n{system}<|end|>\n<|user|>\n<image>\n{question}<|end|>\n<|assistant|>\n",
+    "qwen2": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<image>\n{question}<|im_end|>\n"
+              "<|im_start|>assistant\n"),
+}
+# An earlier (question, answer) turn, as it precedes the current question.
+TURNS = {
+    "phi2": "{question} ASSISTANT: {answer}</s>USER: ",
+    "phi3": "{question}<|end|>\n<|assistant|>\n{answer}<|end|>\n<|user|>\n",
+    "qwen2": "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n",
+}
+# What follows an answer in a conversation: the end of its turn and the next question's.
+NEXT_TURN = {
+    "phi2": "</s>USER: {question} ASSISTANT:",
+    "phi3": "<|end|>\n<|user|>\n{question}<|end|>\n<|assistant|>\n",
+    "qwen2": "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+}
+STOPS = {"phi2": ("</s>", "<|endoftext|>"), "phi3": ("<|end|>", "<|endoftext|>", "<|assistant|>"),
+         "qwen2": ("<|im_end|>", "<|endoftext|>")}
+FAMILY_OF = {"imp": "phi2", "imp_phi3": "phi3", "imp_qwen2": "qwen2"}
+SO400M_HEADS = 16  # SigLIP-so400m (mm_vision_tower), for configs without vision_tower_config
+
+
+def _rope(config_cls, theta: float) -> dict:
+    """transformers 5 takes rope_parameters; 4.x takes rope_theta."""
+    import inspect as _inspect
+
+    if "rope_parameters" in _inspect.signature(config_cls.__init__).parameters:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    return {"rope_theta": theta}
+
+
 def _first(cfg: dict, *keys, default=None):
     for k in keys:
         if cfg.get(k) is not None:
@@ -88,18 +126,25 @@ def _first(cfg: dict, *keys, default=None):
 
 
 class Oracle:
-    """transformers reference for one Imp (Phi-2 + SigLIP) checkpoint folder, computing in `dtype`
-    (float32, the reference, unless a benchmark asks for bfloat16)."""
+    """transformers reference for one Imp (Phi-2, Phi-3 or Qwen2 + SigLIP) checkpoint folder, computing
+    in `dtype` (float32, the reference, unless a benchmark asks for bfloat16)."""
 
     def __init__(self, ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
         ckpt = Path(ckpt_dir)
         self.dtype = dtype
         cfg = json.loads((ckpt / "config.json").read_text())
         self.config = cfg
+        self.family = FAMILY_OF[cfg["model_type"]]
         self.aspect = cfg.get("image_aspect_ratio", "square")
         self.tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        tcfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+        # transformers rebuilds the BOS part of the post-processor from add_bos_token
+        self.add_special = bool(tcfg.get("add_bos_token", True))
+        bos = tcfg.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        self.bos_id = self.tokenizer.token_to_id(bos) if bos else None
         self.image_id = self.tokenizer.token_to_id("<image>")
-        self.stop_ids = {self.tokenizer.token_to_id(t) for t in ("</s>", "<|endoftext|>")}
+        self.stop_ids = {self.tokenizer.token_to_id(t) for t in STOPS[self.family]}
 
         w = _read_weights(ckpt)
         self.layout = "old" if "transformer.embd.wte.weight" in w else "new"
@@ -110,11 +155,12 @@ class Oracle:
         vis = {k[len(vis_prefix):]: v for k, v in w.items() if k.startswith(vis_prefix)}
         proj = {k[len("model.mm_projector."):]: v for k, v in w.items() if k.startswith("model.mm_projector.")}
 
-        self.lm = self._build_lm(cfg, lm)
+        build = {"phi2": self._build_lm, "phi3": self._build_phi3, "qwen2": self._build_qwen2}[self.family]
+        self.lm = build(cfg, lm)
         # transformers 5.24 renamed forward's past_key_values to cache (the old name warns).
         self._cache_kwarg = ("cache" if "cache" in inspect.signature(self.lm.forward).parameters
                              else "past_key_values")
-        self.vision = self._build_vision(cfg["vision_tower_config"], vis)
+        self.vision = self._build_vision(cfg.get("vision_tower_config") or self._so400m_config(cfg, vis), vis)
         # Imp's mlp2x_gelu projector: Linear -> GELU (exact erf) -> Linear.
         self.projector = torch.nn.Sequential(
             torch.nn.Linear(*proj["0.weight"].shape[::-1]), torch.nn.GELU(),
@@ -154,6 +200,51 @@ class Oracle:
         model = PhiForCausalLM(config)
         model.load_state_dict(w, strict=True)
         return model.float().eval()
+
+    @staticmethod
+    def _llama_like_sizes(cfg: dict, w: dict[str, torch.Tensor]) -> dict:
+        rows, hidden = w["model.embed_tokens.weight"].shape
+        return dict(
+            vocab_size=rows, hidden_size=hidden,
+            num_hidden_layers=1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers.")),
+            intermediate_size=w["model.layers.0.mlp.down_proj.weight"].shape[1],
+            num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
+            max_position_embeddings=cfg["max_position_embeddings"], rms_norm_eps=cfg["rms_norm_eps"],
+            hidden_act=cfg.get("hidden_act", "silu"), tie_word_embeddings=False, attention_dropout=0.0,
+            attn_implementation="eager",
+        )
+
+    @classmethod
+    def _build_phi3(cls, cfg: dict, w: dict[str, torch.Tensor]) -> Phi3ForCausalLM:
+        config = Phi3Config(
+            **cls._llama_like_sizes(cfg, w), **_rope(Phi3Config, cfg["rope_theta"]),
+            original_max_position_embeddings=cfg.get("original_max_position_embeddings", 4096),
+            sliding_window=cfg.get("sliding_window"), resid_pdrop=0.0, embd_pdrop=0.0,
+            pad_token_id=None, bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+        )
+        model = Phi3ForCausalLM(config)
+        model.load_state_dict(w, strict=True)
+        return model.float().eval()
+
+    @classmethod
+    def _build_qwen2(cls, cfg: dict, w: dict[str, torch.Tensor]) -> Qwen2ForCausalLM:
+        config = Qwen2Config(
+            **cls._llama_like_sizes(cfg, w), **_rope(Qwen2Config, cfg["rope_theta"]),
+            use_sliding_window=False, bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+        )
+        model = Qwen2ForCausalLM(config)
+        model.load_state_dict(w, strict=True)
+        return model.float().eval()
+
+    @staticmethod
+    def _so400m_config(cfg: dict, w: dict[str, torch.Tensor]) -> dict:
+        """SigLIP-so400m's config (the tower mm_vision_tower names), sizes read from the weights."""
+        if "so400m" not in cfg.get("mm_vision_tower", ""):
+            raise ValueError(f"no vision_tower_config and an unknown tower {cfg.get('mm_vision_tower')!r}")
+        hidden, _, patch, _ = w["vision_model.embeddings.patch_embedding.weight"].shape
+        side = int(round(w["vision_model.embeddings.position_embedding.weight"].shape[0] ** 0.5))
+        return dict(hidden_size=hidden, patch_size=patch, image_size=side * patch, num_attention_heads=SO400M_HEADS,
+                    intermediate_size=w["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0])
 
     @staticmethod
     def _build_vision(vcfg: dict, w: dict[str, torch.Tensor]) -> SiglipVisionModel:
@@ -205,17 +296,24 @@ class Oracle:
     # --- text ---------------------------------------------------------------------------------
     def prompt_ids(self, question: str, system: str | None = None,
                    history: tuple = ()) -> tuple[list[int], list[int]]:
-        """Token ids before and after <image> in `{system} USER: <image>\\n{question} ASSISTANT:`,
-        or with earlier (question, answer) turns in `history` (the image in the first turn):
-        `{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {question} ASSISTANT:`.
+        """Token ids before and after <image> in the family's template (TEMPLATES), with earlier
+        (question, answer) turns in `history` (the image in the first turn; TURNS).
 
-        Each side is tokenized on its own, as Imp's tokenizer_image_token does; no BOS.
+        As Imp's tokenizer_image_token: each side of <image> tokenized on its own (special tokens
+        added as the tokenizer does); a BOS that starts the first side is kept and the first token
+        of every side is then dropped (the BOS each side got).
         """
-        earlier = "".join(f"{q} ASSISTANT: {a}</s>USER: " for q, a in history)
-        prompt = f"{DEFAULT_SYSTEM if system is None else system} USER: <image>\n{earlier}{question} ASSISTANT:"
-        before, after = prompt.split("<image>")
-        return (self.tokenizer.encode(before, add_special_tokens=False).ids,
-                self.tokenizer.encode(after, add_special_tokens=False).ids)
+        earlier = "".join(TURNS[self.family].format(question=q, answer=a) for q, a in history)
+        return self.image_prompt_ids(TEMPLATES[self.family].format(
+            system=DEFAULT_SYSTEM if system is None else system, question=earlier + question))
+
+    def image_prompt_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Imp's tokenizer_image_token on any prompt holding one <image>: (ids before, ids after)."""
+        chunks = [self.tokenizer.encode(c, add_special_tokens=self.add_special).ids for c in prompt.split("<image>")]
+        assert len(chunks) == 2, "one <image> per prompt"
+        offset = 1 if chunks[0] and self.bos_id is not None and chunks[0][0] == self.bos_id else 0
+        before, after = chunks[0][offset:], chunks[1][offset:]
+        return ([chunks[0][0]] if offset else []) + before, after
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.lm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
@@ -262,20 +360,23 @@ class Oracle:
     def chat_greedy(self, image: Image.Image | None, questions: list[str], n_tokens: int,
                     system: str | None = None) -> list[list[int]]:
         """A conversation's greedy answers, turn by turn: each answer goes back as the token ids
-        the model generated, where Imp's template puts the answer, then `</s>` and the next turn:
+        the model generated, where Imp's template puts the answer, then the end of the turn and
+        the next one (NEXT_TURN), e.g. Phi-2's
         `{system} USER: <image>\\n{q1} ASSISTANT:{a1 ids}</s>USER: {q2} ASSISTANT:` (the blank
         before an answer is the model's own: its first token carries it). Every turn is run from
-        scratch over the whole conversation. Without an image (None) the first turn is plain
-        `{system} USER: {q1} ASSISTANT:`."""
+        scratch over the whole conversation. Without an image (None) the first turn is the
+        template without `<image>\\n`, tokenized in one piece."""
         if image is None:
-            first = f"{DEFAULT_SYSTEM if system is None else system} USER: {questions[0]} ASSISTANT:"
-            embeds = self._embed(self.tokenizer.encode(first, add_special_tokens=False).ids)
+            first = TEMPLATES[self.family].replace("<image>\n", "").format(
+                system=DEFAULT_SYSTEM if system is None else system, question=questions[0])
+            embeds = self._embed(self.tokenizer.encode(first, add_special_tokens=self.add_special).ids)
         else:
             embeds = self._prompt_embeds(image, questions[0], system)
         answers: list[list[int]] = []
         for question in questions:
             if answers:
-                turn = self.tokenizer.encode(f"</s>USER: {question} ASSISTANT:", add_special_tokens=False).ids
+                turn = self.tokenizer.encode(NEXT_TURN[self.family].format(question=question),
+                                             add_special_tokens=False).ids
                 embeds = torch.cat([embeds, self._embed(answers[-1] + turn)])
             answers.append(self._greedy_from(embeds, n_tokens))
         return answers

@@ -14,7 +14,6 @@ gets exactly that (decoded here by the test, not by imp_cli) and does Imp's prep
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 from PIL import Image, features
 
 from factory import ENDOFTEXT_ID, EOS_ID, predictable_ids
-from cli_env import clean_env  # noqa: E402
+from helpers import clean_env, run_imp
 
 QUESTION = "What is in the image?"
 N_TOKENS = 24
@@ -41,19 +40,10 @@ REUSE_TOL = 1e-4
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def run_imp(imp_bin: str, *args, env: dict, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run the installed command with stdout and stderr both pipes; text decoded strictly."""
-    p = subprocess.run([imp_bin, *map(str, args)], input=stdin if stdin is not None else b"",
-                       capture_output=True, env=env, timeout=timeout)
-    out, err = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
-    assert "\x1b" not in out and "\x1b" not in err, (out, err)  # nothing for a terminal on a pipe
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
 def ask_ok(imp_bin: str, image, model: Path, *extra, env: dict, question: str = QUESTION,
            n: int = N_TOKENS) -> str:
     """`imp ask` that must succeed silently; returns the answer (stdout minus its final newline)."""
-    p = run_imp(imp_bin, "ask", image, question, "--model", model, "-n", n, *extra, env=env)
+    p = run_imp("ask", image, question, "--model", model, "-n", n, *extra, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     assert p.stdout.endswith("\n") and not p.stdout.endswith("\n\n"), repr(p.stdout)
@@ -199,7 +189,7 @@ def blank_end_case(oracle_for, converted, photo):
 def test_json_answer_ending_in_a_blank_token(imp_bin, converted, photo, env, blank_end_case):
     question, n, expected = blank_end_case
     text, _ = converted("new", "float16", "square")
-    p = run_imp(imp_bin, "ask", photo, question, "--model", text, "-n", n, "--json", env=env)
+    p = run_imp("ask", photo, question, "--model", text, "-n", n, "--json", env=env)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["answer"] == expected
 
@@ -354,7 +344,7 @@ def test_json_record(imp_bin, converted, photo, env):
     text, mmproj = converted("new", "float16", "square")
     plain = ask_ok(imp_bin, photo, text, env=env)
 
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", text, "-n", N_TOKENS, "--json", env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", text, "-n", N_TOKENS, "--json", env=env)
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     assert p.stdout.endswith("\n") and p.stdout.count("\n") == 1  # one JSON document, one line
@@ -377,7 +367,7 @@ def test_json_record(imp_bin, converted, photo, env):
 def test_stats_go_to_stderr_only(imp_bin, converted, photo, env):
     text, _ = converted("new", "float16", "square")
     plain = ask_ok(imp_bin, photo, text, env=env)
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", text, "-n", N_TOKENS, "--stats", env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", text, "-n", N_TOKENS, "--stats", env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout == plain + "\n"
     assert "timings" in p.stderr
@@ -441,12 +431,12 @@ def eager_to_stop(tmp_path_factory) -> Path:
 
 
 def test_end_of_turn_stops_and_ignore_eos_does_not(imp_bin, eager_to_stop, photo, env):
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", eager_to_stop, "-n", 12, "--json", env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", eager_to_stop, "-n", 12, "--json", env=env)
     assert p.returncode == 0, p.stderr
     record = json.loads(p.stdout)
     assert record["answer"] == "" and record["finish_reason"] == "stop"
     assert record["timings"]["generated_tokens"] == 1
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", eager_to_stop, "-n", 12, "--json", "--ignore-eos", env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", eager_to_stop, "-n", 12, "--json", "--ignore-eos", env=env)
     assert p.returncode == 0, p.stderr
     record = json.loads(p.stdout)
     assert record["finish_reason"] == "length" and record["timings"]["generated_tokens"] == 12

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_env import clean_env
+from helpers import clean_env, run_imp
 from factory import predictable_ids
 
 QUESTION = "What is in the image?"
@@ -35,14 +35,8 @@ LAYOUTS_ASPECTS = [("new", "square"), ("new", "pad"), ("old", "square"), ("old",
 REUSE_TOL = 1e-4  # a restored state holds the very same KV values: only rounding may differ
 
 
-def run_imp(imp_bin, *args, env, stdin=b"", timeout=120, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run([imp_bin, *map(str, args)], input=stdin, capture_output=True, env=env,
-                       timeout=timeout, **kw)
-    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(), p.stderr.decode())
-
-
 def ask_json(imp_bin, image, model, *extra, env, question=QUESTION) -> dict:
-    p = run_imp(imp_bin, "ask", image, question, "--model", model, "-n", N, "--json", *extra, env=env)
+    p = run_imp("ask", image, question, "--model", model, "-n", N, "--json", *extra, env=env)
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
@@ -197,7 +191,7 @@ def test_damaged_entry_is_ignored_and_replaced(imp_bin, model, photo, env, how):
     ask_json(imp_bin, photo, model[0], env=env)
     (entry,) = cache_files(env)
     _damage(entry, how)
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N, "--json", "-v", env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N, "--json", "-v", env=env)
     assert p.returncode == 0, p.stderr
     record = json.loads(p.stdout)
     assert record["cache"] == "miss" and record["answer"] == reference["answer"]
@@ -209,7 +203,7 @@ def test_damaged_entry_is_ignored_and_replaced(imp_bin, model, photo, env, how):
 def test_damage_is_silent_without_verbose(imp_bin, model, photo, env):
     ask_json(imp_bin, photo, model[0], env=env)
     _damage(cache_files(env)[0], "payload bit flip")
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N, env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N, env=env)
     assert p.returncode == 0 and p.stderr == ""
 
 
@@ -222,7 +216,7 @@ def test_full_disk_costs_only_the_cache(imp_bin, model, photo, env):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N, "--json", "-v",
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N, "--json", "-v",
                 env=env, preexec_fn=small_files)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["answer"] == reference["answer"]
@@ -304,21 +298,21 @@ def test_two_imp_processes_at_once(imp_bin, model, photo, env):
 # ------------------------------------------------------------------------------ imp cache ...
 def test_cache_info_and_clear(imp_bin, model, photo, env):
     ask_json(imp_bin, photo, model[0], env=env)
-    p = run_imp(imp_bin, "cache", "info", "--json", env=env)
+    p = run_imp("cache", "info", "--json", env=env)
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["entries"] == 1 and info["bytes"] == cache_files(env)[0].stat().st_size
     assert Path(info["folder"]) == Path(env["IMP_HOME"]) / "cache" and info["budget"] == 4 * 1000**3
     env["IMP_CACHE_SIZE"] = "1.5G"
-    assert json.loads(run_imp(imp_bin, "cache", "info", "--json", env=env).stdout)["budget"] == 1_500_000_000
-    p = run_imp(imp_bin, "cache", "clear", env=env)
+    assert json.loads(run_imp("cache", "info", "--json", env=env).stdout)["budget"] == 1_500_000_000
+    p = run_imp("cache", "clear", env=env)
     assert p.returncode == 0 and p.stdout == "" and "removed 1 entry" in p.stderr
     assert cache_files(env) == []
 
 
 def test_bad_cache_size_is_one_line(imp_bin, model, photo, env):
     env["IMP_CACHE_SIZE"] = "lots"
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], env=env)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.splitlines() == ["error: invalid cache size 'lots' (use e.g. 4G, 500M or a number of bytes)"]
 
@@ -329,7 +323,7 @@ def test_several_questions_equal_one_per_call(imp_bin, model, photo, env, tmp_pa
     Image.open(photo).rotate(90, expand=True).save(other)
     singles = {(img, q): ask_json(imp_bin, img, model[0], "--no-cache", env=env, question=q)["answer"]
                for img in (photo, other) for q in (QUESTION, Q2)}
-    p = run_imp(imp_bin, "ask", photo, other, "-q", QUESTION, "-q", Q2, "--model", model[0], "-n", N,
+    p = run_imp("ask", photo, other, "-q", QUESTION, "-q", Q2, "--model", model[0], "-n", N,
                 "--json", env=env)
     assert p.returncode == 0, p.stderr
     records = [json.loads(line) for line in p.stdout.splitlines()]
@@ -341,7 +335,7 @@ def test_several_questions_equal_one_per_call(imp_bin, model, photo, env, tmp_pa
         assert second["timings"]["reused_tokens"] >= first["timings"]["prompt_tokens"] - 12
         assert second["timings"]["prompt_tokens"] < 16
     # plain output: one header per answer
-    p = run_imp(imp_bin, "ask", photo, "-q", QUESTION, "-q", Q2, "--model", model[0], "-n", N, env=env)
+    p = run_imp("ask", photo, "-q", QUESTION, "-q", Q2, "--model", model[0], "-n", N, env=env)
     assert p.stdout == (f"==> {photo} | {QUESTION} <==\n{singles[(photo, QUESTION)]}\n\n"
                         f"==> {photo} | {Q2} <==\n{singles[(photo, Q2)]}\n")
 
@@ -349,9 +343,9 @@ def test_several_questions_equal_one_per_call(imp_bin, model, photo, env, tmp_pa
 def test_questions_from_file_and_stdin(imp_bin, model, photo, env, tmp_path):
     listing = tmp_path / "questions.txt"
     listing.write_text(f"{QUESTION}\n\n{Q2}\n")
-    from_file = run_imp(imp_bin, "ask", photo, "--questions-from", listing, "--model", model[0], "-n", N,
+    from_file = run_imp("ask", photo, "--questions-from", listing, "--model", model[0], "-n", N,
                         "--json", env=env)
-    from_stdin = run_imp(imp_bin, "ask", photo, "--questions-from", "-", "--model", model[0], "-n", N,
+    from_stdin = run_imp("ask", photo, "--questions-from", "-", "--model", model[0], "-n", N,
                          "--json", env=env, stdin=listing.read_bytes())
     assert from_file.returncode == from_stdin.returncode == 0, (from_file.stderr, from_stdin.stderr)
     answers = [json.loads(line)["answer"] for line in from_file.stdout.splitlines()]
@@ -359,14 +353,14 @@ def test_questions_from_file_and_stdin(imp_bin, model, photo, env, tmp_path):
 
 
 def test_questions_from_and_image_both_on_stdin_is_usage_error(imp_bin, model, env):
-    p = run_imp(imp_bin, "ask", "-", "--questions-from", "-", "--model", model[0], env=env)
+    p = run_imp("ask", "-", "--questions-from", "-", "--model", model[0], env=env)
     assert p.returncode == 2 and "standard input" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_empty_questions_file_is_one_line(imp_bin, model, photo, env, tmp_path):
     empty = tmp_path / "none.txt"
     empty.write_text("\n\n")
-    p = run_imp(imp_bin, "ask", photo, "--questions-from", empty, "--model", model[0], env=env)
+    p = run_imp("ask", photo, "--questions-from", empty, "--model", model[0], env=env)
     assert p.returncode == 1 and p.stderr.splitlines() == [f"error: no questions in '{empty}'"]
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from test_ask import _torch_one_thread, as_imp_sees_it, ask_ok, env, run_imp  # noqa: F401  (fixtures)
+from test_ask import _torch_one_thread, as_imp_sees_it, ask_ok, env  # noqa: F401  (fixtures)
+from helpers import run_imp
 
 # On these weights the first answer's text re-tokenizes differently from the ids the model
 # generated (checked below), so the conversation tells feeding back ids from re-tokenizing text.
@@ -49,7 +50,7 @@ def open_session(text: Path, mmproj: Path, ctx: int = 1024):
 
 def chat_piped(imp_bin, image, model, lines: list[str], *extra, env) -> subprocess.CompletedProcess:
     args = ["chat", *([image] if image is not None else []), "--model", model, "-n", N_TOKENS, *extra]
-    return run_imp(imp_bin, *args, env=env, stdin="".join(f"{line}\n" for line in lines).encode())
+    return run_imp(*args, env=env, stdin="".join(f"{line}\n" for line in lines).encode())
 
 
 # ------------------------------------------------------------------------- parity, KV reuse

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from factory import EOS_ID
-from test_ask import _torch_one_thread, as_imp_sees_it, env, run_imp  # noqa: F401  (fixtures, shared)
+from test_ask import _torch_one_thread, as_imp_sees_it, env  # noqa: F401  (fixtures, shared)
+from helpers import run_imp
 
 QUESTION = "What color is the car?"
 
@@ -65,7 +66,7 @@ def test_choice_probabilities_equal_oracle(imp_bin, converted, oracle_for, photo
     image = as_imp_sees_it(photo)
     choices = choices_for(oracle, image)
 
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", text, "--choices", ",".join(choices), "--json", env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", text, "--choices", ",".join(choices), "--json", env=env)
 
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
@@ -151,8 +152,8 @@ def test_choice_log_likelihoods_equal_oracle_and_prefix_is_evaluated_once(conver
 def test_choices_are_deterministic_whatever_the_temperature(imp_bin, converted, photo, env):
     text, _ = converted("new")
     base = ["ask", photo, QUESTION, "--model", text, "--choices", "no,blue,red", "--json"]
-    cold = run_imp(imp_bin, *base, env=env)
-    hot = run_imp(imp_bin, *base, "--temperature", "1.7", "--seed", "9", "--top-k", "2", env=env)
+    cold = run_imp(*base, env=env)
+    hot = run_imp(*base, "--temperature", "1.7", "--seed", "9", "--top-k", "2", env=env)
     assert cold.returncode == 0 and hot.returncode == 0, (cold.stderr, hot.stderr)
     a, b = json.loads(cold.stdout), json.loads(hot.stdout)
     assert (a["answer"], a["choices"]) == (b["answer"], b["choices"])
@@ -168,8 +169,8 @@ def test_choices_from_a_file_for_every_image_and_question(imp_bin, converted, ph
     Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
     args = ["ask", photo, other, "-q", QUESTION, "-q", "Is it outdoors?", "--model", text, "--choices", f"@{labels}"]
 
-    records = run_imp(imp_bin, *args, "--json", env=env)
-    plain = run_imp(imp_bin, *args, env=env)
+    records = run_imp(*args, "--json", env=env)
+    plain = run_imp(*args, env=env)
 
     assert records.returncode == 0 and plain.returncode == 0, (records.stderr, plain.stderr)
     rows = [json.loads(line) for line in records.stdout.splitlines()]
@@ -194,7 +195,7 @@ def test_choices_from_a_file_for_every_image_and_question(imp_bin, converted, ph
 ])
 def test_bad_choice_lists_are_usage_errors(imp_bin, photo, env, spec, phrase):
     # The model does not exist: the usage error comes before any model is looked for.
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", "/nonexistent/model.gguf", "--choices", spec, env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", "/nonexistent/model.gguf", "--choices", spec, env=env)
     assert_usage_line(p, phrase)
 
 
@@ -363,8 +364,8 @@ def test_cli_schema_answer_is_printed_parsed_and_recorded(imp_bin, converted, ph
     args = ["ask", photo, "Describe it.", "--model", text, "--json-schema", f"@{schema}",
             "--temperature", "0.9", "--seed", "4", "-n", MAX_TOKENS]
 
-    plain = run_imp(imp_bin, *args, env=env)
-    record = run_imp(imp_bin, *args, "--json", env=env)
+    plain = run_imp(*args, env=env)
+    record = run_imp(*args, "--json", env=env)
 
     assert plain.returncode == 0 and plain.stderr == "", plain.stderr
     assert record.returncode == 0, record.stderr
@@ -377,7 +378,7 @@ def test_cli_grammar_answer(imp_bin, converted, photo, env, tmp_path):
     text, _ = converted("old")
     gbnf = tmp_path / "verdict.gbnf"
     gbnf.write_text(GRAMMAR)
-    p = run_imp(imp_bin, "ask", photo, "Is it red?", "--model", text, "--grammar", f"@{gbnf}",
+    p = run_imp("ask", photo, "Is it red?", "--model", text, "--grammar", f"@{gbnf}",
                 "--temperature", "1.2", "--seed", "11", env=env)
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert p.stdout.endswith("\n") and GRAMMAR_RE.fullmatch(p.stdout[:-1]), p.stdout
@@ -389,8 +390,8 @@ def test_cli_unfinished_answer_is_not_printed(imp_bin, converted, photo, env):
     text, _ = converted("new")
     args = ["ask", photo, "Describe it.", "--model", text, "--json-schema", json.dumps(SCHEMAS["record"]), "-n", "4"]
 
-    plain = run_imp(imp_bin, *args, env=env)
-    record = run_imp(imp_bin, *args, "--json", env=env)
+    plain = run_imp(*args, env=env)
+    record = run_imp(*args, "--json", env=env)
 
     assert plain.returncode == 1 and plain.stdout == ""
     assert plain.stderr.splitlines() == ["warning: the answer reached --max-tokens before it was complete: not printed"]
@@ -417,12 +418,12 @@ def test_cli_unfinished_answer_is_not_printed(imp_bin, converted, photo, env):
     ("--grammar", "@/nonexistent/g.gbnf", "not found"),
 ])
 def test_unusable_schema_or_grammar_is_a_usage_error(imp_bin, photo, env, option, value, phrase):
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", "/nonexistent/model.gguf", option, value, env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", "/nonexistent/model.gguf", option, value, env=env)
     assert_usage_line(p, phrase)
 
 
 def test_one_constraint_at_a_time(imp_bin, photo, env):
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--choices", "a,b", "--grammar", 'root ::= "a"', env=env)
+    p = run_imp("ask", photo, QUESTION, "--choices", "a,b", "--grammar", 'root ::= "a"', env=env)
     assert_usage_line(p, "--choices and --grammar cannot be combined")
 
 

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,40 +21,14 @@ import pytest
 from PIL import Image
 
 from factory import TINY
-from cli_env import clean_env  # noqa: E402
+from ggufedit import STRING, decode_gguf, encode_gguf, with_key
+from helpers import assert_one_line_error, assert_usage_error, clean_env, run_imp
 
 QUESTION = "What is in the image?"
 N_TOKENS = 24
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def run_imp(imp_bin: str, *args, env: dict, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
-    p = subprocess.run([imp_bin, *map(str, args)], input=stdin, capture_output=True, env=env, timeout=timeout)
-    out, err = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
-    assert "\x1b" not in out and "\x1b" not in err, (out, err)  # no colour or cursor codes on pipes
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *phrases: str) -> str:
-    """Exit 1, nothing on stdout, exactly one stderr line `error: ...` naming the problem."""
-    assert "Traceback" not in p.stderr, p.stderr
-    assert p.stdout == "", p.stdout
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1 and p.stderr.endswith("\n"), p.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    for phrase in phrases:
-        assert phrase in lines[0], (phrase, lines[0])
-    assert p.returncode == 1, (p.returncode, p.stderr)
-    return lines[0]
-
-
-def assert_usage_error(p: subprocess.CompletedProcess, phrase: str) -> None:
-    assert p.returncode == 2, (p.returncode, p.stderr)
-    assert "Traceback" not in p.stderr, p.stderr
-    assert p.stdout == ""
-    assert phrase in p.stderr, p.stderr
-
-
 @pytest.fixture
 def env(tmp_path):
     return clean_env(tmp_path)
@@ -70,14 +43,14 @@ def model(converted) -> tuple[Path, Path]:
 def reference_answer(imp_bin, model, photo, tmp_path_factory) -> str:
     """The answer for the photo given by path, with --model: what the other sources must give."""
     env = clean_env(tmp_path_factory.mktemp("ref"))
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
     assert p.returncode == 0, p.stderr
     return p.stdout
 
 
 # ------------------------------------------------------------------------- stdout is the answer
 def test_stdout_is_only_the_answer(imp_bin, model, photo, env, reference_answer):
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
     assert p.returncode == 0
     assert p.stderr == ""  # no progress, logs (llama.cpp's included) or warnings on success
     assert p.stdout == reference_answer
@@ -92,12 +65,12 @@ def test_several_images_one_answer_each(imp_bin, model, photo, env, reference_an
     leak one image into the next); plain output has `head`-style headers, --json one line each."""
     other = tmp_path / "other.png"
     Image.open(photo).rotate(90, expand=True).save(other)
-    alone = run_imp(imp_bin, "ask", other, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    alone = run_imp("ask", other, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
     assert alone.returncode == 0 and alone.stdout != reference_answer
-    p = run_imp(imp_bin, "ask", photo, other, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    p = run_imp("ask", photo, other, QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"==> {photo} <==\n{reference_answer}\n==> {other} <==\n{alone.stdout}"
-    p = run_imp(imp_bin, "ask", photo, other, QUESTION, "--model", model[0], "-n", N_TOKENS, "--json", env=env)
+    p = run_imp("ask", photo, other, QUESTION, "--model", model[0], "-n", N_TOKENS, "--json", env=env)
     records = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["image"]["source"] for r in records] == [str(photo), str(other)]
     assert [r["answer"] + "\n" for r in records] == [reference_answer, alone.stdout]
@@ -105,7 +78,7 @@ def test_several_images_one_answer_each(imp_bin, model, photo, env, reference_an
 
 
 def test_image_from_stdin(imp_bin, model, photo, env, reference_answer):
-    p = run_imp(imp_bin, "ask", "-", QUESTION, "--model", model[0], "-n", N_TOKENS, env=env,
+    p = run_imp("ask", "-", QUESTION, "--model", model[0], "-n", N_TOKENS, env=env,
                 stdin=photo.read_bytes())
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
@@ -143,7 +116,7 @@ def http_base(photo):
 
 
 def test_image_from_url(imp_bin, model, env, http_base, reference_answer):
-    p = run_imp(imp_bin, "ask", f"{http_base}/photo.png", QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
+    p = run_imp("ask", f"{http_base}/photo.png", QUESTION, "--model", model[0], "-n", N_TOKENS, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     assert p.stdout == reference_answer
@@ -151,13 +124,13 @@ def test_image_from_url(imp_bin, model, env, http_base, reference_answer):
 
 def test_image_url_404(imp_bin, model, env, http_base):
     url = f"{http_base}/missing.png"
-    p = run_imp(imp_bin, "ask", url, QUESTION, "--model", model[0], env=env)
+    p = run_imp("ask", url, QUESTION, "--model", model[0], env=env)
     assert_one_line_error(p, url, "404")
 
 
 def test_verbose_logs_go_to_stderr(imp_bin, model, photo, env, reference_answer):
     """-v shows llama.cpp's logs, on stderr: stdout is still the answer alone."""
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, "-v", env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS, "-v", env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout == reference_answer
     assert len(p.stderr.splitlines()) > 10  # llama.cpp's model loading log
@@ -166,20 +139,20 @@ def test_verbose_logs_go_to_stderr(imp_bin, model, photo, env, reference_answer)
 # ---------------------------------------------------------------------------- environment vars
 def test_imp_model_env(imp_bin, model, photo, tmp_path, reference_answer):
     env = clean_env(tmp_path, IMP_MODEL=str(model[0]))
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "-n", N_TOKENS, env=env)
+    p = run_imp("ask", photo, QUESTION, "-n", N_TOKENS, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout == reference_answer
 
 
 def test_imp_max_tokens_env(imp_bin, model, photo, tmp_path, reference_answer):
-    short = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "--json",
+    short = run_imp("ask", photo, QUESTION, "--model", model[0], "--json",
                     env=clean_env(tmp_path, IMP_MAX_TOKENS="5"))
     assert short.returncode == 0, short.stderr
     record = json.loads(short.stdout)
     assert record["timings"]["generated_tokens"] == 5 and record["finish_reason"] == "length"
     assert reference_answer.startswith(record["answer"]) and record["answer"] != reference_answer.strip()
     # an explicit option beats the environment
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS,
+    p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS,
                 env=clean_env(tmp_path, IMP_MAX_TOKENS="5"))
     assert p.stdout == reference_answer
 
@@ -187,10 +160,10 @@ def test_imp_max_tokens_env(imp_bin, model, photo, tmp_path, reference_answer):
 # ------------------------------------------------------------------------------------ help
 def test_help_exits_0(imp_bin, env):
     for args in (["--help"], ["ask", "--help"], ["ask", "-h"]):
-        p = run_imp(imp_bin, *args, env=env)
+        p = run_imp(*args, env=env)
         assert p.returncode == 0, (args, p.stderr)
         assert "Usage" in p.stdout and "Traceback" not in p.stderr
-    assert "--model" in run_imp(imp_bin, "ask", "--help", env=env).stdout
+    assert "--model" in run_imp("ask", "--help", env=env).stdout
 
 
 def test_help_does_not_import_heavy_modules(env):
@@ -270,6 +243,20 @@ def bad_files(tmp_path_factory, photo, model, checkpoint) -> dict[str, Path]:
     files["alone"] = d / "alone" / "lonely-F16.gguf"  # a text GGUF with no mmproj beside it
     files["alone"].parent.mkdir()
     shutil.copyfile(model[0], files["alone"])
+
+    # Two projectors for one model (issue 13, defect 4): which one is for the user to say.
+    files["two_mmproj"] = d / "two" / "pair-F16.gguf"
+    files["two_mmproj"].parent.mkdir()
+    shutil.copyfile(model[0], files["two_mmproj"])
+    for kind in ("F16", "Q8_0"):
+        shutil.copyfile(model[1], files["two_mmproj"].parent / f"pair-mmproj-{kind}.gguf")
+
+    # An aspect mode imp does not know (issue 13, defect 5): refused by the pair check, not met
+    # by the image code mid-answer.
+    kvs, tensors, data = decode_gguf(model[1])
+    files["stretch_mmproj"] = d / "stretch-mmproj-F16.gguf"
+    files["stretch_mmproj"].write_bytes(encode_gguf(with_key(kvs, "imp.image_aspect_ratio", STRING, "stretch"),
+                                                    tensors, data))
     return files
 
 
@@ -298,6 +285,10 @@ def _cases(photo, model, f):
         "missing model file": (["ask", photo, QUESTION, "-m", "/nonexistent/model.gguf"], {}, b"",
                                ["/nonexistent/model.gguf", "not found"]),
         "no mmproj beside model": (["ask", photo, QUESTION, "-m", f["alone"]], {}, b"", ["no mmproj", "--mmproj"]),
+        "two mmproj beside model": (["ask", photo, QUESTION, "-m", f["two_mmproj"]], {}, b"",
+                                    ["pair-mmproj-F16.gguf", "pair-mmproj-Q8_0.gguf", "--mmproj"]),
+        "unknown aspect mode": (["ask", photo, QUESTION, "-m", text, "--mmproj", f["stretch_mmproj"]], {}, b"",
+                                [str(f["stretch_mmproj"]), "imp.image_aspect_ratio", "'stretch'"]),
         "question longer than context": (["ask", photo, "tell me " * 300, "-m", text, "--ctx", "64"], {}, b"",
                                          ["context", "64"]),
         "empty question": (["ask", photo, "   ", "-m", text], {}, b"", ["question is empty"]),
@@ -309,25 +300,26 @@ def _cases(photo, model, f):
 CASE_NAMES = ["missing image file", "not an image", "not an image, json mode", "truncated image", "empty stdin",
               "mismatched pair", "mismatched pair, other way",
               "gguf that is not imp", "truncated gguf", "model is not gguf", "mmproj given as model",
-              "missing model file", "no mmproj beside model", "question longer than context",
+              "missing model file", "no mmproj beside model", "two mmproj beside model", "unknown aspect mode",
+              "question longer than context",
               "empty question", "no model anywhere"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_bad_input_one_line_error(imp_bin, photo, model, bad_files, tmp_path, case):
     argv, extra, stdin, phrases = _cases(photo, model, bad_files)[case]
-    p = run_imp(imp_bin, *argv, env=clean_env(tmp_path, **extra), stdin=stdin)
+    p = run_imp(*argv, env=clean_env(tmp_path, **extra), stdin=stdin)
     assert_one_line_error(p, *phrases)
 
 
 def test_error_line_stays_one_line_for_a_name_with_a_newline(imp_bin, model, tmp_path):
-    p = run_imp(imp_bin, "ask", tmp_path / "a\nb.png", QUESTION, "-m", model[0], env=clean_env(tmp_path))
+    p = run_imp("ask", tmp_path / "a\nb.png", QUESTION, "-m", model[0], env=clean_env(tmp_path))
     assert_one_line_error(p, "not found")
 
 
 def test_question_longer_than_the_trained_context(imp_bin, model, photo, env):
     """Thousands of words with the default context: refused with the token count."""
-    p = run_imp(imp_bin, "ask", photo, "word " * 4000, "-m", model[0], env=env)
+    p = run_imp("ask", photo, "word " * 4000, "-m", model[0], env=env)
     line = assert_one_line_error(p, "context")
     assert "prompt is" in line
 
@@ -341,13 +333,15 @@ def test_question_longer_than_the_trained_context(imp_bin, model, photo, env):
     (["frobnicate"], "No such command"),
 ], ids=["missing question", "unknown option", "max-tokens 0", "temperature not a number", "unknown command"])
 def test_usage_errors_exit_2(imp_bin, env, argv, phrase):
-    assert_usage_error(run_imp(imp_bin, *argv, env=env), phrase)
+    assert_usage_error(run_imp(*argv, env=env), phrase)
 
 
 def test_no_arguments_shows_help(imp_bin, env):
-    p = run_imp(imp_bin, env=env)
-    assert "Usage" in p.stdout + p.stderr and "Traceback" not in p.stderr
-    assert p.returncode in (0, 2)  # click's no_args_is_help: help, exit 0 (or 2 in newer click)
+    """No command is a usage error (exit 2, as click's no_args_is_help has it since 8.2), with the
+    help on stdout."""
+    p = run_imp(env=env)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Usage" in p.stdout and "Traceback" not in p.stderr
 
 
 # ----------------------------------------------------------------------------------- Ctrl-C
@@ -360,7 +354,6 @@ def test_ctrl_c_exits_130(imp_bin, model, photo, env):
         first = proc.stdout.read(1)  # the answer has started
         assert first, proc.stderr.read().decode()
         proc.send_signal(signal.SIGINT)
-        t0 = time.monotonic()
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -368,7 +361,6 @@ def test_ctrl_c_exits_130(imp_bin, model, photo, env):
             proc.wait()
     err_text = err.decode("utf-8", "replace")
     assert proc.returncode == 130, (proc.returncode, err_text)
-    assert time.monotonic() - t0 < 10  # stopped promptly, not at the end of the context
     assert "Traceback" not in err_text and "error" not in err_text, err_text
     assert "\x1b" not in err_text
     assert len(first + out) < 3000 * 4  # interrupted well before the context was full
@@ -389,12 +381,12 @@ def test_reader_closing_the_pipe_early_is_not_an_error(imp_bin, model, photo, en
             proc.wait()
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert "internal error" not in err and "BrokenPipe" not in err, err
-    assert proc.returncode in (0, 1, 141, -signal.SIGPIPE)
+    assert proc.returncode == 141, (proc.returncode, err)  # 128 + SIGPIPE, as a shell pipeline reports it
 
 
 def test_answer_cut_off_by_the_context(imp_bin, model, photo, env, reference_answer):
     """Generation that fills the context: exit 0, the answer so far, one warning line on stderr."""
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "-m", model[0], "-n", "100000", "--ctx", "80", env=env)
+    p = run_imp("ask", photo, QUESTION, "-m", model[0], "-n", "100000", "--ctx", "80", env=env)
     assert p.returncode == 0, p.stderr
     lines = p.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "--ctx" in lines[0], p.stderr
@@ -405,7 +397,7 @@ def test_answer_cut_off_by_the_context(imp_bin, model, photo, env, reference_ans
 
 def test_model_given_as_a_folder(imp_bin, model, photo, env, reference_answer):
     """--model may name the folder holding the pair."""
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "--model", model[0].parent, "-n", N_TOKENS, env=env)
+    p = run_imp("ask", photo, QUESTION, "--model", model[0].parent, "-n", N_TOKENS, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout == reference_answer
 
@@ -415,8 +407,8 @@ def test_shell_completion(imp_bin, env):
     protocol answers with commands and options. (The script itself, `--show-completion`, names
     the user's shell, found from the parent process: not something a test runner has.)"""
     complete = dict(env, _IMP_COMPLETE="complete_bash", COMP_WORDS="imp ca", COMP_CWORD="1")
-    assert run_imp(imp_bin, env=complete).stdout.split() == ["cache"]
+    assert run_imp(env=complete).stdout.split() == ["cache"]
     complete.update(COMP_WORDS="imp ask --no-c", COMP_CWORD="2")
-    assert run_imp(imp_bin, env=complete).stdout.split() == ["--no-cache"]
+    assert run_imp(env=complete).stdout.split() == ["--no-cache"]
     complete.update(COMP_WORDS="imp ch", COMP_CWORD="1")
-    assert run_imp(imp_bin, env=complete).stdout.split() == ["chat"]
+    assert run_imp(env=complete).stdout.split() == ["chat"]

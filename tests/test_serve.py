@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from cli_env import clean_env
+from helpers import clean_env
 from test_ask import _torch_one_thread, eager_to_stop  # noqa: F401 - fixtures: the oracle on one thread; a model that stops at once
 
 QUESTION = "What is in the image?"

@@ -10,11 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from importlib.metadata import version
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from factory import TINY, Sizes
+from helpers import assert_ok, assert_one_line_error, assert_usage_error, clean_env, run_imp, run_python, start_imp
 
 TINY_REPO = "MILVLG/imp-tiny-a"      # not a known name: stored as "imp-tiny-a"
 DEFAULT_REPO = "MILVLG/imp-v1-3b"    # the repo of the default known name "imp-v1-3b"
@@ -38,47 +37,31 @@ QUESTION = "What is in the picture?"
 
 # ------------------------------------------------------------------------------------ helpers
 
-IMP = str(Path(sys.executable).parent / "imp")  # the installed console script, as imp_bin
-
-
 class Ctx:
     """One isolated run environment: IMP_HOME, an empty cwd, and a hub cache (empty by default)."""
 
     def __init__(self, base: Path, hub: Path | None = None, **extra: str):
         base.mkdir(parents=True, exist_ok=True)
         self.base = base
-        self.home = base / "imp-home"
+        self.env = clean_env(base, hub=hub, **extra)
+        self.home = Path(self.env["IMP_HOME"])
         self.models = self.home / "models"
         self.cwd = base / "cwd"
         self.cwd.mkdir(exist_ok=True)
-        empty_hub = base / "empty-hub"
-        empty_hub.mkdir(exist_ok=True)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("IMP_", "HF_", "HUGGINGFACE_"))}
-        env.update(
-            IMP_HOME=str(self.home),
-            XDG_CACHE_HOME=str(base / "xdg-cache"),
-            HF_HOME=str(base / "hf-home"),
-            HF_HUB_CACHE=str(hub or empty_hub),
-            HF_HUB_OFFLINE="1",
-            HF_HUB_DISABLE_TELEMETRY="1",
-            NO_COLOR="1",
-        )
-        env.update(extra)
-        self.env = env
 
     def run(self, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([IMP, *args], env={**self.env, **(env or {})}, cwd=self.cwd,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        return run_imp(*args, env={**self.env, **(env or {})}, cwd=self.cwd, timeout=timeout)
+
+    def python(self, code: str, *args: str) -> subprocess.CompletedProcess:
+        """The CLI run by `code` (which patches something first), as `imp ARGS` would be run."""
+        return run_python(code, *args, env=self.env, cwd=self.cwd)
 
     def popen(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([IMP, *args], env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return start_imp(*args, env=self.env, cwd=self.cwd)
 
     def installed(self) -> list[str]:
         """Names in `imp models list --json`."""
-        r = self.run("models", "list", "--json")
-        ok(r)
+        r = assert_ok(self.run("models", "list", "--json"))
         return sorted(row["name"] for row in json.loads(r.stdout))
 
     def visible_folders(self) -> list[str]:
@@ -87,28 +70,6 @@ class Ctx:
 
     def staging(self) -> list[Path]:
         return sorted(self.models.glob(".staging-*")) if self.models.is_dir() else []
-
-
-def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
-
-
-def fails(r: subprocess.CompletedProcess, *needles: str, after_progress: bool = False) -> str:
-    """Exit 1, nothing on stdout, exactly one stderr line `error: ...` (returned). With
-    after_progress, info lines (`pulling ...`) may come before it, but it is the last line."""
-    assert r.returncode == 1, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
-    assert r.stdout == "", r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
-    if not after_progress:
-        assert len(lines) == 1, r.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
 
 
 def sha256(path: Path) -> str:
@@ -164,7 +125,7 @@ def install_copy(template: Path, ctx: Ctx) -> None:
 
 
 def ask_json(ctx: Ctx, photo: Path, *args: str, env: dict | None = None) -> dict:
-    r = ok(ctx.run("ask", str(photo), QUESTION, "-n", "6", "--json", *args, env=env))
+    r = assert_ok(ctx.run("ask", str(photo), QUESTION, "-n", "6", "--json", *args, env=env))
     return json.loads(r.stdout)
 
 
@@ -183,7 +144,7 @@ def hub(hub_cache):
 def tiny_pulled(hub, tmp_path_factory):
     """`imp pull MILVLG/imp-tiny-a` once; tests read it or copy its store, never change it."""
     ctx = Ctx(tmp_path_factory.mktemp("tiny-pulled"), hub=hub["cache"])
-    r = ok(ctx.run("pull", TINY_REPO))
+    r = assert_ok(ctx.run("pull", TINY_REPO))
     return ctx, r
 
 
@@ -191,7 +152,7 @@ def tiny_pulled(hub, tmp_path_factory):
 def default_pulled(hub, tmp_path_factory):
     """`imp pull` with no name: the default model, from the hub cache of its real repo id."""
     ctx = Ctx(tmp_path_factory.mktemp("default-pulled"), hub=hub["cache"])
-    r = ok(ctx.run("pull"))
+    r = assert_ok(ctx.run("pull"))
     return ctx, r
 
 
@@ -254,7 +215,7 @@ def test_pull_repo_with_tower_folder_and_no_tokenizer_json(tmp_path, hub_cache, 
     repo = "MILVLG/imp-tiny-variant"
     cache, commit = hub_cache(repo, tower_config="folder", tokenizer_files="no-tokenizer-json")
     ctx = Ctx(tmp_path, hub=cache)
-    r = ok(ctx.run("pull", repo))
+    r = assert_ok(ctx.run("pull", repo))
     folder = ctx.models / "imp-tiny-variant"
     assert r.stdout == f"{folder}\n"
     check_entry(folder, "imp-tiny-variant", "Q4_K_M", repo)
@@ -266,7 +227,7 @@ def test_pull_repo_with_tower_folder_and_no_tokenizer_json(tmp_path, hub_cache, 
 
 def test_pull_quant_q8_0_replaces_installed_q4(store_ctx, hub):
     ctx = Ctx(store_ctx.base, hub=hub["cache"])
-    r = ok(ctx.run("pull", TINY_REPO, "-q", "Q8_0"))
+    r = assert_ok(ctx.run("pull", TINY_REPO, "-q", "Q8_0"))
     folder = ctx.models / "imp-tiny-a"
     assert r.stdout == f"{folder}\n"
     check_entry(folder, "imp-tiny-a", "Q8_0", TINY_REPO)  # exactly the Q8_0 pair: no stale Q4_K_M
@@ -283,7 +244,7 @@ def test_pull_default_model(default_pulled):
 
 def test_pull_known_short_name(tmp_path, hub):
     ctx = Ctx(tmp_path, hub=hub["cache"])
-    r = ok(ctx.run("pull", "imp-v1-3b"))
+    r = assert_ok(ctx.run("pull", "imp-v1-3b"))
     folder = ctx.models / "imp-v1-3b"
     assert r.stdout == f"{folder}\n"
     check_entry(folder, "imp-v1-3b", "Q4_K_M", DEFAULT_REPO)
@@ -293,12 +254,12 @@ def test_pull_twice_is_a_no_op_and_force_reinstalls(store_ctx, hub):
     ctx = Ctx(store_ctx.base, hub=hub["cache"])
     folder = ctx.models / "imp-tiny-a"
     before = snapshot(folder)
-    r = ok(ctx.run("pull", TINY_REPO))
+    r = assert_ok(ctx.run("pull", TINY_REPO))
     assert r.stdout == f"{folder}\n"
     assert "already installed" in r.stderr
     assert snapshot(folder) == before  # same inodes, mtimes, sizes
 
-    r = ok(ctx.run("pull", TINY_REPO, "--force"))
+    r = assert_ok(ctx.run("pull", TINY_REPO, "--force"))
     assert r.stdout == f"{folder}\n"
     assert "already installed" not in r.stderr
     after = snapshot(folder)
@@ -309,14 +270,15 @@ def test_pull_twice_is_a_no_op_and_force_reinstalls(store_ctx, hub):
 
 
 def test_pull_other_repo_with_same_store_name_is_not_a_silent_no_op(store_ctx, hub, hub_cache):
+    """someone-else/imp-tiny-a would be stored as imp-tiny-a, which MILVLG's holds: refused in one
+    line naming the holder and the way out; the installed entry is untouched."""
     other = "someone-else/imp-tiny-a"
     hub_cache(other, seed=3)
     ctx = Ctx(store_ctx.base, hub=hub["cache"])
-    r = ctx.run("pull", other)
-    if r.returncode == 0:  # installed it (somewhere): what it printed must be that repo's model
-        assert load_manifest(Path(r.stdout.strip()))["source"].lower() == other.lower()
-    else:  # or refused the name clash with one error line
-        fails(r, after_progress=True)
+    before = tree(ctx.models / "imp-tiny-a")
+    assert_one_line_error(ctx.run("pull", other), "imp-tiny-a", TINY_REPO, "imp models rm imp-tiny-a")
+    assert tree(ctx.models / "imp-tiny-a") == before
+    assert ctx.installed() == ["imp-tiny-a"] and ctx.staging() == []
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -325,17 +287,15 @@ def test_pull_other_repo_with_same_store_name_is_not_a_silent_no_op(store_ctx, h
 ], ids=["offline-missing", "unknown-name"])
 def test_pull_failure_leaves_nothing(tmp_path, args, needle):
     ctx = Ctx(tmp_path)
-    fails(ctx.run("pull", *args), needle, after_progress=True)
+    assert_one_line_error(ctx.run("pull", *args), needle, after_progress=True)
     assert ctx.visible_folders() == [] and ctx.staging() == []
     assert ctx.installed() == []
 
 
 def test_pull_bad_quant_leaves_nothing(tmp_path, hub):
+    """An unknown quant type is a usage error (exit 2) from the option parser, before any pull."""
     ctx = Ctx(tmp_path, hub=hub["cache"])
-    r = ctx.run("pull", TINY_REPO, "-q", "Q5_0")
-    if r.returncode != 2:  # a usage error, or an error found once pulling started
-        fails(r, "Q5_0", after_progress=True)
-    assert r.stdout == "" and "Traceback" not in r.stderr
+    assert_usage_error(ctx.run("pull", TINY_REPO, "-q", "Q5_0"), "Q5_0")
     assert ctx.visible_folders() == [] and ctx.staging() == []
 
 
@@ -344,7 +304,7 @@ def test_pull_bad_quant_leaves_nothing(tmp_path, hub):
 def test_models_list_and_json(store_ctx, default_pulled):
     ctx = store_ctx
     install_copy(default_pulled[0].home, ctx)
-    r = ok(ctx.run("models", "list"))
+    r = assert_ok(ctx.run("models", "list"))
     rows = [line.split("\t") for line in r.stdout.splitlines()]
     assert sorted(row[0] for row in rows) == ["imp-tiny-a", "imp-v1-3b"]
     by_name = {row[0]: row for row in rows}
@@ -355,7 +315,7 @@ def test_models_list_and_json(store_ctx, default_pulled):
         assert (src, quant, path) == (source, "Q4_K_M", str(ctx.models / name))
         assert size.split()[-1] in ("B", "KB", "MB", "GB") and float(size.split()[0]) > 0
 
-    data = json.loads(ok(ctx.run("models", "list", "--json")).stdout)
+    data = json.loads(assert_ok(ctx.run("models", "list", "--json")).stdout)
     assert sorted(d["name"] for d in data) == ["imp-tiny-a", "imp-v1-3b"]
     for d in data:
         folder = ctx.models / d["name"]
@@ -369,29 +329,29 @@ def test_models_list_and_json(store_ctx, default_pulled):
 
 def test_models_list_empty_store(tmp_path):
     ctx = Ctx(tmp_path)
-    r = ok(ctx.run("models", "list"))
+    r = assert_ok(ctx.run("models", "list"))
     assert r.stdout == ""
-    assert json.loads(ok(ctx.run("models", "list", "--json")).stdout) == []
+    assert json.loads(assert_ok(ctx.run("models", "list", "--json")).stdout) == []
 
 
 def test_models_path(store_ctx):
-    r = ok(store_ctx.run("models", "path", "imp-tiny-a"))
+    r = assert_ok(store_ctx.run("models", "path", "imp-tiny-a"))
     assert r.stdout == f"{store_ctx.models / 'imp-tiny-a'}\n"
-    fails(store_ctx.run("models", "path", "not-installed"), "not-installed")
+    assert_one_line_error(store_ctx.run("models", "path", "not-installed"), "not-installed")
 
 
 def test_models_rm_yes(store_ctx):
     folder = store_ctx.models / "imp-tiny-a"
-    ok(store_ctx.run("models", "rm", "imp-tiny-a", "--yes"))
+    assert_ok(store_ctx.run("models", "rm", "imp-tiny-a", "--yes"))
     assert not folder.exists()
     assert store_ctx.installed() == []
-    fails(store_ctx.run("models", "rm", "imp-tiny-a", "--yes"), "imp-tiny-a")  # already gone
+    assert_one_line_error(store_ctx.run("models", "rm", "imp-tiny-a", "--yes"), "imp-tiny-a")  # already gone
 
 
 def test_models_rm_without_yes_and_no_tty_refuses(store_ctx):
     folder = store_ctx.models / "imp-tiny-a"
     before = tree(folder)
-    fails(store_ctx.run("models", "rm", "imp-tiny-a"), "--yes")  # stdin is /dev/null
+    assert_one_line_error(store_ctx.run("models", "rm", "imp-tiny-a"), "--yes")  # stdin is not a terminal
     assert tree(folder) == before
     assert store_ctx.installed() == ["imp-tiny-a"]
 
@@ -420,7 +380,7 @@ def test_import_pair_copies_and_answers(tmp_path, converted, photo):
     text, mmproj = work / src_text.name, work / src_mmproj.name
     shutil.copyfile(src_text, text)
     shutil.copyfile(src_mmproj, mmproj)
-    r = ok(ctx.run("models", "import", str(text), str(mmproj), "--name", "mine"))
+    r = assert_ok(ctx.run("models", "import", str(text), str(mmproj), "--name", "mine"))
     folder = ctx.models / "mine"
     assert r.stdout == f"{folder}\n"
     m = check_entry(folder, "mine", "F16", f"import:{text.resolve()}")
@@ -438,7 +398,7 @@ def test_import_pair_copies_and_answers(tmp_path, converted, photo):
 def test_import_finds_mmproj_beside_text(tmp_path, converted):
     ctx = Ctx(tmp_path)
     text, _ = converted(quant="Q8_0")
-    ok(ctx.run("models", "import", str(text), "--name", "beside"))
+    assert_ok(ctx.run("models", "import", str(text), "--name", "beside"))
     check_entry(ctx.models / "beside", "beside", "Q8_0", f"import:{text.resolve()}")
 
 
@@ -446,9 +406,9 @@ def test_import_existing_name_needs_force(store_ctx, converted):
     folder = store_ctx.models / "imp-tiny-a"
     before = tree(folder)
     text, mmproj = converted()
-    fails(store_ctx.run("models", "import", str(text), str(mmproj), "--name", "imp-tiny-a"), "--force")
+    assert_one_line_error(store_ctx.run("models", "import", str(text), str(mmproj), "--name", "imp-tiny-a"), "--force")
     assert tree(folder) == before
-    ok(store_ctx.run("models", "import", str(text), str(mmproj), "--name", "imp-tiny-a", "--force"))
+    assert_ok(store_ctx.run("models", "import", str(text), str(mmproj), "--name", "imp-tiny-a", "--force"))
     check_entry(folder, "imp-tiny-a", "F16", f"import:{text.resolve()}")
     assert store_ctx.staging() == []
 
@@ -471,7 +431,7 @@ def test_import_bad_pair_fails_and_leaves_nothing(tmp_path, converted, wide_pair
         args = [cut, mmproj]
     else:
         args = [wide_pair[0], mmproj]
-    fails(ctx.run("models", "import", *map(str, args), "--name", "bad"))
+    assert_one_line_error(ctx.run("models", "import", *map(str, args), "--name", "bad"))
     assert ctx.visible_folders() == [] and ctx.staging() == []
     assert ctx.installed() == []
 
@@ -498,13 +458,13 @@ def test_ask_default_model_when_installed(store_ctx, default_pulled, photo):
 
 def test_ask_repo_id_in_hub_cache_is_pulled_first(tmp_path, hub, photo):
     ctx = Ctx(tmp_path, hub=hub["cache"], IMP_MODEL=TINY_REPO)
-    first = ok(ctx.run("ask", str(photo), QUESTION, "-n", "6"))
+    first = assert_ok(ctx.run("ask", str(photo), QUESTION, "-n", "6"))
     assert "pull" in first.stderr
     assert first.stdout.strip()
     assert ctx.installed() == ["imp-tiny-a"]
     check_entry(ctx.models / "imp-tiny-a", "imp-tiny-a", "Q4_K_M", TINY_REPO)
     # Installed now: the same question answers the same, with no pull, even with no hub cache.
-    again = ok(ctx.run("ask", str(photo), QUESTION, "-n", "6", env={"HF_HUB_CACHE": str(tmp_path / "empty-hub")}))
+    again = assert_ok(ctx.run("ask", str(photo), QUESTION, "-n", "6", env={"HF_HUB_CACHE": str(tmp_path / "empty-hub")}))
     assert "pull" not in again.stderr
     assert first.stdout == again.stdout  # stdout carried the answer and nothing else
 
@@ -513,7 +473,7 @@ def test_ask_repo_id_in_hub_cache_is_pulled_first(tmp_path, hub, photo):
                          ids=["default", "repo-id"])
 def test_ask_offline_and_missing_says_what_to_run(tmp_path, photo, env, spec):
     ctx = Ctx(tmp_path, **env)
-    fails(ctx.run("ask", str(photo), QUESTION), f"imp pull {spec}")
+    assert_one_line_error(ctx.run("ask", str(photo), QUESTION), f"imp pull {spec}")
     assert ctx.visible_folders() == [] and ctx.staging() == []
 
 
@@ -533,7 +493,7 @@ def test_rm_refuses_names_leading_outside(store_ctx):
     absolute = _fake_model_folder(store_ctx.base / "x", entry)
     store_before = tree(store_ctx.models)
     for name in ("../victim", str(store_ctx.base / "x"), "..", "."):
-        fails(store_ctx.run("models", "rm", name, "--yes"))
+        assert_one_line_error(store_ctx.run("models", "rm", name, "--yes"))
     assert tree(store_ctx.home / "victim") == victim
     assert tree(store_ctx.base / "x") == absolute
     assert tree(store_ctx.models) == store_before
@@ -543,7 +503,7 @@ def test_path_refuses_dotdot(store_ctx):
     # $IMP_HOME/models/.. is IMP_HOME: give it a manifest so that reading it would "work"
     _fake_model_folder(store_ctx.home, store_ctx.models / "imp-tiny-a")
     for name in ("..", str(store_ctx.models / "imp-tiny-a")):
-        fails(store_ctx.run("models", "path", name))
+        assert_one_line_error(store_ctx.run("models", "path", name))
 
 
 def test_symlinked_entry_pointing_outside_is_refused(store_ctx, photo):
@@ -551,9 +511,9 @@ def test_symlinked_entry_pointing_outside_is_refused(store_ctx, photo):
     contents = _fake_model_folder(target, store_ctx.models / "imp-tiny-a")  # a usable model
     (store_ctx.models / "evil").symlink_to(target, target_is_directory=True)
 
-    fails(store_ctx.run("models", "rm", "evil", "--yes"))
+    assert_one_line_error(store_ctx.run("models", "rm", "evil", "--yes"))
     assert tree(target) == contents
-    fails(store_ctx.run("ask", str(photo), QUESTION, "-n", "4", "--model", "evil"))
+    assert_one_line_error(store_ctx.run("ask", str(photo), QUESTION, "-n", "4", "--model", "evil"))
     assert "evil" not in store_ctx.installed()
     assert tree(target) == contents
 
@@ -562,7 +522,7 @@ def test_import_refuses_names_leading_outside(tmp_path, converted):
     ctx = Ctx(tmp_path)
     text, mmproj = converted()
     for name in ("../x", str(tmp_path / "abs"), ".."):
-        fails(ctx.run("models", "import", str(text), str(mmproj), "--name", name))
+        assert_one_line_error(ctx.run("models", "import", str(text), str(mmproj), "--name", name))
     assert not (ctx.home / "x").exists() and not (tmp_path / "abs").exists()
     assert ctx.visible_folders() == [] and ctx.staging() == []
 
@@ -607,11 +567,11 @@ def test_sigkill_mid_pull_installs_nothing_and_rerun_cleans_up(tmp_path, big_hub
     stale = ctx.staging()
     assert stale, "SIGKILL leaves the staging folder behind (nothing else can remove it)"
     assert ctx.visible_folders() == []
-    assert ok(ctx.run("models", "list")).stdout == ""
+    assert assert_ok(ctx.run("models", "list")).stdout == ""
     assert ctx.installed() == []
-    fails(ctx.run("models", "path", "imp-big-test"))
+    assert_one_line_error(ctx.run("models", "path", "imp-big-test"))
 
-    r = ok(ctx.run("pull", *args))
+    r = assert_ok(ctx.run("pull", *args))
     folder = ctx.models / "imp-big-test"
     assert r.stdout == f"{folder}\n"
     assert ctx.staging() == []  # the stale staging folder of the dead pull was removed
@@ -648,14 +608,25 @@ def test_sigint_mid_pull_exits_130_and_cleans_up(tmp_path, big_hub, phase):
 
 _SIGINT_AFTER_STAGING = """
 import os, signal, sys
+from pathlib import Path
+import convert.pipeline
 from imp_cli import store
 from imp_cli.app import main
 
-made = store.Install.__init__
-def init(self, *a, **kw):
-    made(self, *a, **kw)
-    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the staging folder was created
-store.Install.__init__ = init
+enter, staged = store.Install.__enter__, []
+def enter_and_record(self):
+    entered = enter(self)
+    staged.append(Path(self.staging))
+    print("staging " + str(self.staging), file=sys.stderr, flush=True)
+    return entered
+
+def interrupted_convert(*args, **kwargs):  # the first step inside `with Install(...)`
+    assert staged and staged[0].is_dir()  # the interrupt comes with the staging folder in place
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+    raise AssertionError("SIGINT did not interrupt")
+
+store.Install.__enter__ = enter_and_record
+convert.pipeline.convert = interrupted_convert
 sys.argv = ["imp", *sys.argv[1:]]
 main()
 """
@@ -663,9 +634,11 @@ main()
 
 def test_sigint_just_after_staging_is_created_still_cleans_up(tmp_path, hub):
     ctx = Ctx(tmp_path, hub=hub["cache"])
-    r = subprocess.run([sys.executable, "-c", _SIGINT_AFTER_STAGING, "pull", TINY_REPO], env=ctx.env,
-                       cwd=ctx.cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    r = ctx.python(_SIGINT_AFTER_STAGING, "pull", TINY_REPO)
     assert r.returncode == 130, r.stderr
+    staged = [Path(line.split(" ", 1)[1]) for line in r.stderr.splitlines() if line.startswith("staging ")]
+    assert len(staged) == 1 and staged[0].parent == ctx.models, r.stderr  # the hook ran
+    assert not staged[0].exists()  # and the folder it saw was removed
     assert ctx.visible_folders() == []
     assert ctx.staging() == []
 
@@ -684,8 +657,7 @@ main()
 def test_pull_checks_free_disk_space_first(tmp_path, hub):
     """A disk too small for the conversion is refused before any file is written."""
     ctx = Ctx(tmp_path, hub=hub["cache"])
-    r = subprocess.run([sys.executable, "-c", _LITTLE_DISK, "pull", TINY_REPO], env=ctx.env, cwd=ctx.cwd,
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
-    line = fails(r, after_progress=True)
+    r = ctx.python(_LITTLE_DISK, "pull", TINY_REPO)
+    line = assert_one_line_error(r, after_progress=True)
     assert "not enough disk space" in line and "GB free" in line
     assert ctx.visible_folders() == [] and ctx.staging() == []

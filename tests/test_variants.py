@@ -13,14 +13,12 @@ Disagreements that would change the model are one-line errors.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
 
-from cli_env import clean_env
+from helpers import assert_one_line_error, clean_env, run_imp
 from factory import TINY, Sizes, make_checkpoint, planned_tensors, tower_folder_name
 
 QUESTION = "What is in the image?"
@@ -78,21 +76,6 @@ def gguf_content(path: Path) -> tuple[dict, dict]:
     meta = {k: (list(f.types), f.contents()) for k, f in r.fields.items()
             if k not in IGNORED and not k.startswith("GGUF.")}
     return meta, {t.name: (t.tensor_type, t.data.tobytes()) for t in r.tensors}
-
-
-def run_imp(*args, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(os.sys.executable).parent / "imp"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
-
-
-def one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
-    assert r.returncode == 1, (r.returncode, r.stderr)
-    assert r.stdout == "" and "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +320,7 @@ def test_disagreement_is_a_one_line_error(tmp_path, case):
     words = DISAGREEMENTS[case](tmp_path / "ck")
     out = tmp_path / "out"
     r = run_imp("convert", tmp_path / "ck", "--out", out, "-q", "F16", env=clean_env(tmp_path))
-    one_line_error(r, *words)
+    assert_one_line_error(r, *words)
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -553,7 +536,7 @@ def test_online_unknown_repo_is_a_one_line_error(tmp_path):
         env = clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "cache"),
                         HF_HUB_DISABLE_TELEMETRY="1")
         r = run_imp("convert", "MILVLG/no-such-repo", "--out", tmp_path / "out", env=env)
-    one_line_error(r, "MILVLG/no-such-repo", "no such repository")
+    assert_one_line_error(r, "MILVLG/no-such-repo", "no such repository")
     assert hub.downloaded == []
 
 

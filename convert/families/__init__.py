@@ -1,7 +1,11 @@
-"""Language backbones, one module each, registered by what the checkpoint's keys say it is.
+"""Language backbones, one module each, registered by what the checkpoint says it is.
 
-A new backbone (Phi-3, Qwen2) is one new module defining a `TextFamily` subclass with
-`matches()` and decorated with `@register`; nothing else changes.
+A new backbone is one new module defining a `TextFamily` subclass (its config names and a
+`matches()` on tensor names) decorated with `@register`; nothing else changes.
+
+Detection reads config.json's `architectures` / `model_type` first and the tensor names second:
+key names overlap between backbones (a Qwen2 checkpoint has `self_attn.q_proj` like the HF Phi
+layout), so the names alone can pick the wrong family.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ def register(cls: type[TextFamily]) -> type[TextFamily]:
 
 
 def detect(ckpt: Checkpoint) -> TextFamily:
+    named = [cls for cls in _FAMILIES if cls.named_by(ckpt.config)]
+    if len(named) == 1:
+        if not named[0].matches(ckpt):
+            raise ConvertError(
+                f"{ckpt.folder}: config.json describes a {named[0].name} model but the weights do not "
+                f"have its tensors"
+            )
+        return named[0](ckpt)
     for cls in _FAMILIES:
         if cls.matches(ckpt):
             return cls(ckpt)
@@ -29,4 +41,4 @@ def detect(ckpt: Checkpoint) -> TextFamily:
     )
 
 
-from . import phi2  # noqa: E402,F401  (registers itself)
+from . import phi2, phi3, qwen2  # noqa: E402,F401  (each registers itself)

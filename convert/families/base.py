@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TENSOR_NAMES
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFWriter
+from gguf import GGUFWriter, LlamaFileType
 
 from ..checkpoint import Checkpoint
 from ..errors import ConvertError
 from ..gguf_out import TensorSpec, copy_spec, weight_type
+from ..token_attrs import added_tokens, gguf_name, needs_phi3_rstrip
 
 
 class TextFamily:
     name: str = ""  # family name, also the prompt family written to the GGUF
-    arch: str = ""  # llama.cpp architecture
+    model_arch: MODEL_ARCH  # llama.cpp architecture, from gguf's own table
+    architectures: tuple[str, ...] = ()  # config.json `architectures` naming this family
+    model_types: tuple[str, ...] = ()  # config.json `model_type` naming this family
+    layout: str = "hf"  # key layout, recorded in the GGUF (Phi-2 has two)
+    phi3_rstrip: bool = False  # llama.cpp must rstrip special tokens (see token_attrs)
+    chat_tokens: tuple[str, ...] = ()  # the special tokens of the family's prompt template
     # Reported by the converter: the context length, the config key it came from, and which
     # tokenizer files the vocabulary was read from.
     n_ctx: int = 0
@@ -22,21 +31,75 @@ class TextFamily:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
 
+    @property
+    def arch(self) -> str:
+        return MODEL_ARCH_NAMES[self.model_arch]
+
+    @classmethod
+    def named_by(cls, config: dict) -> bool:
+        """config.json names this family (its architectures or model_type)."""
+        archs = config.get("architectures") or []
+        return config.get("model_type") in cls.model_types or any(a in cls.architectures for a in archs)
+
     @classmethod
     def matches(cls, ckpt: Checkpoint) -> bool:
+        """The tensor names are this family's (used when config.json names no known family)."""
         raise NotImplementedError
+
+    # Sizes every family reads (and checks against the tensors) in its __init__.
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_rot: int  # rotary dimensions per head
+    rope_theta: float
 
     @property
     def embedding_length(self) -> int:
-        raise NotImplementedError
+        return self.n_embd
 
     def add_metadata(self, writer: GGUFWriter) -> None:
         raise NotImplementedError
 
+    def add_sizes(self, w: GGUFWriter) -> None:
+        """The hyperparameter keys all our llama.cpp architectures share."""
+        w.add_context_length(self.n_ctx)
+        w.add_embedding_length(self.n_embd)
+        w.add_feed_forward_length(self.n_ff)  # the real width: llama.cpp's converter may assume 4x
+        w.add_block_count(self.n_layer)
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_head_kv)
+        w.add_rope_dimension_count(self.n_rot)  # if absent llama.cpp rotates whole heads
+        w.add_rope_freq_base(self.rope_theta)
+        w.add_file_type(LlamaFileType.MOSTLY_F16)
+
+    def check_strip(self) -> None:
+        """Decide from the checkpoint's chat tokens whether llama.cpp must rstrip special tokens."""
+        self.phi3_rstrip = needs_phi3_rstrip(added_tokens(self.ckpt), self.chat_tokens)
+
     def tensors(self) -> list[TensorSpec]:
         raise NotImplementedError
 
+    def gguf_name(self, name: str) -> str:
+        """general.name as written: llama.cpp keys a tokenizer behaviour off it."""
+        return gguf_name(name, self.phi3_rstrip)
+
     # -- helpers shared by families ------------------------------------------------------------
+    def tensor_name(self, kind: MODEL_TENSOR, bid: int | None = None, suffix: str = "weight") -> str:
+        """A text tensor's GGUF name from gguf's tables, checked to belong to this architecture."""
+        if kind not in MODEL_TENSORS[self.model_arch]:
+            raise AssertionError(f"{kind.name} is not a tensor of llama.cpp arch {self.arch}")
+        return TENSOR_NAMES[kind].format(bid=bid) + "." + suffix
+
+    def count_layers(self, layer: str) -> int:
+        """Number of layers named like `layer` ("model.layers.{}."), which must be numbered 0..N-1."""
+        layer_re = re.compile(re.escape(layer).replace(r"\{\}", r"(\d+)"))
+        found = {int(m.group(1)) for name in self.ckpt.tensors if (m := layer_re.match(name))}
+        if not found or found != set(range(len(found))):
+            raise ConvertError(f"{self.ckpt.folder}: language-model layers are missing or not numbered 0..N-1")
+        return len(found)
+
     def require(self, *names: str) -> None:
         missing = [n for n in names if n not in self.ckpt.tensors]
         if missing:

@@ -8,10 +8,9 @@ weights give identical GGUF files.
 
 from __future__ import annotations
 
-import re
-
+from gguf import MODEL_ARCH, MODEL_TENSOR
 from gguf import GGMLQuantizationType as QType
-from gguf import GGUFWriter, LlamaFileType
+from gguf import GGUFWriter
 
 from ..errors import ConvertError
 from ..gguf_out import TensorSpec, weight_type
@@ -43,12 +42,14 @@ _OLD = dict(
 @register
 class Phi2(TextFamily):
     name = "phi2"
-    arch = "phi2"
+    model_arch = MODEL_ARCH.PHI2
+    architectures = ("ImpForCausalLM",)
+    model_types = ("imp",)
 
     @classmethod
     def matches(cls, ckpt) -> bool:
         t = ckpt.tensors
-        new = _NEW["embed"] in t and "model.layers.0.self_attn.q_proj.weight" in t
+        new = _NEW["embed"] in t and "model.layers.0.self_attn.q_proj.weight" in t and "model.layers.0.mlp.fc1.weight" in t
         old = _OLD["embed"] in t and "transformer.h.0.mixer.Wqkv.weight" in t
         return new or old
 
@@ -58,17 +59,13 @@ class Phi2(TextFamily):
         self.layout = "hf-phi" if self.keys is _NEW else "phi-msft"
         cfg = ckpt.config
         k = self.keys
-        self.n_rows, self.n_embd = ckpt.shape(k["embed"])
-        layer_re = re.compile(re.escape(k["layer"]).replace(r"\{\}", r"(\d+)"))
-        found = {int(m.group(1)) for name in ckpt.tensors if (m := layer_re.match(name))}
-        if not found or found != set(range(len(found))):
-            raise ConvertError(f"{ckpt.folder}: language-model layers are missing or not numbered 0..N-1")
-        self.n_layer = self.config_int(("num_hidden_layers", "n_layer"), len(found), None)
+        self.n_rows, self.n_embd = ckpt.shape(k["embed"], rank=2)
+        self.n_layer = self.config_int(("num_hidden_layers", "n_layer"), self.count_layers(k["layer"]), None)
         self.config_int(("hidden_size", "n_embd"), self.n_embd, None)
         self.config_int(("vocab_size",), self.n_rows, None)
         fc1 = k["layer"].format(0) + k["fc1"] + ".weight"
         self.require(fc1)
-        self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1)[0], None)
+        self.n_ff = self.config_int(("intermediate_size", "n_inner"), ckpt.shape(fc1, rank=2)[0], None)
 
         # Sizes no tensor shape tells: from either config family (HF or phi-msft), else Phi-2's.
         self.n_head, _ = self.config_value(("num_attention_heads", "n_head"), PHI2_DEFAULTS["num_attention_heads"])
@@ -88,6 +85,7 @@ class Phi2(TextFamily):
         if not 0 < rotary <= head_dim or rotary % 2:
             raise ConvertError(f"invalid rotary dimension {rotary} for head size {head_dim}")
         self.n_rot = int(rotary)
+        self.n_head_kv = self.n_head
         self.eps, _ = self.config_value(("layer_norm_eps", "layer_norm_epsilon"), PHI2_DEFAULTS["layer_norm_eps"], float)
         self.rope_theta, _ = self.config_value(("rope_theta",), PHI2_DEFAULTS["rope_theta"], float)
         self.n_ctx, key = self.config_value(CONTEXT_KEYS, PHI2_DEFAULTS["max_position_embeddings"], agree=False)
@@ -95,52 +93,36 @@ class Phi2(TextFamily):
         self.vocab = read_bpe_vocab(ckpt, self.n_rows, cfg.get("eos_token_id"), "</s>")
         self.tokenizer_from = self.vocab.source
 
-    @property
-    def embedding_length(self) -> int:
-        return self.n_embd
-
     def add_metadata(self, w: GGUFWriter) -> None:
-        w.add_context_length(self.n_ctx)
-        w.add_embedding_length(self.n_embd)
-        w.add_feed_forward_length(self.n_ff)  # the real fc1 width: llama.cpp does not assume 4x
-        w.add_block_count(self.n_layer)
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_head)
+        self.add_sizes(w)
         w.add_layer_norm_eps(self.eps)
-        w.add_rope_dimension_count(self.n_rot)
-        w.add_rope_freq_base(self.rope_theta)
-        w.add_file_type(LlamaFileType.MOSTLY_F16)
         self.vocab.write_to(w, pre="phi-2")
 
     def tensors(self) -> list[TensorSpec]:
-        k, E, F = self.keys, self.n_embd, self.n_ff
-        out = [self.copy("token_embd.weight", k["embed"], (self.n_rows, E))]
+        k, E, F, T = self.keys, self.n_embd, self.n_ff, MODEL_TENSOR
+        out = [self.copy(self.tensor_name(T.TOKEN_EMBD), k["embed"], (self.n_rows, E))]
         for i in range(self.n_layer):
-            p, b = k["layer"].format(i), f"blk.{i}."
-            out += self._linear_norm(b + "attn_norm", p + k["norm"], E)
+            p = k["layer"].format(i)
+            out += self._linear(T.ATTN_NORM, i, p + k["norm"], (E,))
             if self.keys is _NEW:
-                for gg, hf in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
-                    out += self._linear(b + gg, p + "self_attn." + hf, (E, E))
+                for kind, hf in ((T.ATTN_Q, "q_proj"), (T.ATTN_K, "k_proj"), (T.ATTN_V, "v_proj")):
+                    out += self._linear(kind, i, p + "self_attn." + hf, (E, E))
             else:
-                out += self._split_qkv(b, p + k["qkv"])
-            out += self._linear(b + "attn_output", p + k["attn_out"], (E, E))
-            out += self._linear(b + "ffn_up", p + k["fc1"], (F, E))
-            out += self._linear(b + "ffn_down", p + k["fc2"], (E, F))
-        out += self._linear_norm("output_norm", k["final_norm"], E)
-        out += self._linear("output", k["head"], (self.n_rows, E))
+                out += self._split_qkv(i, p + k["qkv"])
+            out += self._linear(T.ATTN_OUT, i, p + k["attn_out"], (E, E))
+            out += self._linear(T.FFN_UP, i, p + k["fc1"], (F, E))
+            out += self._linear(T.FFN_DOWN, i, p + k["fc2"], (E, F))
+        out += self._linear(T.OUTPUT_NORM, None, k["final_norm"], (E,))
+        out += self._linear(T.OUTPUT, None, k["head"], (self.n_rows, E))
         return out
 
-    def _linear(self, out: str, src: str, shape: tuple[int, int]) -> list[TensorSpec]:
+    def _linear(self, kind: MODEL_TENSOR, bid: int | None, src: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+        """Weight and bias of a linear layer or a LayerNorm (shape (width,)): Phi-2 has both."""
         self.require(src + ".weight", src + ".bias")
-        return [self.copy(out + ".weight", src + ".weight", shape),
-                self.copy(out + ".bias", src + ".bias", (shape[0],))]
+        return [self.copy(self.tensor_name(kind, bid), src + ".weight", shape),
+                self.copy(self.tensor_name(kind, bid, "bias"), src + ".bias", (shape[0],))]
 
-    def _linear_norm(self, out: str, src: str, width: int) -> list[TensorSpec]:
-        self.require(src + ".weight", src + ".bias")
-        return [self.copy(out + ".weight", src + ".weight", (width,)),
-                self.copy(out + ".bias", src + ".bias", (width,))]
-
-    def _split_qkv(self, b: str, src: str) -> list[TensorSpec]:
+    def _split_qkv(self, bid: int, src: str) -> list[TensorSpec]:
         """phi-msft's fused Wqkv holds q, k, v stacked by rows."""
         E = self.n_embd
         self.require(src + ".weight", src + ".bias")
@@ -148,11 +130,11 @@ class Phi2(TextFamily):
             if self.ckpt.shape(src + suffix) != shape:
                 raise ConvertError(f"tensor {src + suffix} has shape {list(self.ckpt.shape(src + suffix))}, expected {list(shape)}")
         out = []
-        for j, gg in enumerate(("attn_q", "attn_k", "attn_v")):
+        for j, kind in enumerate((MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V)):
             rows = slice(j * E, (j + 1) * E)
-            out.append(TensorSpec(b + gg + ".weight", (E, E), weight_type((E, E), QType.F16),
+            out.append(TensorSpec(self.tensor_name(kind, bid), (E, E), weight_type((E, E), QType.F16),
                                   lambda s=src, r=rows: self.ckpt.load(s + ".weight")[r]))
-            out.append(TensorSpec(b + gg + ".bias", (E,), QType.F32,
+            out.append(TensorSpec(self.tensor_name(kind, bid, "bias"), (E,), QType.F32,
                                   lambda s=src, r=rows: self.ckpt.load(s + ".bias")[r]))
         return out
 
