@@ -160,6 +160,8 @@ def chat(
     threads: int = THREADS_OPTION,
     ctx: int = CTX_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
+    repack: Switch = REPACK_OPTION,
+    flash_attn: Switch = FLASH_ATTN_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens per answer."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per turn instead of the streamed text."),
     verbose: bool = VERBOSE,
@@ -172,7 +174,7 @@ def chat(
         options = Request(images=[image] if image is not None else [], questions=[], model=model, mmproj=mmproj,
                           max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                           system=system, threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos,
-                          cache=not no_cache)
+                          cache=not no_cache, repack=repack.value, flash_attn=flash_attn.value)
         code = run_chat(options, output)
     if code:
         raise typer.Exit(code)
@@ -193,6 +195,8 @@ def serve(
     threads: int = THREADS_OPTION,
     ctx: int = CTX_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
+    repack: Switch = REPACK_OPTION,
+    flash_attn: Switch = FLASH_ATTN_OPTION,
     verbose: bool = VERBOSE,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
@@ -202,7 +206,7 @@ def serve(
         run_serve(ServeOptions(model=model, mmproj=mmproj, host=host, port=port, api_key=api_key, max_queue=max_queue,
                                max_body=max_body, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
                                temperature=temperature, threads=threads, ctx=ctx, cache=not no_cache,
-                               verbose=verbose), output)
+                               verbose=verbose, repack=repack.value, flash_attn=flash_attn.value), output)
 
 
 def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:

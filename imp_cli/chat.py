@@ -311,7 +311,8 @@ def run_chat(opts: Request, output: Output) -> int:
         if opts.images[0] == "-":
             interactive = _talk_on_terminal()
     with Session.open(opts.model, opts.mmproj, output, use_cache=opts.cache, threads=opts.threads,
-                      ctx=opts.ctx, verbose=opts.verbose, note=output.note) as session:
+                      ctx=opts.ctx, verbose=opts.verbose, note=output.note, repack=opts.repack,
+                      flash_attn=opts.flash_attn) as session:
         chat = Chat(session, output, opts, interactive)
         if loaded is not None:
             chat.set_image(loaded)

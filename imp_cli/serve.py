@@ -51,6 +51,8 @@ class ServeOptions:
     ctx: int = 4096
     cache: bool = True
     verbose: bool = False
+    repack: str = "auto"  # weight repacking / flash attention: auto (imp tune's choice) | on | off
+    flash_attn: str = "auto"
 
 
 class ApiError(Exception):
@@ -332,7 +334,8 @@ class Worker(threading.Thread):
         o = self.options
         try:
             self.session = Session.open(o.model, o.mmproj, self.output, use_cache=o.cache, threads=o.threads,
-                                        ctx=o.ctx, verbose=o.verbose, note=self.output.note)
+                                        ctx=o.ctx, verbose=o.verbose, note=self.output.note, repack=o.repack,
+                                        flash_attn=o.flash_attn)
         except BaseException as e:  # reported by the main thread
             self.error = e
             return
@@ -342,30 +345,32 @@ class Worker(threading.Thread):
             while (job := self.scheduler.take()) is not None:
                 t0 = time.perf_counter()
                 try:
-                    self.answer(job)
+                    final = self.answer(job)
                 except Exception as e:  # the server lives on; this request gets a 500
-                    job.post("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+                    final = ("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+                # Free the engine before the client hears the end: its next request must not
+                # find the engine still taken (a 503 with --max-queue 0).
                 self.scheduler.done()
+                job.post(*final)
                 self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (time.perf_counter() - t0)
         finally:
             self.session.close()
 
-    def answer(self, job: Job) -> None:
+    def answer(self, job: Job) -> tuple[str, object]:
+        """Stream the answer's text to the job; returns its final event ("end" or "error"),
+        which run() posts once the engine is free."""
         from .session import PromptTooLong
 
         r = job.request
         if job.cancel.is_set():  # the client left while it waited
-            job.post("end", Outcome("stop", 0, 0, 0, True))
-            return
+            return "end", Outcome("stop", 0, 0, 0, True)
         try:
             stream = self.session.answer(job.staged, r.question, r.history, r.system, r.sampling, r.max_tokens,
                                          image_turn=r.image_turn)
         except PromptTooLong as e:
-            job.post("error", ApiError(400, str(e), code="context_length_exceeded", param="messages"))
-            return
+            return "error", ApiError(400, str(e), code="context_length_exceeded", param="messages")
         except ImpError as e:
-            job.post("error", ApiError(500, str(e), "server_error"))
-            return
+            return "error", ApiError(500, str(e), "server_error")
         job.post("start")
         stopper = StopText(r.stop)
         pieces = iter(stream)
@@ -387,7 +392,7 @@ class Worker(threading.Thread):
         # The end-of-turn token that ended an answer is not part of it: not counted.
         completion = a.completion_tokens - (1 if a.finish_reason == "stop" else 0)
         finish = "length" if a.finish_reason in ("length", "context") else "stop"
-        job.post("end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set()))
+        return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set())
 
 
 # -- the HTTP side -------------------------------------------------------------------------------

@@ -641,3 +641,14 @@ def test_stop_text_finds_a_stop_split_across_pieces():
     assert [stopper.feed(p) for p in ["go", "!"]] + [stopper.flush()] == [("g", False), ("o!", False), ""]
     stopper = StopText(["o w"])
     assert stopper.feed("go") == ("g", False) and stopper.flush() == "o"  # the end releases what was held
+
+
+def test_engine_setting_overrides(imp_bin, converted, env):
+    """--repack/--flash-attn are the shared options of ask, chat and serve: the server's engine
+    is loaded with them (its -v note says which, before it listens)."""
+    text, _ = converted("new", "float16", "square")
+    server = Server(imp_bin, text, env, "-v", "--repack", "off", "--flash-attn", "on")
+    try:
+        assert "llama.cpp settings: repack off, flash attention on (--repack off, --flash-attn on)" in server.log()
+    finally:
+        server.stop()

@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cli_env import clean_env
+from helpers import clean_env, run_imp
 from factory import TINY, Sizes
 from test_ask import (LOGITS_TOL, N_TOKENS, QUESTION, _torch_one_thread, as_imp_sees_it,  # noqa: F401
-                      engine_greedy, live, prompt_segments, rel_diff, run_imp)
+                      engine_greedy, live, prompt_segments, rel_diff)
 
 ALL = [(r, f) for r in (True, False) for f in (False, True)]
 # Q4_K rows must be a multiple of 256 wide for llama.cpp to quantize (and then repack) them; the
@@ -236,7 +237,7 @@ def test_ask_reads_the_file_and_overrides_reach_llama_cpp(imp_bin, q4_pair, phot
     tune.save(tune.tuning_key(q4_pair, 1), Tuning(repack=False, flash_attn=False), [], tune.tuning_path())
     args = ["ask", photo, QUESTION, "-m", q4_pair.text_path, "-n", "8", "--no-cache"]
 
-    tuned = run_imp(imp_bin, *args, "-v", env=env)
+    tuned = run_imp(*args, "-v", env=env)
     assert tuned.returncode == 0, tuned.stderr
     assert ("llama.cpp settings: repack off, flash attention off "
             f"(measured by `imp tune` ({home / 'tuning.json'}))") in tuned.stderr
@@ -245,20 +246,20 @@ def test_ask_reads_the_file_and_overrides_reach_llama_cpp(imp_bin, q4_pair, phot
     for extra, repack, flash_attn, said in (
             ({"IMP_REPACK": "on"}, True, False, "repack on, flash attention off (measured by `imp tune` ({}); --repack on)"),
             ({"IMP_FLASH_ATTN": "on"}, False, True, "repack off, flash attention on (measured by `imp tune` ({}); --flash-attn on)")):
-        forced = run_imp(imp_bin, *args, "-v", env={**env, **extra})
+        forced = run_imp(*args, "-v", env={**env, **extra})
         assert forced.returncode == 0, forced.stderr
         assert "llama.cpp settings: " + said.format(home / "tuning.json") in forced.stderr
         llama_log_says(forced.stderr, repack, flash_attn)
         assert forced.stdout.strip()
     # options win over the environment; both given, the file is not consulted
-    forced = run_imp(imp_bin, *args, "-v", "--repack", "on", "--flash-attn", "on", env={**env, "IMP_REPACK": "off"})
+    forced = run_imp(*args, "-v", "--repack", "on", "--flash-attn", "on", env={**env, "IMP_REPACK": "off"})
     assert "llama.cpp settings: repack on, flash attention on (--repack on, --flash-attn on)" in forced.stderr
     llama_log_says(forced.stderr, True, True)
 
-    quiet = run_imp(imp_bin, *args, env=env)  # without -v: the answer only, the same as with -v
+    quiet = run_imp(*args, env=env)  # without -v: the answer only, the same as with -v
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout == tuned.stdout
-    record = json.loads(run_imp(imp_bin, *args, "--json", "--repack", "on", env=env).stdout)
+    record = json.loads(run_imp(*args, "--json", "--repack", "on", env=env).stdout)
     assert record["settings"] == {"repack": True, "flash_attn": False}
 
 
@@ -267,11 +268,11 @@ def test_a_prompt_cache_entry_is_not_restored_under_the_other_attention(imp_bin,
     a context with the same setting."""
     env = clean_env(tmp_path)
     args = ["ask", photo, QUESTION, "-m", f16_pair.text_path, "-n", "8", "--json", "-v"]
-    first = run_imp(imp_bin, *args, "--flash-attn", "off", env=env)
+    first = run_imp(*args, "--flash-attn", "off", env=env)
     assert first.returncode == 0 and json.loads(first.stdout)["cache"] == "miss"
-    same = run_imp(imp_bin, *args, "--flash-attn", "off", env=env)
+    same = run_imp(*args, "--flash-attn", "off", env=env)
     assert same.returncode == 0 and json.loads(same.stdout)["cache"] == "hit"
-    other = run_imp(imp_bin, *args, "--flash-attn", "on", env=env)
+    other = run_imp(*args, "--flash-attn", "on", env=env)
     assert other.returncode == 0, other.stderr
     assert json.loads(other.stdout)["cache"] == "miss"
     assert "saved with another llama.cpp KV layout; removed" in other.stderr
@@ -279,7 +280,7 @@ def test_a_prompt_cache_entry_is_not_restored_under_the_other_attention(imp_bin,
 
 def test_bad_override_is_a_usage_error(imp_bin, f16_pair, photo, tmp_path):
     env = clean_env(tmp_path, IMP_REPACK="sometimes")
-    p = run_imp(imp_bin, "ask", photo, QUESTION, "-m", f16_pair.text_path, env=env)
+    p = run_imp("ask", photo, QUESTION, "-m", f16_pair.text_path, env=env)
     assert p.returncode == 2 and p.stdout == ""
     assert "sometimes" in p.stderr
 
@@ -289,7 +290,7 @@ def test_imp_tune_end_to_end(imp_bin, q4_pair, photo, tmp_path):
     from imp_cli import tune
 
     env = clean_env(tmp_path)
-    p = run_imp(imp_bin, "tune", "-m", q4_pair.text_path, "--json", env=env, timeout=300)
+    p = run_imp("tune", "-m", q4_pair.text_path, "--json", env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
     assert result["key"] == tune.tuning_key(q4_pair, 1)  # IMP_THREADS=1 in clean_env
@@ -312,7 +313,7 @@ def test_imp_tune_end_to_end(imp_bin, q4_pair, photo, tmp_path):
     assert "measuring 4 settings" in p.stderr
 
     # the table: a header, one row per setting, the chosen one starred (and it is the stored one)
-    p = run_imp(imp_bin, "tune", "-m", q4_pair.text_path, "--rounds", "2", env=env, timeout=300)
+    p = run_imp("tune", "-m", q4_pair.text_path, "--rounds", "2", env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "measuring 4 settings of llama.cpp" in p.stderr and "2 rounds" in p.stderr
     assert p.stderr.count(" tok/s, CPU share ") == 8  # each setting twice
@@ -327,7 +328,7 @@ def test_imp_tune_end_to_end(imp_bin, q4_pair, photo, tmp_path):
     assert len(stored) == 1
     assert stored[0]["choice"] == {"repack": starred[0][0] == "on", "flash_attn": starred[0][1] == "on"}
 
-    ask = run_imp(imp_bin, "ask", photo, QUESTION, "-m", q4_pair.text_path, "-n", "4", "-v", env=env)
+    ask = run_imp("ask", photo, QUESTION, "-m", q4_pair.text_path, "-n", "4", "-v", env=env)
     assert ask.returncode == 0 and "(measured by `imp tune`" in ask.stderr
 
 
@@ -336,11 +337,11 @@ def test_pull_tunes_after_a_conversion_unless_told_not_to(imp_bin, hub_cache, tm
     env = clean_env(tmp_path, HF_HUB_CACHE=str(cache))
     tuning = Path(env["IMP_HOME"]) / "tuning.json"
 
-    p = run_imp(imp_bin, "pull", "MILVLG/imp-tiny-tune", "--no-tune", env=env, timeout=300)
+    p = run_imp("pull", "MILVLG/imp-tiny-tune", "--no-tune", env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert not tuning.exists() and "tuned:" not in p.stderr
 
-    p = run_imp(imp_bin, "pull", "MILVLG/imp-tiny-tune", "--force", env=env, timeout=300)
+    p = run_imp("pull", "MILVLG/imp-tiny-tune", "--force", env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{Path(env['IMP_HOME']) / 'models' / 'imp-tiny-tune'}\n"
     entries = json.loads(tuning.read_text())["entries"]
@@ -348,13 +349,13 @@ def test_pull_tunes_after_a_conversion_unless_told_not_to(imp_bin, hub_cache, tm
     assert f"(saved in {tuning})" in p.stderr
     written = tuning.stat().st_mtime_ns
 
-    p = run_imp(imp_bin, "pull", "MILVLG/imp-tiny-tune", env=env, timeout=300)  # installed: no conversion
+    p = run_imp("pull", "MILVLG/imp-tiny-tune", env=env, timeout=300)  # installed: no conversion
     assert p.returncode == 0, p.stderr
     assert tuning.stat().st_mtime_ns == written and "tuned:" not in p.stderr
 
 
 def test_imp_tune_without_an_installed_model_says_what_to_run(imp_bin, tmp_path):
-    p = run_imp(imp_bin, "tune", env=clean_env(tmp_path))
+    p = run_imp("tune", env=clean_env(tmp_path))
     assert (p.returncode, p.stdout) == (1, "")
     assert p.stderr == "error: model imp-v1-3b is not installed: run `imp pull imp-v1-3b`\n"
     assert not (tmp_path / "imp-home" / "tuning.json").exists()
@@ -398,3 +399,14 @@ def test_the_choice_is_the_shortest_estimated_answer_from_each_figures_best_roun
     tune.tune_pair(f16_pair, Output(), threads=2, rounds=1)
     err = capsys.readouterr().err
     assert "other processes took the CPUs while measuring (imp got as little as 50% of its 2 threads' time)" in err
+
+
+def test_chat_takes_the_overrides(imp_bin, q4_pair, photo, tmp_path):
+    """--repack/--flash-attn are shared options: imp chat reaches llama.cpp with them."""
+    env = clean_env(tmp_path)
+    chat = subprocess.run([imp_bin, "chat", str(photo), "-m", str(q4_pair.text_path), "-n", "4", "-v", "--no-cache",
+                           "--repack", "on", "--flash-attn", "on"], input=QUESTION.encode() + b"\n",
+                          capture_output=True, env=env, timeout=120)
+    assert chat.returncode == 0, chat.stderr.decode()
+    assert "llama.cpp settings: repack on, flash attention on (--repack on, --flash-attn on)" in chat.stderr.decode()
+    llama_log_says(chat.stderr.decode(), True, True)
