@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# make bench: imp on full-size synthetic Imp-3B models (384 and 196 px; real shapes, random weights):
+# make bench: imp on full-size synthetic Imp models (real shapes, random weights): the 3B at 384 and
+# 196 px, the 4B (Phi-3) and 2B (Qwen1.5) at 384 px (--families phi2,phi3,qwen2):
 # a second question about an image in a new process (prompt cache) against the first, and against
 # llama.cpp's own llama-mtmd-cli (built once from the llama-cpp-python sdist into bench/cache/).
-# The first run writes the models to bench/cache/ (~10 GB, a few minutes each) and builds the CLI.
+# The first run writes the models to bench/cache/ (~7-11 GB each, a few minutes each) and builds the CLI.
 # Results: bench/results/latest.md and a raw JSON. Options: BENCH_ARGS="--runs 1 --skip llava,...".
 bench: install
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)

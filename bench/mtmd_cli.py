@@ -22,6 +22,8 @@ from measure import log, run_measured
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
 TARGET = "llama-mtmd-cli"
 CHAT_TEMPLATE = "vicuna"
+# llama.cpp's built-in template closest to each family's own (imp's GGUFs carry none)
+FAMILY_TEMPLATES = {"phi2": CHAT_TEMPLATE, "phi3": "phi3", "qwen2": "chatml"}
 
 
 def llama_cpp_python_version() -> str:
@@ -93,17 +95,17 @@ _DECODE = re.compile(r"image decoded \(batch \d+/\d+\) in (\d+) ms")
 
 
 def run(binary: Path, text: Path, mmproj: Path, image: Path, prompt: str, tokens: int, threads: int,
-        env: dict | None = None) -> dict:
+        env: dict | None = None, template: str = CHAT_TEMPLATE) -> dict:
     """One `llama-mtmd-cli` process with its defaults (sampling, warm-up, context), timed like
     `imp ask`: wall clock, launch to first stdout byte, peak RSS; its phases from its log.
 
     Two options are not its defaults: imp's GGUFs carry no chat template (imp renders Imp's own) and
     without one the CLI refuses to start, so `--chat-template vicuna`, which its error message
     suggests for LLaVA-style models and which is Imp-Phi-2's "SYSTEM USER: <image>\nQ ASSISTANT:"
-    format; and `--ignore-eos`, so that both sides generate exactly `tokens` (imp runs with it too).
+    format (`template`: "phi3" / "chatml" for the 4B / 2B); and `--ignore-eos`, so that both sides generate exactly `tokens` (imp runs with it too).
     `-v` only makes it log its timings (llama_perf_context_print, image decode), on stderr."""
     r = run_measured([str(binary), "-m", str(text), "--mmproj", str(mmproj), "--image", str(image),
-                      "-p", prompt, "-n", str(tokens), "-t", str(threads), "--chat-template", CHAT_TEMPLATE, "--ignore-eos", "-v"],
+                      "-p", prompt, "-n", str(tokens), "-t", str(threads), "--chat-template", template, "--ignore-eos", "-v"],
                      env=env)
     if r["rc"] != 0:
         return {"error": f"exit {r['rc']}: " + " | ".join(r["stderr"].strip().splitlines()[-3:])}

@@ -119,8 +119,9 @@ def markdown(res: dict, raw_name: str) -> str:
     L.append(f"Machine: {m['cpu_model']} ({', '.join(m['simd'])}), {m['logical_cpus']} logical CPUs, "
              f"{m['threads_used']} threads used, {m['ram_bytes'] / 2**30:.0f} GiB RAM; llama-cpp-python "
              f"{m['llama-cpp-python']}. Load average at the start: {', '.join(f'{x:.1f}' for x in m['loadavg'])}.  ")
-    L.append(f"Model: synthetic full-size Imp-3B (Phi-2 2.7B + SigLIP-so400m, real shapes, random weights), "
-             f"{s['quant']} text + F16 mmproj. {s['runs']} run(s) per figure (median, min–max), {s['tokens']} "
+    models = sorted({r.get("model", "Imp-3B (Phi-2 2.7B)") for r in res.get("sizes", {}).values()})
+    L.append(f"Model{'s' if len(models) > 1 else ''}: synthetic full-size {', '.join(models)} + SigLIP-so400m "
+             f"(real shapes, random weights), {s['quant']} text + F16 mmproj. {s['runs']} run(s) per figure (median, min–max), {s['tokens']} "
              f"generated tokens per answer (`--ignore-eos`), total time {res['elapsed_s'] / 60:.1f} min. "
              f"Raw numbers: `{raw_name}`.")
     if s["runs"] == 1:
@@ -137,7 +138,7 @@ def markdown(res: dict, raw_name: str) -> str:
     L.append("")
     for size, d in der.items():
         raw = res["sizes"][size]
-        L.append(f"## {size} px ({raw.get('image_tokens', '?')} image tokens)")
+        L.append(f"## {_heading(size, raw)} ({raw.get('image_tokens', '?')} image tokens)")
         L.append("")
         L.append("| target | measured | required | met |")
         L.append("|---|---|---|---|")
@@ -210,6 +211,7 @@ def markdown(res: dict, raw_name: str) -> str:
                      f"({a2['reused_tokens']} reused) against {a1['prompt_tokens']} tokens in "
                      f"{a1['prompt_ms'] / 1000:.2f} s + {a1['image_encode_ms'] / 1000:.2f} s encode for the first.")
             L.append("")
+    L += _families(res)
     L += _other(res)
     L.append("## How it was run")
     L.append("")
@@ -234,6 +236,38 @@ def markdown(res: dict, raw_name: str) -> str:
              "and 72 s with 1 in a probe before this run.")
     L.append("")
     return "\n".join(L)
+
+
+def _heading(key: str, raw: dict) -> str:
+    """"384 px" for the 3B (as before the families), "Imp-v1.5-4B (Phi-3-mini 3.8B), 384 px" else."""
+    if raw.get("family", "phi2") == "phi2":
+        return f"{key} px"
+    return f"{raw['model']}, {raw['image_size']} px"
+
+
+def _families(res: dict) -> list[str]:
+    """One row per model at 384 px (issue 12): the same figures side by side, from this one run."""
+    rows = [(k, res["sizes"][k], d) for k, d in res.get("derived", {}).items()
+            if res["sizes"][k].get("image_size", int(k) if k.isdigit() else 0) == 384]
+    if len({raw.get("family", "phi2") for _, raw, _ in rows}) < 2:
+        return []
+    L = ["## The Imp family at 384 px", "",
+         "The same measurements on each model, from this run (`imp ask` cold, i.e. with an empty prompt cache):", "",
+         "| model | text GGUF, GB | conversion, s | conversion peak RSS, GB | image encode, s | prompt eval, "
+         "tokens/s | generation, tokens/s | launch to first answer byte, s | peak RSS, GB | first byte, imp ÷ native |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, raw, d in rows:
+        conv = raw.get("conversion") or {}
+        rss = conv.get("peak_rss")
+        L.append(f"| {raw.get('model', 'Imp-3B (Phi-2 2.7B)')} | {raw['text_bytes'] / GB:.2f} | "
+                 f"{_f(conv.get('seconds'), digits=0)} | {_f(rss and rss / GB)} | "
+                 f"{_f(d['cold_image_encode_ms'], 1e-3)} | {_f(d['cold_prompt_tokens_per_s'], digits=1)} | "
+                 f"{_f(d['cold_generation_tokens_per_s'])} | {_f(d['cold_first_byte_s'])} | "
+                 f"{_f(d['cold_peak_rss'], 1 / GB)} | {_x(d['vs_native']['cold_first_byte'])} |")
+    L += ["", "Conversion: `bench/synthetic.py` converting the cached float16 checkpoint to the text type + F16 "
+          "mmproj when the model was first made (its marker file keeps the wall time and the converting "
+          "process's peak RSS; not re-measured in this run, n/a for a marker written before they were kept).", ""]
+    return L
 
 
 def _other(res: dict) -> list[str]:

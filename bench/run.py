@@ -1,10 +1,12 @@
 """`make bench`: imp's speed on full-size synthetic Imp-3B models (real shapes, random weights).
 
-    .venv/bin/python bench/run.py [--runs 3] [--tokens 32] [--sizes 384,196] [--skip ...]
+    .venv/bin/python bench/run.py [--runs 3] [--tokens 32] [--sizes 384,196] [--families phi2,phi3,qwen2]
+                                  [--skip ...]
     .venv/bin/python bench/report.py bench/results/<raw>.json      # redo latest.md
 
 Makes (or finds in bench/cache/) each model with bench/synthetic.py, builds llama.cpp's
-llama-mtmd-cli once (bench/mtmd_cli.py), then measures in one invocation, for each image size:
+llama-mtmd-cli once (bench/mtmd_cli.py), then measures in one invocation, for each image size of
+the 3B (phi2) and for the 384-px Imp-v1.5-4B (phi3) and Imp-v1.5-2B (qwen2) (--families):
   - cold/warm: the first question about an image in a new `imp ask` process with an empty prompt
     cache, then a second question about it in another new process (the prefix from the cache):
     launch to first answer byte, the --json timings, the cache entry's size and write/read times;
@@ -60,30 +62,41 @@ def test_image(path: Path) -> Path:
     return path
 
 
-def ensure_model(size: int, quant: str, cache: Path) -> dict:
-    r = subprocess.run([sys.executable, str(BENCH / "synthetic.py"), "--size", str(size), "--cache", str(cache),
-                        "--quants", quant], env=measure.imp_env())
+def ensure_model(size: int, quant: str, cache: Path, family: str = "phi2", threads: int = 1) -> dict:
+    r = subprocess.run([sys.executable, str(BENCH / "synthetic.py"), "--family", family, "--size", str(size),
+                        "--cache", str(cache), "--quants", quant, "--threads", str(threads)], env=measure.imp_env())
     if r.returncode != 0:
-        sys.exit(f"bench: could not build the synthetic {size}-px model (see above)")
-    return synthetic.paths(size, cache)
+        sys.exit(f"bench: could not build the synthetic {family} {size}-px model (see above)")
+    return synthetic.paths(size, cache, family)
 
 
-def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path | None, native_error: str) -> dict:
-    p = ensure_model(size, a.quant, a.cache)
+def model_key(size: int, family: str) -> str:
+    """The model's key in the results: "384" / "196" for the 3B (as before the families), else
+    "<family>-<size>"."""
+    return str(size) if family == "phi2" else f"{family}-{size}"
+
+
+def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path | None, native_error: str,
+               family: str = "phi2") -> dict:
+    p = ensure_model(size, a.quant, a.cache, family, threads)
     text, mmproj = p[a.quant], p["mmproj"]
-    out: dict = {"text": str(text), "mmproj": str(mmproj), "image_tokens": (size // 14) ** 2,
-                 "text_bytes": text.stat().st_size, "mmproj_bytes": mmproj.stat().st_size}
+    out: dict = {"family": family, "model": synthetic.FAMILIES[family][0], "image_size": size,
+                 "text": str(text), "mmproj": str(mmproj), "image_tokens": (size // 14) ** 2,
+                 "text_bytes": text.stat().st_size, "mmproj_bytes": mmproj.stat().st_size,
+                 # the wall time and peak RSS of the conversion that made the cached GGUFs
+                 "conversion": synthetic.conversion(a.quant, size, a.cache, family)}
+    key = model_key(size, family)
     if "cold_warm" not in skip:
-        home = a.cache / f"imp-home-{size}"  # the prompt cache of these runs only
+        home = a.cache / f"imp-home-{key}"  # the prompt cache of these runs only
         shutil.rmtree(home, ignore_errors=True)
         out["cold_warm"] = []
         for i in range(a.runs):
-            log(f"{size} px: cold/warm, run {i + 1}/{a.runs}")
+            log(f"{key}: cold/warm, run {i + 1}/{a.runs}")
             out["cold_warm"].append(measure.cold_warm(text, mmproj, image, QUESTIONS, a.tokens, threads, home,
                                                       tuple(shlex.split(a.imp_args))))
         entry = max((r["json"]["cache_after_cold"]["bytes"] for r in out["cold_warm"]), default=0)
         if entry:
-            log(f"{size} px: prompt-cache write/read of a {entry / 1e6:.0f} MB entry")
+            log(f"{key}: prompt-cache write/read of a {entry / 1e6:.0f} MB entry")
             out["cache_io"] = run_worker("cache_io", {"bytes": entry, "folder": str(home / "io"), "runs": a.runs})
         shutil.rmtree(home, ignore_errors=True)
     if "mtmd_cli" not in skip:
@@ -92,13 +105,14 @@ def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path 
         else:
             runs = []
             for i in range(a.runs):
-                log(f"{size} px: llama-mtmd-cli, run {i + 1}/{a.runs}")
-                r = mtmd_cli.run(native, text, mmproj, image, QUESTIONS[0], a.tokens, threads)
+                log(f"{key}: llama-mtmd-cli, run {i + 1}/{a.runs}")
+                r = mtmd_cli.run(native, text, mmproj, image, QUESTIONS[0], a.tokens, threads,
+                                 template=mtmd_cli.FAMILY_TEMPLATES[family])
                 log(f"  {r.get('error') or 'first byte %.2f s, wall %.1f s' % (r['first_output_s'] or -1, r['wall_s'])}")
                 runs.append(r)
             out["mtmd_cli"] = {"binary": str(native), "runs": runs}
     if "session" not in skip:
-        log(f"{size} px: two questions in one Session")
+        log(f"{key}: two questions in one Session")
         out["session"] = run_worker("session", {"text": str(text), "mmproj": str(mmproj), "image": str(image),
                                                 "questions": list(QUESTIONS), "tokens": a.tokens,
                                                 "threads": threads})
@@ -111,6 +125,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per answer (default 32)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads everywhere (0: the CPU count)")
     ap.add_argument("--sizes", default="384,196", help="image sizes of the Imp-3B variants (384, 196)")
+    ap.add_argument("--families", default=",".join(synthetic.FAMILIES),
+                    help="models: phi2 (Imp-3B, at each of --sizes), phi3 (Imp-v1.5-4B) and qwen2 (Imp-v1.5-2B) "
+                         "at 384 px (default: all three)")
     ap.add_argument("--quant", default="Q4_K_M", help="text model type (default Q4_K_M)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: " + ",".join(STEPS))
     ap.add_argument("--imp-args", default="", help="extra options for every `imp ask` (e.g. engine settings)")
@@ -123,13 +140,18 @@ def main() -> None:
     if skip - set(STEPS):
         ap.error(f"unknown step(s) to skip: {', '.join(sorted(skip - set(STEPS)))}")
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    families = [f.strip() for f in a.families.split(",") if f.strip()]
+    if set(families) - set(synthetic.FAMILIES):
+        ap.error(f"unknown family: {', '.join(sorted(set(families) - set(synthetic.FAMILIES)))} "
+                 f"(choose from {', '.join(synthetic.FAMILIES)})")
+    models = [(size, f) for f in families for size in (sizes if f == "phi2" else (384,))]
     threads = a.threads or os.cpu_count() or 1
     measure.QUIET.max_wait_s = a.quiet_wait
     started = time.perf_counter()
     report.RESULTS.mkdir(parents=True, exist_ok=True)
     res: dict = {"machine": measure.machine(threads),
                  "command": shlex.join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]]),
-                 "settings": {"runs": a.runs, "tokens": a.tokens, "threads": threads, "sizes": sizes,
+                 "settings": {"runs": a.runs, "tokens": a.tokens, "threads": threads, "sizes": sizes, "families": families,
                               "quant": a.quant, "questions": QUESTIONS, "skip": sorted(skip), "imp_args": a.imp_args,
                               "quiet_wait_s": a.quiet_wait, "quiet_threshold": measure.QUIET.threshold}}
     log(f"machine: {res['machine']['cpu_model']}, {threads} threads, load {res['machine']['loadavg']}")
@@ -145,15 +167,17 @@ def main() -> None:
     if "bandwidth" not in skip:
         res["bandwidth"] = run_worker("bandwidth", {"threads": threads})
     res["sizes"] = {}
-    for size in sizes:
-        res["sizes"][str(size)] = bench_size(size, a, threads, image, skip, native, native_error)
-    if "convert" not in skip:
+    for size, family in models:
+        res["sizes"][model_key(size, family)] = bench_size(size, a, threads, image, skip, native, native_error, family)
+    if "convert" not in skip and "phi2" in families:
         source = synthetic.paths(384, a.cache)["checkpoint"]
         res["convert"] = {}
         for q in ("F16", "Q4_K_M"):
             log(f"imp convert -q {q}")
             res["convert"][q] = measure.imp_convert(source, q, a.cache / "convert-bench", threads)
     p384 = synthetic.paths(384, a.cache)
+    if "phi2" not in families:  # the baselines below run the 3B
+        skip |= {"llava", "transformers"}
     if "llava" not in skip:
         log("llama-cpp-python Llava15ChatHandler")
         res["llava"] = run_worker("llava", {"text": str(p384[a.quant]), "mmproj": str(p384["mmproj"]),

@@ -4,6 +4,7 @@ report derives its figures from those runs, and the oracle computes in the dtype
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -80,3 +81,60 @@ def test_oracle_computes_in_the_dtype_it_is_given(checkpoint, photo):
     ids = F.predictable_ids()
     diff = np.abs(a - b)[ids]
     assert 0 < diff.max() < 0.25 * a[ids].std()
+
+
+def test_synthetic_makes_caches_and_reports_each_family(bench_modules, converted, photo, tmp_path):
+    """bench/synthetic.py --family: the 4B / 2B are made, named and cached like the 3B (here at the
+    tiny size), their conversion's time and RSS are kept, and the report puts them side by side."""
+    import gguf
+    import synthetic
+    from run import model_key
+
+    import factory as F
+
+    measure, report = bench_modules
+    assert synthetic.base_name(384, "phi3") == "imp-synth-phi3-384"
+    assert synthetic.base_name(196) == "imp-synth-196"  # the 3B's caches keep their names
+    with pytest.raises(ValueError, match="no 196-px variant"):
+        synthetic.base_name(196, "qwen2")
+
+    ckpt = synthetic.ensure_checkpoint(384, tmp_path, family="qwen2", sizes=F.TINY_QWEN2)
+    assert ckpt == tmp_path / "imp-synth-qwen2-384" / "checkpoint"
+    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "imp_qwen2"
+    assert synthetic.conversion("F16", 384, tmp_path, "qwen2") is None
+    text, mmproj = synthetic.ensure_gguf("F16", 384, tmp_path, "qwen2", threads=1)
+    assert (text.name, mmproj.name) == ("imp-synth-qwen2-384-F16.gguf", "imp-synth-qwen2-384-mmproj-F16.gguf")
+    arch = gguf.GGUFReader(text).fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "qwen2"
+    conv = synthetic.conversion("F16", 384, tmp_path, "qwen2")
+    assert conv["seconds"] > 0 and conv["peak_rss"] >= conv["peak_rss_before"] > 0 and conv["threads"] == 1
+    made = text.stat().st_mtime_ns
+    assert synthetic.ensure_gguf("F16", 384, tmp_path, "qwen2") == (text, mmproj)
+    assert text.stat().st_mtime_ns == made  # cached: not converted again
+    with open(text, "r+b") as f:  # a GGUF cut short is not trusted
+        f.truncate(1000)
+    assert synthetic.conversion("F16", 384, tmp_path, "qwen2") is None
+
+    sizes = {}
+    for family, (t, m) in (("phi2", converted()), ("qwen2", synthetic.ensure_gguf("F16", 384, tmp_path, "qwen2"))):
+        out = measure.cold_warm(t, m, photo, QUESTIONS, tokens=2, threads=1, home=tmp_path / f"home-{family}")
+        assert out["json"]["cold"]["cache"] == "miss"
+        sizes[model_key(384, family)] = {
+            "family": family, "model": synthetic.FAMILIES[family][0], "image_size": 384, "image_tokens": 16,
+            "text_bytes": t.stat().st_size, "cold_warm": [out], "mtmd_cli": {"error": "not built in tests"},
+            "conversion": synthetic.conversion("F16", 384, tmp_path, family)}
+    assert list(sizes) == ["384", "qwen2-384"]
+    res = {"machine": measure.machine(1), "command": "test", "elapsed_s": 0.0, "quiet_waits": [],
+           "settings": {"runs": 1, "tokens": 2, "quant": "F16", "quiet_wait_s": 0, "quiet_threshold": 0.15},
+           "sizes": sizes}
+    md = report.write(res, tmp_path / "raw.json")
+    assert "## 384 px (16 image tokens)" in md and "## Imp-v1.5-2B (Qwen1.5-1.8B), 384 px (16 image tokens)" in md
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.splitlines()
+            if line.startswith("| Imp-")}
+    assert set(rows) == {"Imp-3B (Phi-2 2.7B)", "Imp-v1.5-2B (Qwen1.5-1.8B)"}
+    d = res["derived"]["qwen2-384"]
+    qwen = rows["Imp-v1.5-2B (Qwen1.5-1.8B)"]
+    assert float(qwen[2]) == round(conv["seconds"])
+    assert float(qwen[3]) == pytest.approx(conv["peak_rss"] / 1e9, abs=0.005)
+    assert qwen[6] == f"{d['cold_generation_tokens_per_s']['median']:,.2f}"
+    assert rows["Imp-3B (Phi-2 2.7B)"][2] == "n/a"  # the conftest conversion wrote no marker
