@@ -257,17 +257,28 @@ def _families(res: dict) -> list[str]:
          "tokens/s | generation, tokens/s | launch to first answer byte, s | peak RSS, GB | first byte, imp ÷ native |",
          "|---|---|---|---|---|---|---|---|---|---|"]
     for _, raw, d in rows:
-        conv = raw.get("conversion") or {}
+        conv = _conversion(res, raw)
         rss = conv.get("peak_rss")
         L.append(f"| {raw.get('model', 'Imp-3B (Phi-2 2.7B)')} | {raw['text_bytes'] / GB:.2f} | "
                  f"{_f(conv.get('seconds'), digits=0)} | {_f(rss and rss / GB)} | "
                  f"{_f(d['cold_image_encode_ms'], 1e-3)} | {_f(d['cold_prompt_tokens_per_s'], digits=1)} | "
                  f"{_f(d['cold_generation_tokens_per_s'])} | {_f(d['cold_first_byte_s'])} | "
                  f"{_f(d['cold_peak_rss'], 1 / GB)} | {_x(d['vs_native']['cold_first_byte'])} |")
-    L += ["", "Conversion: `bench/synthetic.py` converting the cached float16 checkpoint to the text type + F16 "
-          "mmproj when the model was first made (its marker file keeps the wall time and the converting "
-          "process's peak RSS; not re-measured in this run, n/a for a marker written before they were kept).", ""]
+    L += ["", "Conversion of the float16 checkpoint to the text type + F16 mmproj: `imp convert` in this run (the "
+          "`convert` step), else as `bench/synthetic.py` recorded it when it made the model (its marker keeps the "
+          "wall time, the converting process's peak RSS and the quantization threads; n/a for a marker written "
+          "before they were kept or with another thread count than this run's).", ""]
     return L
+
+
+def _conversion(res: dict, raw: dict) -> dict:
+    """This model's conversion to the run's text type: {"seconds", "peak_rss"} or {}."""
+    family, quant = raw.get("family", "phi2"), res["settings"]["quant"]
+    for c in (res.get("convert") or {}).values():
+        if c.get("family", "phi2") == family and c.get("quant", quant) == quant and "error" not in c:
+            return {"seconds": c["wall_s"], "peak_rss": c["peak_rss"]}
+    conv = raw.get("conversion") or {}
+    return conv if conv.get("threads") == res["settings"].get("threads") else {}
 
 
 def _other(res: dict) -> list[str]:
@@ -278,7 +289,8 @@ def _other(res: dict) -> list[str]:
         if "error" in c:
             L.append(f"- `imp convert -q {q}` failed: {c['error']}")
         else:
-            L.append(f"- `imp convert -q {q}` of the 384-px checkpoint: {c['wall_s']:.0f} s, peak RSS "
+            what = "Imp-3B 384-px" if c.get("family", "phi2") == "phi2" else f"{c['family']}"
+            L.append(f"- `imp convert -q {c.get('quant', q)}` of the {what} checkpoint: {c['wall_s']:.0f} s, peak RSS "
                      f"{c['peak_rss'] / GB:.2f} GB ({c['peak_anon'] / GB:.2f} GB anonymous).")
     bw = res.get("bandwidth") or {}
     if bw.get("bandwidth_gbs"):

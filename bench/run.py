@@ -169,12 +169,15 @@ def main() -> None:
     res["sizes"] = {}
     for size, family in models:
         res["sizes"][model_key(size, family)] = bench_size(size, a, threads, image, skip, native, native_error, family)
-    if "convert" not in skip and "phi2" in families:
-        source = synthetic.paths(384, a.cache)["checkpoint"]
+    if "convert" not in skip:
         res["convert"] = {}
-        for q in ("F16", "Q4_K_M"):
-            log(f"imp convert -q {q}")
-            res["convert"][q] = measure.imp_convert(source, q, a.cache / "convert-bench", threads)
+        for family in families:
+            source = synthetic.paths(384, a.cache, family)["checkpoint"]
+            # the 3B to F16 and Q4_K_M (keys "F16", "Q4_K_M" as before the families), the others to --quant
+            for q in ("F16", "Q4_K_M") if family == "phi2" else (a.quant,):
+                log(f"imp convert -q {q} ({family})")
+                res["convert"][q if family == "phi2" else f"{family} {q}"] = {
+                    **measure.imp_convert(source, q, a.cache / "convert-bench", threads), "family": family, "quant": q}
     p384 = synthetic.paths(384, a.cache)
     if "phi2" not in families:  # the baselines below run the 3B
         skip |= {"llava", "transformers"}

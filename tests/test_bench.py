@@ -114,9 +114,12 @@ def test_synthetic_makes_caches_and_reports_each_family(bench_modules, converted
     with open(text, "r+b") as f:  # a GGUF cut short is not trusted
         f.truncate(1000)
     assert synthetic.conversion("F16", 384, tmp_path, "qwen2") is None
+    assert synthetic.ensure_gguf("F16", 384, tmp_path, "qwen2", threads=1) == (text, mmproj)  # made again
+    conv = synthetic.conversion("F16", 384, tmp_path, "qwen2")
+    assert conv["threads"] == 1 and text.stat().st_size > 1000
 
     sizes = {}
-    for family, (t, m) in (("phi2", converted()), ("qwen2", synthetic.ensure_gguf("F16", 384, tmp_path, "qwen2"))):
+    for family, (t, m) in (("phi2", converted()), ("qwen2", (text, mmproj))):
         out = measure.cold_warm(t, m, photo, QUESTIONS, tokens=2, threads=1, home=tmp_path / f"home-{family}")
         assert out["json"]["cold"]["cache"] == "miss"
         sizes[model_key(384, family)] = {
@@ -125,7 +128,7 @@ def test_synthetic_makes_caches_and_reports_each_family(bench_modules, converted
             "conversion": synthetic.conversion("F16", 384, tmp_path, family)}
     assert list(sizes) == ["384", "qwen2-384"]
     res = {"machine": measure.machine(1), "command": "test", "elapsed_s": 0.0, "quiet_waits": [],
-           "settings": {"runs": 1, "tokens": 2, "quant": "F16", "quiet_wait_s": 0, "quiet_threshold": 0.15},
+           "settings": {"runs": 1, "tokens": 2, "quant": "F16", "threads": 1, "quiet_wait_s": 0, "quiet_threshold": 0.15},
            "sizes": sizes}
     md = report.write(res, tmp_path / "raw.json")
     assert "## 384 px (16 image tokens)" in md and "## Imp-v1.5-2B (Qwen1.5-1.8B), 384 px (16 image tokens)" in md
