@@ -225,7 +225,8 @@ def markdown(res: dict, raw_name: str) -> str:
              "first_token_ms, generation_tokens_per_s). Entry size: `imp cache info --json`.")
     L.append("- llama-mtmd-cli: `llama-mtmd-cli -m TEXT --mmproj MMPROJ --image IMAGE -p QUESTION -n N -t T "
              "--chat-template vicuna --ignore-eos -v`: imp's GGUFs carry no chat template and without one it refuses "
-             "to run (vicuna is Imp-Phi-2's `USER: … ASSISTANT:` format, which its error message suggests); "
+             "to run (vicuna is Imp-Phi-2's `USER: … ASSISTANT:` format, which its error message suggests; `phi3` "
+             "and `chatml` for the 4B and 2B, their own formats); "
              "--ignore-eos so both sides generate N tokens; -v only makes it log its timings. Everything else is its "
              "default: its sampling, flash attention auto (on), weight repacking, and an mmproj warm-up encode at "
              "start-up, so its image encode figure is a second encode where imp's is the process's first. First "
