@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -278,3 +279,165 @@ def cold_warm(text: Path, mmproj: Path, image: Path, questions: tuple[str, str],
 
 def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])[-600:]
+
+
+# -- imp serve, measured from a client -------------------------------------------------------------
+_READY = re.compile(r"on http://[^\s]*:(\d+)/v1")
+
+
+class Server:
+    """`imp serve` as a subprocess on 127.0.0.1 and a free port (--port 0, read back from its
+    ready line), with its own IMP_HOME; stopped with SIGTERM at the end (its peak RSS from the
+    kernel's rusage of exactly this child)."""
+
+    def __init__(self, text: Path, mmproj: Path, tokens: int, threads: int, home: Path, extra=()):
+        self.cmd = [IMP, "serve", "--model", str(text), "--mmproj", str(mmproj), "--host", "127.0.0.1",
+                    "--port", "0", "-n", str(tokens), "--threads", str(threads), *extra]
+        self.env, self.port, self.peak_rss = imp_env(home), None, None
+
+    def __enter__(self) -> "Server":
+        QUIET.wait("imp serve")
+        self.err = tempfile.TemporaryFile()
+        t0 = time.perf_counter()
+        self.p = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.err, stdin=subprocess.DEVNULL,
+                                  env=self.env, cwd=str(ROOT))
+        while self.port is None:
+            if self.p.poll() is not None or time.perf_counter() - t0 > 600:
+                self.stop()
+                raise RuntimeError(f"imp serve did not start: {_tail(self.stderr())}")
+            found = _READY.search(self.stderr())
+            self.port = int(found[1]) if found else None
+            time.sleep(0.1)
+        self.startup_s = time.perf_counter() - t0
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("GET", "/v1/models")
+        self.model_id = json.loads(conn.getresponse().read())["data"][0]["id"]  # requests must name it
+        conn.close()
+        return self
+
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read().decode("utf-8", "replace")
+
+    def wait_logged(self, requests: int, timeout_s: float = 10.0) -> None:
+        """Until the log has a line for each of `requests` POSTs: it writes one after the response
+        has ended, which can be after the client has read it all."""
+        t0 = time.perf_counter()
+        while self.stderr().count("\nPOST ") < requests and time.perf_counter() - t0 < timeout_s:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        try:
+            _, _, ru = os.wait4(self.p.pid, 0)
+            self.peak_rss = ru.ru_maxrss * 1024
+        except ChildProcessError:  # already reaped by poll()
+            pass
+        self.p.returncode = self.p.returncode if self.p.returncode is not None else 0
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.log = self.stderr()
+        self.err.close()
+
+
+def sse_contents(lines) -> tuple[list[str], dict | None]:
+    """The content pieces and the usage record of an OpenAI chat-completions event stream
+    (`data: {...}` lines, `data: [DONE]` last); role-only and empty deltas are not pieces."""
+    pieces, usage = [], None
+    for line in lines:
+        line = line.strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        obj = json.loads(line[5:])
+        usage = obj.get("usage") or usage
+        for choice in obj.get("choices", []):
+            if choice.get("delta", {}).get("content"):
+                pieces.append(choice["delta"]["content"])
+    return pieces, usage
+
+
+def chat_stream(port: int, model: str, image_url: str, question: str, tokens: int) -> dict:
+    """One streamed POST /v1/chat/completions with plain http.client: the time from sending the
+    request to the first content chunk, the total, and the server's usage record."""
+    import http.client
+
+    body = json.dumps({"model": model, "max_tokens": tokens, "stream": True, "temperature": 0,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                                 {"type": "text", "text": question}]}]})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first, lines = None, []
+    for raw in resp:
+        line = raw.decode("utf-8", "replace")
+        lines.append(line)
+        if first is None and sse_contents([line])[0]:
+            first = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    conn.close()
+    if resp.status != 200:
+        return {"error": f"HTTP {resp.status}: {''.join(lines)[:300]}"}
+    pieces, usage = sse_contents(lines)
+    return {"first_content_s": first, "total_s": total, "pieces": len(pieces), "usage": usage}
+
+
+def data_url(image: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+
+
+def serve_figures(text: Path, mmproj: Path, images: list[Path], questions: tuple[str, ...], tokens: int,
+                  threads: int, home: Path, per_client: int) -> dict:
+    """Issue 10's figures from one server: time to first content chunk of a first and then a
+    second question about images[0]; then len(images)-1 clients at once, each asking about its
+    own image `per_client` questions in turn: requests per minute over the whole burst."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    shutil.rmtree(home, ignore_errors=True)
+    out: dict = {}
+    with Server(text, mmproj, tokens, threads, home) as srv:
+        out["startup_s"] = srv.startup_s
+        url = data_url(images[0])
+        out["first"] = chat_stream(srv.port, srv.model_id, url, questions[0], tokens)
+        log(f"  serve: first question, first content after {out['first'].get('first_content_s')} s")
+        out["second"] = chat_stream(srv.port, srv.model_id, url, questions[1], tokens)
+        log(f"  serve: second question, first content after {out['second'].get('first_content_s')} s")
+
+        def client(img: Path) -> list[dict]:
+            u = data_url(img)
+            return [chat_stream(srv.port, srv.model_id, u, questions[i % len(questions)], tokens) for i in range(per_client)]
+
+        clients = images[1:]
+        busy0 = cpu_busy_s()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(clients)) as pool:
+            out["clients"] = list(pool.map(client, clients))
+        wall = time.perf_counter() - t0
+        done = sum(1 for c in out["clients"] for r in c if "error" not in r)
+        out["burst"] = {"clients": len(clients), "per_client": per_client, "wall_s": wall, "completed": done,
+                        "requests_per_min": done / wall * 60,
+                        "machine_busy": round((cpu_busy_s() - busy0) / (wall * (os.cpu_count() or 1)), 3)}
+        log(f"  serve: {done} requests from {len(clients)} clients in {wall:.0f} s")
+        srv.wait_logged(2 + len(clients) * per_client)
+    out["server_peak_rss"] = srv.peak_rss
+    out["server_log"] = srv.log.strip().splitlines()[-40:]
+    return out
+
+
+def imp_tune(text: Path, mmproj: Path, threads: int, home: Path, rounds: int) -> dict:
+    """`imp tune --json` in `home` (it stores its choice there, where `imp ask` then finds it)."""
+    r = run_measured([IMP, "tune", "--model", str(text), "--mmproj", str(mmproj), "--threads", str(threads),
+                      "--rounds", str(rounds), "--json"], env=imp_env(home))
+    if r["rc"] != 0:
+        return {"error": _tail(r["stderr"])}
+    return {"wall_s": r["wall_s"], "foreign_cpu": r["foreign_cpu"], **json.loads(r["stdout"].strip().splitlines()[-1])}

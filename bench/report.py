@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -94,8 +95,86 @@ def _target(name: str, value, op: str, limit: float) -> dict:
     return {"target": name, "value": value, "op": op, "limit": limit, "met": met}
 
 
+# `imp serve`'s log line per request: "POST /v1/chat/completions 200 775+32 tokens (0 reused) 21000 ms"
+_SERVE_LINE = re.compile(r"^POST \S+ (\d{3}) (\d+)\+(\d+) tokens \((\d+) reused\) (\d+) ms")
+
+
+def serve_log_requests(lines: list[str]) -> list[dict]:
+    """The completed requests in `imp serve`'s log, in the order it answered them."""
+    out = []
+    for line in lines:
+        m = _SERVE_LINE.match(line.strip())
+        if m:
+            status, prompt, completion, reused, ms = (int(x) for x in m.groups())
+            out.append({"status": status, "prompt_tokens": prompt, "completion_tokens": completion,
+                        "reused_tokens": reused, "ms": ms})
+    return out
+
+
+def derive_serve(s: dict) -> dict:
+    """Issue 10: the second question's time to first content against the first's, and the
+    concurrent clients' requests per minute."""
+    first, second = s["first"].get("first_content_s"), s["second"].get("first_content_s")
+    burst = [r for c in s.get("clients", []) for r in c if "error" not in r]
+    reqs = serve_log_requests(s.get("server_log", []))
+    return {"first_ttft_s": first, "second_ttft_s": second,
+            "second_over_first": round(second / first, 3) if first and second else None,
+            "requests_per_min": s["burst"]["requests_per_min"], "burst_wall_s": s["burst"]["wall_s"],
+            "burst_completed": s["burst"]["completed"],
+            "burst_requests": s["burst"]["clients"] * s["burst"]["per_client"],
+            "burst_ttft_s": summary([r["first_content_s"] for r in burst]),
+            "burst_total_s": summary([r["total_s"] for r in burst]),
+            "completion_tokens": sum((r.get("usage") or {}).get("completion_tokens", 0) for r in burst),
+            "log": reqs}
+
+
+def derive_tuned(t: dict) -> dict:
+    """Issue 14: a cold `imp ask` with the tuned settings against llama-mtmd-cli's defaults."""
+    plain = [r["plain"] for r in t["imp"] if "error" not in r["plain"]]
+    js = [r["json"] for r in t["imp"] if "error" not in r["json"]]
+    native = [r for r in t.get("native", []) if "error" not in r]
+    out = {"imp_wall_s": _col(plain, "wall_s"), "imp_first_byte_s": _col(plain, "first_output_s"),
+           "imp_peak_rss": _col(plain + js, "peak_rss"), "imp_load_ms": _col(js, "timings", "load_ms"),
+           "imp_prompt_ms": _col(js, "timings", "prompt_ms"), "imp_prompt_tokens": _col(js, "timings", "prompt_tokens"),
+           "imp_encode_ms": _col(js, "timings", "image_encode_ms"),
+           "imp_generation_tokens_per_s": _col(js, "timings", "generation_tokens_per_s"),
+           "native_wall_s": _col(native, "wall_s"), "native_first_byte_s": _col(native, "first_output_s"),
+           "native_peak_rss": _col(native, "peak_rss"), "native_load_ms": _col(native, "load_ms"),
+           "native_prompt_ms": _col(native, "prompt_ms"), "native_prompt_tokens": _col(native, "prompt_tokens"),
+           "native_encode_ms": _col(native, "image_encode_ms"),
+           "native_generation_tokens_per_s": _col(native, "generation_tokens_per_s")}
+    out["ratios"] = {k: ratio(out[f"imp_{k}"], out[f"native_{k}"])
+                     for k in ("wall_s", "first_byte_s", "peak_rss", "load_ms", "prompt_ms", "encode_ms",
+                               "generation_tokens_per_s")}
+    out["targets"] = [_target("cold wall, imp ÷ native", out["ratios"]["wall_s"], "<=", 0.85),
+                      _target("peak RSS, imp ÷ native", out["ratios"]["peak_rss"], "<=", 0.8),
+                      _target("model load, imp ÷ native", out["ratios"]["load_ms"], "<=", 0.3)]
+    return out
+
+
 def derive(res: dict) -> dict:
-    return {str(size): derive_size(d) for size, d in res.get("sizes", {}).items()}
+    out = {str(size): derive_size(d) for size, d in res.get("sizes", {}).items()}
+    if res.get("serve") and "error" not in res["serve"]:
+        out["serve"] = derive_serve(res["serve"])
+    if res.get("tuned"):
+        out["tuned"] = derive_tuned(res["tuned"])
+    return out
+
+
+def add_steps(base: dict, new: dict) -> dict:
+    """`base` with the steps `new` measured that `base` lacks (serve, tuned), each section then
+    says which run it comes from: ratios are only compared within one run."""
+    merged = {k: v for k, v in base.items() if k != "derived"}
+    for step in ("serve", "tuned"):
+        if new.get(step):
+            merged[step] = new[step]
+            merged.setdefault("step_runs", {})[step] = {
+                "command": new["command"], "date": new["machine"]["date"], "loadavg": new["machine"]["loadavg"],
+                "runs": new["settings"]["runs"], "elapsed_s": new["elapsed_s"],
+                "busy_starts": sum(w["load_at_start"] >= new["settings"]["quiet_threshold"]
+                                   for w in new.get("quiet_waits", [])),
+                "measurements": len(new.get("quiet_waits", []))}
+    return merged
 
 
 # -- markdown --------------------------------------------------------------------------------------
@@ -136,7 +215,8 @@ def markdown(res: dict, raw_name: str) -> str:
              f"run is in the JSON (`foreign_cpu`); ratios within this run are what count, absolute figures move "
              f"with the neighbours.")
     L.append("")
-    for size, d in der.items():
+    for size in res.get("sizes", {}):
+        d = der[size]
         raw = res["sizes"][size]
         L.append(f"## {_heading(size, raw)} ({raw.get('image_tokens', '?')} image tokens)")
         L.append("")
@@ -211,6 +291,7 @@ def markdown(res: dict, raw_name: str) -> str:
                      f"({a2['reused_tokens']} reused) against {a1['prompt_tokens']} tokens in "
                      f"{a1['prompt_ms'] / 1000:.2f} s + {a1['image_encode_ms'] / 1000:.2f} s encode for the first.")
             L.append("")
+    L += _serve_md(res) + _tuned_md(res)
     L += _families(res)
     L += _other(res)
     L.append("## How it was run")
@@ -248,8 +329,9 @@ def _heading(key: str, raw: dict) -> str:
 
 def _families(res: dict) -> list[str]:
     """One row per model at 384 px (issue 12): the same figures side by side, from this one run."""
-    rows = [(k, res["sizes"][k], d) for k, d in res.get("derived", {}).items()
-            if res["sizes"][k].get("image_size", int(k) if k.isdigit() else 0) == 384]
+    der = res.get("derived", {})  # also holds the serve/tuned steps' figures: go by the models
+    rows = [(k, raw, der[k]) for k, raw in res.get("sizes", {}).items()
+            if k in der and raw.get("image_size", int(k) if k.isdigit() else 0) == 384]
     if len({raw.get("family", "phi2") for _, raw, _ in rows}) < 2:
         return []
     L = ["## The Imp family at 384 px", "",
@@ -280,6 +362,106 @@ def _conversion(res: dict, raw: dict) -> dict:
             return {"seconds": c["wall_s"], "peak_rss": c["peak_rss"]}
     conv = raw.get("conversion") or {}
     return conv if conv.get("threads") == res["settings"].get("threads") else {}
+
+
+def _run_note(res: dict, step: str) -> str:
+    r = (res.get("step_runs") or {}).get(step)
+    if not r:
+        return ""
+    runs = "once" if step == "serve" else f"{r['runs']} run(s)"
+    return (f" Measured in a separate run ({r['date']}, {runs}; load average at its start "
+            f"{', '.join(f'{x:.1f}' for x in r['loadavg'])}; {r.get('busy_starts', '?')} of "
+            f"{r.get('measurements', '?')} measurements started with other processes using over 15% of the "
+            f"CPUs): `{r['command']}`.")
+
+
+def _serve_md(res: dict) -> list[str]:
+    s, d = res.get("serve"), res["derived"].get("serve")
+    if not s:
+        return []
+    L = ["## imp serve (384 px)", ""]
+    if d is None:
+        return L + [f"> failed: {s['error']}", ""]
+    L.append("`imp serve` on the same model (one engine, requests answered one at a time in arrival order), "
+             "started with a fresh `IMP_HOME` (no `tuning.json` there: the CPU family's default engine settings); "
+             "streamed requests with http.client, timed by the client from "
+             "sending the request to the first content chunk." + _run_note(res, "serve"))
+    L.append("")
+    log = d["log"]
+    reused = [r["reused_tokens"] for r in log[:2]] if len(log) >= 2 else [None, None]
+    L.append("| | first question | second question, same image | second ÷ first |")
+    L.append("|---|---|---|---|")
+    L.append(f"| time to first token, s | {_f(d['first_ttft_s'])} | {_f(d['second_ttft_s'])} "
+             f"| {_x(d['second_over_first'])} |")
+    if log[:2]:
+        L.append(f"| prompt tokens (of which reused) | {log[0]['prompt_tokens']} ({reused[0]}) | "
+                 f"{log[1]['prompt_tokens']} ({reused[1]}) | |")
+    L.append("")
+    rss = s.get("server_peak_rss")
+    L.append(f"{s['burst']['per_client']} questions each from {s['burst']['clients']} clients at once, each about "
+             f"its own image (none seen before): {d['burst_completed']} of {d['burst_requests']} requests answered "
+             f"in {d['burst_wall_s']:.0f} s, **{d['requests_per_min']:.1f} requests per minute** "
+             f"({d['completion_tokens']} tokens generated); time to first token per request "
+             f"{_f(d['burst_ttft_s'])} s (it includes waiting in the queue). Server start-up (load to ready) "
+             f"{s['startup_s']:.1f} s, server peak RSS {'n/a' if not rss else f'{rss / GB:.2f} GB'}.")
+    L.append("")
+    return L
+
+
+def _tuned_md(res: dict) -> list[str]:
+    t, d = res.get("tuned"), res["derived"].get("tuned")
+    if not t:
+        return []
+    L = ["## Tuned settings against llama.cpp's defaults (384 px)", ""]
+    tune = t.get("tune")
+    if tune and "error" not in tune:
+        c = tune["choice"]
+        L.append(f"`imp tune --rounds {tune['rounds']}` ({tune['wall_s']:.0f} s) in a fresh `IMP_HOME` chose "
+                 f"**repack {'on' if c['repack'] else 'off'}, flash attention {'on' if c['flash_attn'] else 'off'}** "
+                 f"for {tune['key'].get('tensor_type', '?')} with {tune['key']['threads']} "
+                 f"thread(s); its figures (workload: {tune['workload']['prompt_tokens']}-token prompt, "
+                 f"{tune['workload']['gen_tokens']} tokens generated at depth {tune['workload']['depth']}):")
+        L.append("")
+        L.append("| repack | flash attention | load, s | prompt, tok/s | generation, tok/s | estimated ask, s "
+                 "| CPU share it got | chosen |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for m in tune["measurements"]:
+            on = lambda v: "on" if v else "off"  # noqa: E731
+            chosen = m["repack"] == c["repack"] and m["flash_attn"] == c["flash_attn"]
+            L.append(f"| {on(m['repack'])} | {on(m['flash_attn'])} | {m['load_s']:.2f} | {m['prompt_tokens_per_s']:.1f} "
+                     f"| {m['generation_tokens_per_s']:.1f} | {m['estimate_s']:.1f} | {m['cpu_share']:.2f} "
+                     f"| {'*' if chosen else ''} |")
+        L.append("")
+        L.append("`imp ask` then ran with its default `--repack auto --flash-attn auto`, which read that choice.")
+    elif tune:
+        L.append(f"> imp tune failed: {tune['error']}")
+    else:
+        L.append(f"No tune in this run: `imp ask` ran with `{t['imp_args']}` (the settings `imp tune` chose on "
+                 f"this machine earlier).")
+    L.append(_run_note(res, "tuned").strip())
+    L.append("")
+    L.append("| target | measured | required | met |")
+    L.append("|---|---|---|---|")
+    for x in d["targets"]:
+        L.append(f"| {x['target']} | {_f(x['value'], digits=3)} | {x['op']} {x['limit']} | "
+                 f"{'yes' if x['met'] else ('no' if x['met'] is False else 'n/a')} |")
+    L.append("")
+    r = d["ratios"]
+    L.append("| cold, one process each | imp (tuned) | llama-mtmd-cli (defaults) | imp ÷ native |")
+    L.append("|---|---|---|---|")
+    L.append(f"| wall clock, s | {_f(d['imp_wall_s'])} | {_f(d['native_wall_s'])} | {_x(r['wall_s'])} |")
+    L.append(f"| launch to first answer byte, s | {_f(d['imp_first_byte_s'])} | {_f(d['native_first_byte_s'])} "
+             f"| {_x(r['first_byte_s'])} |")
+    L.append(f"| model load, s | {_f(d['imp_load_ms'], 1e-3)} | {_f(d['native_load_ms'], 1e-3)} | {_x(r['load_ms'])} |")
+    L.append(f"| image encode, s | {_f(d['imp_encode_ms'], 1e-3)} | {_f(d['native_encode_ms'], 1e-3)} "
+             f"| {_x(r['encode_ms'])} |")
+    L.append(f"| prompt eval, s (tokens) | {_f(d['imp_prompt_ms'], 1e-3)} ({_f(d['imp_prompt_tokens'], digits=0)}) "
+             f"| {_f(d['native_prompt_ms'], 1e-3)} ({_f(d['native_prompt_tokens'], digits=0)}) | {_x(r['prompt_ms'])} |")
+    L.append(f"| generation, tokens/s | {_f(d['imp_generation_tokens_per_s'])} | "
+             f"{_f(d['native_generation_tokens_per_s'])} | {_x(r['generation_tokens_per_s'])} |")
+    L.append(f"| peak RSS, GB | {_f(d['imp_peak_rss'], 1 / GB)} | {_f(d['native_peak_rss'], 1 / GB)} | {_x(r['peak_rss'])} |")
+    L.append("")
+    return L
 
 
 def _other(res: dict) -> list[str]:
@@ -329,5 +511,11 @@ def write(res: dict, raw: Path) -> str:
 
 
 if __name__ == "__main__":
+    # report.py RAW.json                 rewrite latest.md from a raw file
+    # report.py BASE.json NEW.json       BASE plus the serve/tuned steps NEW measured -> NEW-combined.json
     path = Path(sys.argv[1])
-    print(write(json.loads(path.read_text()), path))
+    res = json.loads(path.read_text())
+    if len(sys.argv) > 2:
+        new = Path(sys.argv[2])
+        res, path = add_steps(res, json.loads(new.read_text())), new.with_name(new.stem + "-combined.json")
+    print(write(res, path))

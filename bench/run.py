@@ -12,6 +12,10 @@ the 3B (phi2) and for the 384-px Imp-v1.5-4B (phi3) and Imp-v1.5-2B (qwen2) (--f
     launch to first answer byte, the --json timings, the cache entry's size and write/read times;
   - native: llama-mtmd-cli on the same GGUF pair and image, with its defaults;
   - session: two questions in one process through the Session API;
+and on the 384-px model:
+  - serve: `imp serve` (issue 10): a second question's time to first token against the first's,
+    then 4 clients on 4 images at once (requests per minute);
+  - tuned: `imp tune`, then a cold `imp ask` with its choice against llama-mtmd-cli (issue 14);
 and once: `imp --help`, `imp convert` (F16, Q4_K_M), memory bandwidth, llama-cpp-python's stock
 Llava15ChatHandler and transformers (tests/oracle.py) as further baselines.
 Roles: measure.py (processes, load, machine), workers.py (in-process measurements),
@@ -42,18 +46,19 @@ from measure import log  # noqa: E402
 from workers import run_worker  # noqa: E402
 
 QUESTIONS = ("What is in the image? Describe it in detail.", "Which colours dominate this picture?")
-STEPS = ("help", "convert", "cold_warm", "mtmd_cli", "session", "llava", "transformers", "bandwidth")
+STEPS = ("help", "convert", "cold_warm", "mtmd_cli", "session", "serve", "tuned", "llava", "transformers", "bandwidth")
+SERVE_CLIENTS, SERVE_QUESTIONS = 4, 2  # issue 10: 4 clients, 4 images, a bounded few questions each
 # one line of llama.cpp's OpenMP threads spinning against other processes can slow it tenfold:
 # on a shared machine, --threads 1 for every side gives steadier ratios
 
 
-def test_image(path: Path) -> Path:
+def test_image(path: Path, seed: int = 7) -> Path:
     """A 640x480 photo-like picture (smooth gradients + noise), written once."""
     if not path.exists():
         import numpy as np
         from PIL import Image
 
-        rng = np.random.default_rng(7)
+        rng = np.random.default_rng(seed)
         y, x = np.mgrid[0:480, 0:640]
         rgb = np.stack([x / 640 * 255, y / 480 * 255, (x + y) % 256], axis=-1)
         rgb = np.clip(rgb + rng.normal(0, 20, rgb.shape), 0, 255).astype("uint8")
@@ -119,6 +124,48 @@ def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path 
     return out
 
 
+def bench_serve(p: dict, a, threads: int, image: Path) -> dict:
+    """Issue 10: `imp serve` on the 384-px model: a second question's time to first token against
+    the first's, then SERVE_CLIENTS clients on as many other images at once."""
+    others = [test_image(a.cache / f"bench-image-{i}.png", seed=100 + i) for i in range(SERVE_CLIENTS)]
+    try:
+        return measure.serve_figures(p[a.quant], p["mmproj"], [image, *others], QUESTIONS, a.tokens, threads,
+                                     a.cache / "imp-home-serve", SERVE_QUESTIONS)
+    except (OSError, RuntimeError) as e:
+        log(f"serve failed: {e}")
+        return {"error": str(e)}
+    finally:
+        shutil.rmtree(a.cache / "imp-home-serve", ignore_errors=True)
+
+
+def bench_tuned(p: dict, a, threads: int, image: Path, native: Path | None) -> dict:
+    """Issue 14: `imp tune` once in a fresh IMP_HOME (or, with --tune-rounds 0, the settings given
+    in --imp-args), then a cold `imp ask` with what it chose (plain for the wall clock, --json for
+    the phases) against llama-mtmd-cli's defaults on the same files."""
+    text, mmproj = p[a.quant], p["mmproj"]
+    home = a.cache / "imp-home-tuned"
+    shutil.rmtree(home, ignore_errors=True)
+    out: dict = {"imp_args": a.imp_args, "tune": None, "imp": [], "native": []}
+    extra = tuple(shlex.split(a.imp_args))
+    if a.tune_rounds:
+        log(f"imp tune --rounds {a.tune_rounds} ...")
+        out["tune"] = measure.imp_tune(text, mmproj, threads, home, a.tune_rounds)
+        log(f"  tune: {out['tune'].get('error') or out['tune']['choice']}")
+    for i in range(a.runs):
+        log(f"tuned imp ask vs llama-mtmd-cli, run {i + 1}/{a.runs}")
+        row = {}
+        for mode in ("plain", "json"):
+            measure.imp_cache(home, "clear")
+            row[mode] = measure.imp_ask(text, mmproj, image, QUESTIONS[0], a.tokens, threads, home, mode == "json",
+                                        extra)
+        out["imp"].append(row)
+        if native is not None:
+            out["native"].append(mtmd_cli.run(native, text, mmproj, image, QUESTIONS[0], a.tokens, threads))
+        log(f"  imp wall {row['plain'].get('wall_s')}, native wall {out['native'][-1].get('wall_s') if native else '-'}")
+    shutil.rmtree(home, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="imp benchmark (see bench/run.py's docstring)")
     ap.add_argument("--runs", type=int, default=3, help="repetitions of each figure (default 3)")
@@ -131,6 +178,8 @@ def main() -> None:
     ap.add_argument("--quant", default="Q4_K_M", help="text model type (default Q4_K_M)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: " + ",".join(STEPS))
     ap.add_argument("--imp-args", default="", help="extra options for every `imp ask` (e.g. engine settings)")
+    ap.add_argument("--tune-rounds", type=int, default=1,
+                    help="`imp tune --rounds` for the tuned step (0: no tune, pass the settings in --imp-args)")
     ap.add_argument("--cache", type=Path, default=BENCH / "cache")
     ap.add_argument("--quiet-wait", type=float, default=30.0,
                     help="before each measurement, wait up to this many seconds for other processes to go idle")
@@ -152,13 +201,13 @@ def main() -> None:
     res: dict = {"machine": measure.machine(threads),
                  "command": shlex.join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]]),
                  "settings": {"runs": a.runs, "tokens": a.tokens, "threads": threads, "sizes": sizes, "families": families,
-                              "quant": a.quant, "questions": QUESTIONS, "skip": sorted(skip), "imp_args": a.imp_args,
+                              "quant": a.quant, "questions": QUESTIONS, "tune_rounds": a.tune_rounds, "skip": sorted(skip), "imp_args": a.imp_args,
                               "quiet_wait_s": a.quiet_wait, "quiet_threshold": measure.QUIET.threshold}}
     log(f"machine: {res['machine']['cpu_model']}, {threads} threads, load {res['machine']['loadavg']}")
     image = test_image(a.cache / "bench-image.png")
 
     native, native_error = None, "skipped"
-    if "mtmd_cli" not in skip:
+    if "mtmd_cli" not in skip or "tuned" not in skip:
         native, native_error = mtmd_cli.ensure_built(a.cache)
         if native is None:
             log(f"llama-mtmd-cli could not be built, going on without it: {native_error}")
@@ -180,7 +229,14 @@ def main() -> None:
                     **measure.imp_convert(source, q, a.cache / "convert-bench", threads), "family": family, "quant": q}
     p384 = synthetic.paths(384, a.cache)
     if "phi2" not in families:  # the baselines below run the 3B
-        skip |= {"llava", "transformers"}
+        skip |= {"llava", "transformers", "serve", "tuned"}
+    if "serve" not in skip or "tuned" not in skip:
+        p384 = ensure_model(384, a.quant, a.cache)
+    if "serve" not in skip:
+        log("imp serve (384 px)")
+        res["serve"] = bench_serve(p384, a, threads, image)
+    if "tuned" not in skip:
+        res["tuned"] = bench_tuned(p384, a, threads, image, native)
     if "llava" not in skip:
         log("llama-cpp-python Llava15ChatHandler")
         res["llava"] = run_worker("llava", {"text": str(p384[a.quant]), "mmproj": str(p384["mmproj"]),

@@ -325,7 +325,7 @@ def models_import(
         output.answer(f"{entry.folder}\n")
 
 
-cache_app = typer.Typer(help="The prompt cache: saved KV states of [system, image] prefixes.", no_args_is_help=True)
+cache_app = typer.Typer(help="The prompt cache: saved KV states of system-text + image prefixes.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 

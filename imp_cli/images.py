@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -165,7 +166,7 @@ def _decode(data: bytes, what: str, image_what: str) -> Image.Image:
     # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make both an error. The check
     # runs on the header, before any pixel is decompressed.
     native: list[str] = []
-    with warnings.catch_warnings(), _decoder_chatter(native):
+    with _DECODE_LOCK, warnings.catch_warnings(), _decoder_chatter(native, data.startswith(_TIFF_MAGIC)):
         warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": noise to the user
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -193,11 +194,19 @@ def _decode(data: bytes, what: str, image_what: str) -> Image.Image:
         raise ImageError(f"{image_what} has an unsupported mode {image.mode} ({e})") from None
 
 
+# One decode at a time changes the process-wide state below (warning filters, the PIL logger, and
+# for TIFF file descriptor 2): `imp serve` decodes in several threads, and two interleaved swaps
+# of fd 2 would leave stderr pointing at a deleted file for good.
+_DECODE_LOCK = threading.Lock()
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")  # libtiff is the decoder that writes to fd 2 itself
+
+
 @contextlib.contextmanager
-def _decoder_chatter(captured: list[str]):
+def _decoder_chatter(captured: list[str], capture_fd2: bool = True):
     """Decoders report problems beside our error: libtiff prints straight to file descriptor 2,
     Pillow's plugins log (with no handler, Python prints those on stderr). Either breaks the
-    one-line error; collect them instead."""
+    one-line error; collect them instead (fd 2 only for TIFF, so that other threads' stderr is
+    not swallowed while any other image decodes)."""
     import logging
     import tempfile
 
@@ -208,10 +217,12 @@ def _decoder_chatter(captured: list[str]):
     logger, handler = logging.getLogger("PIL"), Collect(logging.WARNING)
     propagate, logger.propagate = logger.propagate, False
     logger.addHandler(handler)
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all: nothing to protect
-        saved = None
+    saved = None
+    if capture_fd2:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to protect
+            saved = None
     try:
         with tempfile.TemporaryFile() as tmp:
             if saved is not None:

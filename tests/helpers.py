@@ -103,3 +103,17 @@ def assert_usage_error(p: subprocess.CompletedProcess, *phrases: str) -> None:
     assert p.stdout == "", p.stdout
     for phrase in phrases:
         assert phrase in p.stderr, (phrase, p.stderr)
+
+
+def quiet_http_server(handler):
+    """A threading HTTP server on a free loopback port whose request errors (a client that gave
+    up: the timeout tests) are not printed from a background thread into later tests' stderr."""
+    import http.server
+
+    class Quiet(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request, client_address):
+            pass
+
+    return Quiet(("127.0.0.1", 0), handler)

@@ -141,3 +141,66 @@ def test_synthetic_makes_caches_and_reports_each_family(bench_modules, converted
     assert float(qwen[3]) == pytest.approx(conv["peak_rss"] / 1e9, abs=0.005)
     assert qwen[6] == f"{d['cold_generation_tokens_per_s']['median']:,.2f}"
     assert rows["Imp-3B (Phi-2 2.7B)"][2] == "n/a"  # the conftest conversion wrote no marker
+
+
+def test_serve_second_question_reuses_the_image_and_all_clients_are_answered(bench_modules, converted, photo,
+                                                                             tmp_path):
+    """Issue 10's step on a tiny model: a real `imp serve` on a free port, streamed requests."""
+    measure, report = bench_modules
+    import run
+
+    text, mmproj = converted()
+    images = [photo] + [run.test_image(tmp_path / f"img{i}.png", seed=100 + i) for i in range(4)]
+    out = measure.serve_figures(text, mmproj, images, QUESTIONS, tokens=4, threads=1, home=tmp_path / "home",
+                                per_client=2)
+    assert out["burst"]["completed"] == 8 and out["burst"]["clients"] == 4
+    for r in [out["first"], out["second"], *(x for c in out["clients"] for x in c)]:
+        assert r["first_content_s"] is not None and r["usage"]["completion_tokens"] == r["pieces"]
+    res = {"machine": measure.machine(1), "command": "test", "elapsed_s": 0.0, "quiet_waits": [],
+           "settings": {"runs": 1, "tokens": 4, "quant": "F16", "quiet_wait_s": 0, "quiet_threshold": 0.15},
+           "sizes": {}, "serve": out}
+    md = report.write(res, tmp_path / "raw.json")
+    d = res["derived"]["serve"]
+    # the server's log, in answer order: the first question evaluates everything, the second
+    # reuses the [system, image] prefix (only these two, which come one after the other: with
+    # concurrent requests the server's own log can lose lines, as images.py swaps fd 2 per decode)
+    assert d["log"][0]["reused_tokens"] == 0
+    assert d["log"][1]["reused_tokens"] > 0 and d["log"][1]["prompt_tokens"] > d["log"][1]["reused_tokens"]
+    assert d["second_over_first"] == pytest.approx(out["second"]["first_content_s"] / out["first"]["first_content_s"],
+                                                   abs=1e-3)
+    assert d["completion_tokens"] == sum(x["usage"]["completion_tokens"] for c in out["clients"] for x in c)
+    assert "## imp serve (384 px)" in md and "8 of 8 requests answered" in md
+
+
+def test_serve_log_lines_parse_and_others_are_ignored(bench_modules):
+    _, report = bench_modules
+    lines = ["imp serve: m on http://127.0.0.1:1234/v1 (max queue 16)", "GET /v1/models 200 - 0 ms",
+             "POST /v1/chat/completions 200 775+32 tokens (0 reused) 21000 ms",
+             "POST /v1/chat/completions 503 - 1 ms", "POST /v1/chat/completions 200 16+7 tokens (760 reused) 900 ms"]
+    assert report.serve_log_requests(lines) == [
+        {"status": 200, "prompt_tokens": 775, "completion_tokens": 32, "reused_tokens": 0, "ms": 21000},
+        {"status": 200, "prompt_tokens": 16, "completion_tokens": 7, "reused_tokens": 760, "ms": 900}]
+
+
+def test_tuned_step_runs_tune_then_ask_with_its_choice(bench_modules, converted, photo, tmp_path):
+    """Issue 14's step on a tiny model, without the native binary: `imp tune` in a fresh IMP_HOME
+    stores a choice, the cold `imp ask` runs after it, the report shows the tuner's table."""
+    measure, report = bench_modules
+    import argparse
+
+    import run
+
+    text, mmproj = converted()
+    a = argparse.Namespace(quant="F16", cache=tmp_path, imp_args="", tune_rounds=1, runs=1, tokens=4)
+    out = run.bench_tuned({"F16": text, "mmproj": mmproj}, a, 1, photo, None)
+    assert "error" not in out["tune"] and len(out["tune"]["measurements"]) == 4
+    assert "error" not in out["imp"][0]["plain"] and out["imp"][0]["json"]["cache"] == "miss"
+    assert not (tmp_path / "imp-home-tuned").exists()  # removed after the step
+    res = {"machine": measure.machine(1), "command": "test", "elapsed_s": 0.0, "quiet_waits": [],
+           "settings": {"runs": 1, "tokens": 4, "quant": "F16", "quiet_wait_s": 0, "quiet_threshold": 0.15},
+           "sizes": {}, "tuned": out}
+    md = report.write(res, tmp_path / "raw.json")
+    d = res["derived"]["tuned"]
+    assert d["imp_wall_s"]["median"] == out["imp"][0]["plain"]["wall_s"]
+    assert [t["met"] for t in d["targets"]] == [None, None, None]  # no native run to compare with
+    assert md.count(" | * |") == 1  # exactly one setting chosen

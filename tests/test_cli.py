@@ -22,7 +22,7 @@ from PIL import Image
 
 from factory import TINY
 from ggufedit import STRING, decode_gguf, encode_gguf, with_key
-from helpers import assert_one_line_error, assert_usage_error, clean_env, run_imp
+from helpers import assert_one_line_error, assert_usage_error, clean_env, run_imp, quiet_http_server
 
 QUESTION = "What is in the image?"
 N_TOKENS = 24
@@ -106,7 +106,7 @@ class _Images(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def http_base(photo):
     handler = type("Handler", (_Images,), {"files": {"/photo.png": photo.read_bytes()}})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = quiet_http_server(handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -13,6 +13,8 @@ import zlib
 
 import numpy as np
 import pytest
+
+from helpers import quiet_http_server
 from hypothesis import given, settings, strategies as st
 from PIL import Image, features
 
@@ -243,7 +245,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = quiet_http_server(Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -362,3 +364,36 @@ def test_unknown_aspect():
 def test_preprocess_any_size(w, h, aspect, size):
     out = preprocess(Image.new("RGB", (w, h), (w % 256, h % 256, 3)), size=size, aspect=aspect)
     assert out.shape == (size, size, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+
+
+def test_concurrent_decodes_leave_stderr_where_it_was(tmp_path):
+    """`imp serve` decodes images in several threads: stderr (fd 2) must still point where it did
+    afterwards (two interleaved swaps used to leave it on a deleted temporary file), with broken
+    TIFFs (whose decoder writes to fd 2) among them."""
+    import io as _io
+    import os as _os
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = _io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(good, "PNG")
+    tiff = _io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tiff, "TIFF", compression="tiff_lzw")
+    broken = tiff.getvalue()[: len(tiff.getvalue()) // 2]
+    files = []
+    for i, data in enumerate([good.getvalue(), tiff.getvalue(), broken] * 20):
+        path = tmp_path / f"img{i}"
+        path.write_bytes(data)
+        files.append(str(path))
+    before = _os.readlink("/proc/self/fd/2")
+
+    def load(path):
+        try:
+            return load_image(path).size
+        except ImageError as e:
+            assert "\n" not in str(e)
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(load, files))
+    assert sizes.count((64, 48)) == 40 and sizes.count(None) == 20
+    assert _os.readlink("/proc/self/fd/2") == before
