@@ -73,16 +73,16 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
     if a constrained answer could not be completed."""
     from .engine import Sampling
     from .images import load_image
-    from .session import Session, context_for
+    from .prompts import build_prompt
+    from .session import Session, context_for, default_cache, open_pair
 
+    if req.choices:
+        from .constrain import decide
     for q in req.questions:
         if not q.strip():
             raise ImpError("the question is empty")
     check_images_exist(req.images)
     first = load_image(req.images[0])  # a bad first image fails before the model loads
-    from .prompts import build_prompt
-    from .session import default_cache, open_pair
-
     pair = open_pair(req.model, req.mmproj, output)
     texts = ["".join(build_prompt(pair.prompt_family, q, system=req.system)) for q in req.questions]
     answer_room = max(len(c.encode("utf-8")) + 2 for c in req.choices) if req.choices else req.max_tokens
@@ -105,8 +105,6 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
                     output.answer(("\n" if n else "") + f"==> {title} <==\n")
                 n += 1
                 if req.choices:
-                    from .constrain import decide
-
                     result = decide(session, staged, question, req.choices, req.system)
                     if not output.json_mode:
                         output.answer(result.text)

@@ -480,8 +480,9 @@ class Engine:
         if self._candidates is None:
             self._candidates = (lc.llama_token_data * self.n_vocab)()
             self._candidate_view = np.ctypeslib.as_array(self._candidates)  # fields id, logit, p
+            self._token_ids = np.arange(self.n_vocab, dtype=np.int32)
         view = self._candidate_view
-        view["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        view["id"] = self._token_ids  # the samplers reorder the array: ids are reset every step
         view["logit"] = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
         view["p"] = 0.0
         cur = lc.llama_token_data_array(self._candidates, self.n_vocab, -1, False)

@@ -91,11 +91,16 @@ class AnswerStream:
 
     def __init__(self, pieces: Iterator[str], finish):
         self._pieces, self._finish = pieces, finish
-        self.text = ""
+        self._said: list[str] = []
         self.result: Answer | None = None
 
+    @property
+    def text(self) -> str:
+        """What was said so far (also after an interruption)."""
+        return "".join(self._said)
+
     def __iter__(self) -> Iterator[str]:
-        said: list[str] = []
+        said = self._said
         blank = ""
         interrupted = True
         try:
@@ -107,7 +112,6 @@ class AnswerStream:
                 blank = text[len(shown):]
                 if shown:
                     said.append(shown)
-                    self.text = "".join(said)
                     yield shown
             interrupted = False
         finally:
@@ -233,7 +237,7 @@ class Session:
                system: str | None = None, image_turn: int = 0) -> Prompt:
         return make_prompt(self.engine, staged, question, history, system, image_turn)
 
-    def check_fits(self, prompt: Prompt, max_tokens: int = 0) -> None:
+    def check_fits(self, prompt: Prompt) -> None:
         if prompt.n_tokens + 1 > self.engine.n_ctx:
             raise PromptTooLong(f"prompt is {prompt.n_tokens} tokens"
                            + (f" (image {prompt.image.n_tokens})" if prompt.image else "")
@@ -250,14 +254,15 @@ class Session:
         status = "off" if self.cache is None or prompt.image is None else "miss"
         image_segment = prompt.image
         if prompt.image is not None and engine.cached_prefix(prefix) < n_prefix:
-            if status == "miss" and self._restore(prompt):
+            key = self._cache_key(prompt) if status == "miss" else None
+            if key and self._restore(key, prompt):
                 status = "hit"
             else:
                 image_segment = engine.encode_image(prompt.staged.pixels, prompt.staged.key)
                 engine.evaluate([prompt.head, image_segment], logits=False)
                 evaluated += engine.timings.prompt_tokens
-                if status == "miss":
-                    self._save(prompt)
+                if key:
+                    self._save(key, prompt, n_prefix)
         elif prompt.image is not None and status == "miss":
             status = "hit"  # the prefix is still in memory from an earlier answer
         segments = [prompt.head, image_segment, prompt.tail] if prompt.image else [prompt.head]
@@ -272,9 +277,8 @@ class Session:
         return entry_key(text=text_id, mmproj=mmproj_id, pixels=prompt.image.key, prefix=prompt.head,
                          image_tokens=prompt.image.n_tokens, family=self.pair.prompt_family)
 
-    def _restore(self, prompt: Prompt) -> bool:
+    def _restore(self, key: str, prompt: Prompt) -> bool:
         t0 = time.perf_counter()
-        key = self._cache_key(prompt)
         loaded = self.cache.load(key, self.engine.kv_layout())
         if loaded is None:
             return False
@@ -284,13 +288,13 @@ class Session:
         self.engine.timings.cache_read_ms = (time.perf_counter() - t0) * 1000
         return True
 
-    def _save(self, prompt: Prompt) -> None:
+    def _save(self, key: str, prompt: Prompt, n_prefix: int) -> None:
         t0 = time.perf_counter()
         state = self.engine.save_state()
         self.engine.timings.cache_save_ms = (time.perf_counter() - t0) * 1000
-        header = {"layout": self.engine.kv_layout(), "prefix_tokens": len(prompt_keys(prompt.prefix())),
+        header = {"layout": self.engine.kv_layout(), "prefix_tokens": n_prefix,
                   "model": self.pair.name, "image": prompt.staged.source}
-        self.cache.store_async(self._cache_key(prompt), header, state)
+        self.cache.store_async(key, header, state)
 
     # -- answers --------------------------------------------------------------------------------
     def answer(self, image: Staged | None, question: str, history: Sequence[Turn] = (),
