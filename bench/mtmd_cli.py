@@ -22,8 +22,25 @@ from measure import log, run_measured
 DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
 TARGET = "llama-mtmd-cli"
 CHAT_TEMPLATE = "vicuna"
-# llama.cpp's built-in template closest to each family's own (imp's GGUFs carry none)
+# llama.cpp's built-in template closest to each family's own: only for GGUFs converted before imp
+# wrote `tokenizer.chat_template` (a bench cache from then), which llama-mtmd-cli refuses without one.
 FAMILY_TEMPLATES = {"phi2": CHAT_TEMPLATE, "phi3": "phi3", "qwen2": "chatml"}
+
+
+def has_chat_template(text: Path) -> bool:
+    """Whether the text GGUF carries `tokenizer.chat_template` (imp writes Imp's format there)."""
+    from gguf import GGUFReader
+
+    return "tokenizer.chat_template" in GGUFReader(str(text)).fields
+
+
+def template_args(text: Path, family: str = "phi2") -> list[str]:
+    """How llama-mtmd-cli gets the conversation format: `--jinja`, so that it renders the GGUF's
+    own template (Imp's exact format; without --jinja it maps the template to its nearest built-in
+    one); for an older GGUF without one, llama.cpp's built-in template closest to the family's."""
+    if has_chat_template(text):
+        return ["--jinja"]
+    return ["--chat-template", FAMILY_TEMPLATES[family]]
 
 
 def llama_cpp_python_version() -> str:
@@ -95,17 +112,18 @@ _DECODE = re.compile(r"image decoded \(batch \d+/\d+\) in (\d+) ms")
 
 
 def run(binary: Path, text: Path, mmproj: Path, image: Path, prompt: str, tokens: int, threads: int,
-        env: dict | None = None, template: str = CHAT_TEMPLATE) -> dict:
+        env: dict | None = None, family: str = "phi2") -> dict:
     """One `llama-mtmd-cli` process with its defaults (sampling, warm-up, context), timed like
     `imp ask`: wall clock, launch to first stdout byte, peak RSS; its phases from its log.
 
-    Two options are not its defaults: imp's GGUFs carry no chat template (imp renders Imp's own) and
-    without one the CLI refuses to start, so `--chat-template vicuna`, which its error message
-    suggests for LLaVA-style models and which is Imp-Phi-2's "SYSTEM USER: <image>\nQ ASSISTANT:"
-    format (`template`: "phi3" / "chatml" for the 4B / 2B); and `--ignore-eos`, so that both sides generate exactly `tokens` (imp runs with it too).
-    `-v` only makes it log its timings (llama_perf_context_print, image decode), on stderr."""
+    Two options are not its defaults: `--jinja`, so that it renders the chat template imp writes
+    into the GGUF (Imp's own format; an older GGUF without one gets `--chat-template` with
+    llama.cpp's nearest built-in template, see template_args); and `--ignore-eos`, so that both
+    sides generate exactly `tokens` (imp runs with it too). `-v` only makes it log its timings
+    (llama_perf_context_print, image decode), on stderr."""
     r = run_measured([str(binary), "-m", str(text), "--mmproj", str(mmproj), "--image", str(image),
-                      "-p", prompt, "-n", str(tokens), "-t", str(threads), "--chat-template", template, "--ignore-eos", "-v"],
+                      "-p", prompt, "-n", str(tokens), "-t", str(threads), *template_args(Path(text), family),
+                      "--ignore-eos", "-v"],
                      env=env)
     if r["rc"] != 0:
         return {"error": f"exit {r['rc']}: " + " | ".join(r["stderr"].strip().splitlines()[-3:])}

@@ -305,9 +305,9 @@ def markdown(res: dict, raw_name: str) -> str:
              "(its `timings`: load_ms, vision_load_ms, image_encode_ms, cache_read_ms, cache_save_ms, prompt_ms, "
              "first_token_ms, generation_tokens_per_s). Entry size: `imp cache info --json`.")
     L.append("- llama-mtmd-cli: `llama-mtmd-cli -m TEXT --mmproj MMPROJ --image IMAGE -p QUESTION -n N -t T "
-             "--chat-template vicuna --ignore-eos -v`: imp's GGUFs carry no chat template and without one it refuses "
-             "to run (vicuna is Imp-Phi-2's `USER: … ASSISTANT:` format, which its error message suggests; `phi3` "
-             "and `chatml` for the 4B and 2B, their own formats); "
+             "--jinja --ignore-eos -v`: --jinja renders the chat template imp writes into the GGUF (Imp's own "
+             "format; GGUFs converted before imp wrote one get `--chat-template vicuna`, `phi3` or `chatml`, "
+             "llama.cpp's nearest built-in format, without which it refuses to run); "
              "--ignore-eos so both sides generate N tokens; -v only makes it log its timings. Everything else is its "
              "default: its sampling, flash attention auto (on), weight repacking, and an mmproj warm-up encode at "
              "start-up, so its image encode figure is a second encode where imp's is the process's first. First "

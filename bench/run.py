@@ -111,8 +111,7 @@ def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path 
             runs = []
             for i in range(a.runs):
                 log(f"{key}: llama-mtmd-cli, run {i + 1}/{a.runs}")
-                r = mtmd_cli.run(native, text, mmproj, image, QUESTIONS[0], a.tokens, threads,
-                                 template=mtmd_cli.FAMILY_TEMPLATES[family])
+                r = mtmd_cli.run(native, text, mmproj, image, QUESTIONS[0], a.tokens, threads, family=family)
                 log(f"  {r.get('error') or 'first byte %.2f s, wall %.1f s' % (r['first_output_s'] or -1, r['wall_s'])}")
                 runs.append(r)
             out["mtmd_cli"] = {"binary": str(native), "runs": runs}

@@ -14,6 +14,7 @@ from gguf import GGUFWriter
 
 from . import hub
 from .atomic import Staging
+from .chat_templates import chat_template
 from .checkpoint import Checkpoint
 from .errors import ConvertError
 from .families import detect
@@ -132,6 +133,7 @@ def convert(
         imp_metadata(w)
         w.add_string("imp.checkpoint_layout", family.layout)
         family.add_metadata(w)
+        w.add_chat_template(chat_template(family.name))  # Imp's format, for llama.cpp's own tools
 
     def mmproj_metadata(w: GGUFWriter) -> None:
         imp_metadata(w)
