@@ -44,15 +44,20 @@ def parse_choices(spec: str) -> list[str]:
         choices = [c.strip() for c in spec.split(",")]
     if not any(choices):
         raise ConstraintError(f"--choices: no choices in {spec!r}")
+    return check_choices(choices, f" in {spec!r}")
+
+
+def check_choices(choices: list[str], where: str = "", option: str = "--choices") -> list[str]:
+    """At least two choices, none empty, none twice (`where` ends the empty-choice message)."""
     if not all(choices):
-        raise ConstraintError(f"--choices: an empty choice in {spec!r}")
+        raise ConstraintError(f"{option}: an empty choice{where}")
     seen = set()
     for c in choices:
         if c in seen:
-            raise ConstraintError(f"--choices: {c!r} is given twice")
+            raise ConstraintError(f"{option}: {c!r} is given twice")
         seen.add(c)
     if len(choices) < 2:
-        raise ConstraintError("--choices: give at least two choices")
+        raise ConstraintError(f"{option}: give at least two choices")
     return choices
 
 
