@@ -197,16 +197,18 @@ def serve(
     no_cache: bool = NO_CACHE_OPTION,
     repack: Switch = REPACK_OPTION,
     flash_attn: Switch = FLASH_ATTN_OPTION,
+    no_ui: bool = typer.Option(False, "--no-ui", help="No web page at GET / (the API and /health are unchanged)."),
     verbose: bool = VERBOSE,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions)."""
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions), with a web page at GET /."""
     with _command(verbose=verbose) as output:
         from .serve import ServeOptions, run_serve
 
         run_serve(ServeOptions(model=model, mmproj=mmproj, host=host, port=port, api_key=api_key, max_queue=max_queue,
                                max_body=max_body, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
                                temperature=temperature, threads=threads, ctx=ctx, cache=not no_cache,
-                               verbose=verbose, repack=repack.value, flash_attn=flash_attn.value), output)
+                               verbose=verbose, repack=repack.value, flash_attn=flash_attn.value, ui=not no_ui),
+                  output)
 
 
 def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:

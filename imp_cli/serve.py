@@ -53,6 +53,7 @@ class ServeOptions:
     verbose: bool = False
     repack: str = "auto"  # weight repacking / flash attention: auto (imp tune's choice) | on | off
     flash_attn: str = "auto"
+    ui: bool = True  # the web page at GET / (imp_cli/web); --no-ui turns it off
 
 
 class ApiError(Exception):
@@ -462,9 +463,15 @@ class Api:
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
         ]
+        open_paths = {"/health"}
+        if self.options.ui:
+            from . import web
+
+            routes += web.routes(bool(self.options.api_key))
+            open_paths |= web.PATHS
         app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                            Exception: server_error})
-        return Guard(app, self.options.api_key, self.log)
+        return Guard(app, self.options.api_key, self.log, open_paths)
 
     # -- endpoints ----------------------------------------------------------------------------
     async def health(self, request):
@@ -658,10 +665,11 @@ async def _watch_disconnect(request, job: Job) -> None:
 
 
 class Guard:
-    """ASGI wrapper: the API key (every path but /health) and one log line per request."""
+    """ASGI wrapper: the API key (every path but /health and the web page's files) and one log
+    line per request."""
 
-    def __init__(self, app, api_key: str | None, log):
-        self.app, self.log = app, log
+    def __init__(self, app, api_key: str | None, log, open_paths=frozenset({"/health"})):
+        self.app, self.log, self.open_paths = app, log, open_paths
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -677,7 +685,7 @@ class Guard:
             await send(message)
 
         try:
-            if self.expected is not None and scope["path"] != "/health" and not self._authorized(scope):
+            if self.expected is not None and scope["path"] not in self.open_paths and not self._authorized(scope):
                 error = ApiError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 await _json(error.body(), 401, error.headers)(scope, receive, sending)
@@ -740,7 +748,8 @@ def run_serve(options: ServeOptions, output) -> None:
         api = Api(options, worker, scheduler, output.info)
         shown = f"[{host}]" if ":" in host else host
         ready = (f"imp serve: {api.model_id} on http://{shown}:{port}/v1 "
-                 f"(max queue {options.max_queue}{', API key required' if options.api_key else ''})")
+                 f"(max queue {options.max_queue}{', API key required' if options.api_key else ''})"
+                 + (f"; web page: http://{shown}:{port}/" if options.ui else ""))
 
         config = uvicorn.Config(api.app(), log_level="info" if options.verbose else "warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=10, server_header=False)
