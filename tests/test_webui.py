@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import clean_env
+from test_ask import _torch_one_thread  # noqa: F401 - fixture: the oracle on one thread
 from test_serve import KEY, N_TOKENS, QUESTION, Server, as_imp_sees_it, ask_cli, data_url, raw
 
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
