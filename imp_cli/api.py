@@ -302,7 +302,7 @@ class Model:
         call = _Call(**_sampling_kw(sampling))
         _check_question(question)
         loaded = _load_image(image)
-        with self._turn(stream) as (session, hold):
+        with self._turn() as (session, hold):
             staged = session.stage(loaded) if loaded is not None else None
             answer = session.answer(staged, question, system=self._sys(system), sampling=call.sampling(),
                                     max_tokens=call.max_tokens)
@@ -425,7 +425,7 @@ class Model:
         return self._system if system is None else system
 
     @contextlib.contextmanager
-    def _turn(self, keep: bool = False):
+    def _turn(self):
         """Hold the model for one call: yields (session, hold); `hold()` keeps it held past the
         block (for a stream) and returns the function that frees it."""
         me = threading.get_ident()
@@ -481,7 +481,7 @@ class Chat:
 
         call = _Call(**_sampling_kw(sampling))
         _check_question(question)
-        with self.model._turn(stream) as (session, hold):
+        with self.model._turn() as (session, hold):
             history = self._fitting(session, question, call.max_tokens)
             answer = session.answer(self._staged, question, history, self.system, call.sampling(), call.max_tokens)
 
