@@ -11,11 +11,9 @@ so that `import imp_cli` (and so every `imp` command) stays light. Every error a
 is an `ImpError` (imp_cli.errors) with the CLI's one-line message.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
 from .errors import ImpError
+
+TYPE_CHECKING = False  # not typing's: `import imp_cli` (every `imp` command) imports nothing more
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "Chat", "Choice", "TextStream", "ImpError", "ArgumentError", "ImageInput"]
