@@ -166,7 +166,8 @@ def choose(pair: ModelPair, threads: int = 0, repack: str = "auto", flash_attn: 
     else:
         base, source = family_default(key)
         if "auto" in (repack, flash_attn):
-            note(f"no tuning for this machine and model: using {source}; run `imp tune` to measure")
+            hint = "imp tune" + (f" -t {threads}" if threads else "")  # tunings are per thread count
+            note(f"no tuning for this machine and model: using {source}; run `{hint}` to measure")
     chosen = Tuning(repack=base.repack if repack == "auto" else repack == "on",
                     flash_attn=base.flash_attn if flash_attn == "auto" else flash_attn == "on")
     forced = ", ".join(f"--{n} {v}" for n, v in (("repack", repack), ("flash-attn", flash_attn)) if v != "auto")
