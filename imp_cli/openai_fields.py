@@ -13,7 +13,6 @@ the `model` names it answers to, CORS, and the usage it reports.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,9 +191,3 @@ def with_cors(app, origins: list[str]):
 
     return CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                           allow_headers=["Authorization", "Content-Type"], max_age=600)
-
-
-def json_content(text: str):
-    """A constrained answer's content, checked to be JSON (the grammar makes it so)."""
-    json.loads(text)
-    return text

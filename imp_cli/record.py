@@ -100,3 +100,9 @@ def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: i
         "timings": timings(result),
     })
     return record
+
+
+def from_session(session, result, **kw) -> dict:
+    """build() for an answer `session` (a session.Session) gave: its model pair and engine settings.
+    For the callers that hold a Session (imp batch, the Python API)."""
+    return build(result, pair=session.pair, tuning=session.engine.tuning, **kw)

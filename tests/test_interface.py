@@ -272,3 +272,16 @@ def test_readme_shows_the_record_schema_and_the_serve_table():
     table = readme.split("#### OpenAI fields", 1)[1]
     for field in (*IGNORED, *REFUSED, "response_format", "logprobs", "top_logprobs", "seed", "model"):
         assert f"| `{field}` |" in table, field
+
+
+def test_models_list_has_a_header_on_a_terminal_only(model, env):
+    import pexpect
+
+    from helpers import IMP
+
+    assert_ok(run_imp("models", "import", *model, "--name", "mine", env=env))
+    assert not assert_ok(run_imp("models", "list", env=env)).stdout.startswith("NAME")  # a pipe: rows only
+    child = pexpect.spawn(IMP, ["models", "list"], env=env, encoding="utf-8", timeout=60)
+    child.expect(pexpect.EOF)
+    lines = child.before.replace("\r", "").splitlines()
+    assert lines[0] == "NAME\tSOURCE\tQUANT\tSIZE\tFOLDER" and lines[1].startswith("mine\t"), lines

@@ -301,13 +301,13 @@ def test_imp_tune_end_to_end(imp_bin, q4_pair, photo, tmp_path):
     measured = result["measurements"]
     assert [(m["repack"], m["flash_attn"]) for m in measured] == ALL
     for m in measured:
-        assert m["load_s"] > 0 and m["prompt_tokens_per_s"] > 0 and m["generation_tokens_per_s"] > 0
+        assert m["load_ms"] > 0 and m["prompt_tokens_per_s"] > 0 and m["generation_tokens_per_s"] > 0
         assert 0 < m["cpu_share"] < 2
-        expected = m["load_s"] + result["estimate"]["prompt_tokens"] / m["prompt_tokens_per_s"] \
+        expected = m["load_ms"] / 1000 + result["estimate"]["prompt_tokens"] / m["prompt_tokens_per_s"] \
             + result["estimate"]["answer_tokens"] / m["generation_tokens_per_s"]
-        assert m["estimate_s"] == pytest.approx(expected, abs=0.02)
+        assert m["estimate_ms"] / 1000 == pytest.approx(expected, abs=0.02)
     chosen = [m for m in measured if (m["repack"], m["flash_attn"]) == tuple(result["choice"].values())]
-    assert chosen[0]["estimate_s"] == min(m["estimate_s"] for m in measured)  # rounded: ties are possible
+    assert chosen[0]["estimate_ms"] == min(m["estimate_ms"] for m in measured)  # rounded: ties are possible
     stored = json.loads((Path(env["IMP_HOME"]) / "tuning.json").read_text())["entries"]
     assert [(e["key"], e["choice"]) for e in stored] == [(result["key"], result["choice"])]
     assert "measuring 4 settings" in p.stderr
