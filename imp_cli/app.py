@@ -122,7 +122,7 @@ def ask(
     choices: Optional[str] = typer.Option(None, "--choices", metavar="A,B,...|@FILE", help="Print the likeliest of these answers (scored, not generated; --json adds their probabilities)."),
     json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="SCHEMA|@FILE", help="Generate JSON valid against this JSON schema (inline or a file)."),
     grammar: Optional[str] = typer.Option(None, "--grammar", metavar="@FILE", help="Generate only what this GBNF grammar (root rule `root`) allows."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON record per answer (README: Records; imp_cli/schema/record.schema.json)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     repack: Switch = REPACK_OPTION,
     flash_attn: Switch = FLASH_ATTN_OPTION,
@@ -181,7 +181,7 @@ def chat(
     repack: Switch = REPACK_OPTION,
     flash_attn: Switch = FLASH_ATTN_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens per answer."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object per turn instead of the streamed text."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON record per turn instead of the streamed text (the record of imp ask --json, plus turn)."),
     verbose: bool = VERBOSE,
 ) -> None:
     """Talk about an image: a REPL in a terminal (/help for its commands), or one question per input line from a pipe."""

@@ -447,7 +447,7 @@ def test_ask_store_name(store_ctx, photo, how):
         out = ask_json(store_ctx, photo, env={"IMP_MODEL": "imp-tiny-a"})
     assert out["model"]["text"] == str(folder / "imp-tiny-a-Q4_K_M.gguf")
     assert out["model"]["mmproj"] == str(folder / "imp-tiny-a-mmproj-F16.gguf")
-    assert out["model"]["type"] == "Q4_K_M"
+    assert out["model"]["quant"] == "Q4_K_M"
 
 
 def test_ask_default_model_when_installed(store_ctx, default_pulled, photo):

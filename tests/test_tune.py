@@ -186,7 +186,7 @@ def test_corrupt_or_foreign_tuning_file_is_ignored_with_a_note(home, f16_pair, c
     default, why = tune.family_default(tune.tuning_key(f16_pair, 1))
     assert chosen == default
     assert reason in notes[0] and str(home / "tuning.json") in notes[0]
-    assert notes[1] == f"no tuning for this machine and model: using {why}; run `imp tune` to measure"
+    assert notes[1] == f"no tuning for this machine and model: using {why}; run `imp tune -t 1` to measure"  # the thread count it was asked with
 
 
 def test_an_entry_for_another_machine_is_not_used(home, f16_pair):

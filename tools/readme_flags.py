@@ -61,7 +61,9 @@ def tables() -> str:
         for p in command.params:
             if not isinstance(p, click.Option) or p.hidden or p.name == "help":
                 continue
-            names = ", ".join(f"`{o}`" for o in sorted(p.opts + p.secondary_opts, key=lambda o: (o.startswith("--") is False, o)))
+            names = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)  # as declared: the long name first
+            if p.metavar:
+                names += f" `{p.metavar}`"
             env = p.envvar if isinstance(p.envvar, str) else ", ".join(p.envvar or [])
             choices = ""
             if isinstance(p.type, click.Choice):
