@@ -246,8 +246,9 @@ def _split_ask_args(args: list[str], questions: list[str], questions_from: str |
         return args, questions
     if len(args) < 2:
         given = args[0] if args else ""
-        if args and _is_image(given):
-            raise click.UsageError(f"no question: put it after the image, e.g. imp ask {shlex.quote(given)} "
+        if args and (_is_image(given) or _looks_like_a_file(given)):
+            missing = "" if _is_image(given) else f" (and there is no file {given!r})"
+            raise click.UsageError(f"no question{missing}: put it after the image, e.g. imp ask {shlex.quote(given)} "
                                    "\"What is in the picture?\" (or give questions with -q)")
         raise click.UsageError(f"no image: imp ask takes the image(s) first, then the question, e.g. "
                                f"imp ask photo.jpg {shlex.quote(given or 'What is in the picture?')}")
@@ -263,6 +264,13 @@ def _is_image(arg: str) -> bool:
     import os
 
     return arg == "-" or arg.lower().startswith(("http://", "https://")) or os.path.isfile(arg)
+
+
+def _looks_like_a_file(arg: str) -> bool:
+    import os
+
+    return (os.sep in arg or arg.lower().endswith((".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"))) \
+        and "\n" not in arg and "?" not in arg
 
 
 def _threads(threads: int, output) -> int:

@@ -326,7 +326,7 @@ def test_question_longer_than_the_trained_context(imp_bin, model, photo, env):
 
 # ----------------------------------------------------------------------------- usage errors
 @pytest.mark.parametrize("argv,phrase", [
-    (["ask", "photo.png"], "no image"),
+    (["ask", "photo.png"], "no question (and there is no file 'photo.png')"),
     (["ask", "photo.png", "q", "--bogus"], "No such option"),
     (["ask", "photo.png", "q", "--max-tokens", "0"], "--max-tokens"),
     (["ask", "photo.png", "q", "--temperature", "hot"], "--temperature"),
