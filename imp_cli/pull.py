@@ -61,7 +61,14 @@ def pull_local(folder: Path, output, quant: str, mmproj_type: str, force: bool, 
     from .imports import check_free_name
     from .modelfiles import read_pair
 
-    name = store.check_name(name or folder.resolve().name.lower())
+    if name is None:
+        name = folder.resolve().name.lower()
+        try:
+            store.check_name(name)
+        except ImpError:
+            raise ImpError(f"the folder name {folder.resolve().name!r} cannot be a store name: give one with "
+                           "--name (lowercase letters, digits, '.', '-', '_')") from None
+    store.check_name(name)
     check_free_name(name, force)
     output.info(f"converting {folder} into the store as {name}")
     _check_disk(store.models_dir(), int(sum(p.stat().st_size for p in folder.glob("*.safetensors")) * 1.3))

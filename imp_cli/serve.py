@@ -395,7 +395,6 @@ class Worker(threading.Thread):
                     break
         finally:
             pieces.close()  # stops generation now if we left early; sets stream.result
-        sent = stream.text if not stopped else None
         if not stopped and (rest := stopper.flush()):
             job.post("text", rest)
         a = stream.result
@@ -406,7 +405,7 @@ class Worker(threading.Thread):
         if r.logprobs >= 0:
             from .openai_fields import logprobs_content
 
-            shown = len(sent) if sent is not None else len(stopper_text(stream.text, r.stop))
+            shown = len(stopper_text(stream.text, r.stop))  # the answer as sent
             logprobs = logprobs_content(self.session.engine, a.logprobs or [], shown)
         return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set(), a.seed,
                               logprobs)
