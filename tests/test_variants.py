@@ -408,7 +408,7 @@ def test_hub_repo_with_tower_folder_and_no_tokenizer_json(hub_cache, plain, tmp_
     assert result["tokenizer_from"] == ALL_TOKENIZER_FILES
     _, want = plain("old", TINY)
     for kind in ("text_path", "mmproj_path"):
-        got = Path(result[kind])
+        got = Path(result[kind.removesuffix("_path")])  # --json names the files text and mmproj
         assert GGUFReader(got).fields["imp.source"].contents() == f"{HUB_REPO}@{commit}"
         assert gguf_content(got) == gguf_content(Path(getattr(want, kind)))
 
@@ -506,7 +506,7 @@ def test_online_download_fetches_exactly_the_needed_files(plain, tmp_path):
     assert result["source"] == f"{HUB_REPO}@{commit}"
     _, want = plain("old", TINY)
     for kind in ("text_path", "mmproj_path"):
-        assert gguf_content(Path(result[kind])) == gguf_content(Path(getattr(want, kind)))
+        assert gguf_content(Path(result[kind.removesuffix("_path")])) == gguf_content(Path(getattr(want, kind)))
 
 
 def test_unreachable_hub_uses_the_cache(hub_cache, plain, tmp_path):
@@ -527,7 +527,7 @@ def test_unreachable_hub_uses_the_cache(hub_cache, plain, tmp_path):
     assert result["vision_config_from"] == f"{tower_folder_name(TINY)}/config.json"
     _, want = plain("old", TINY)
     for kind in ("text_path", "mmproj_path"):
-        assert gguf_content(Path(result[kind])) == gguf_content(Path(getattr(want, kind)))
+        assert gguf_content(Path(result[kind.removesuffix("_path")])) == gguf_content(Path(getattr(want, kind)))
 
 
 def test_online_unknown_repo_is_a_one_line_error(tmp_path):
