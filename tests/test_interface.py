@@ -263,7 +263,7 @@ def test_sizes_are_decimal_and_labelled_so(env):
 
 # ------------------------------------------------------------------------------ (7) README
 def test_readme_flag_tables_are_the_clis():
-    p = subprocess.run([sys.executable, str(ROOT / "tools" / "readme_flags.py"), "--check"], capture_output=True,
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_flags.py"), "--check"], capture_output=True,
                        text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
     assert p.returncode == 0, p.stderr
 

@@ -3,7 +3,7 @@ answer token (what `logprobs` returns) against transformers' on the same tiny we
 oracle), over four questions. tests/test_serve_fields.py asserts 0.02 nats; this prints the
 measured worst case.
 
-    PYTHONPATH=. .venv/bin/python tools/logprobs_vs_oracle.py
+    PYTHONPATH=. .venv/bin/python bench/logprobs_vs_oracle.py
 """
 
 import sys
