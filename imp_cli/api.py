@@ -232,7 +232,7 @@ class _Call:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = None  # None: with temperature > 0, a fresh random seed per answer (the record says which)
     ignore_eos: bool = False
 
     def sampling(self, grammar: str = ""):
@@ -244,8 +244,8 @@ class _Call:
             raise ArgumentError(f"temperature must be between 0 and 100, not {self.temperature!r}")
         if not 0 <= self.top_p <= 1:
             raise ArgumentError(f"top_p must be between 0 and 1, not {self.top_p!r}")
-        return Sampling(float(self.temperature), float(self.top_p), int(self.top_k), int(self.seed),
-                        bool(self.ignore_eos), grammar=grammar)
+        return Sampling(float(self.temperature), float(self.top_p), int(self.top_k),
+                        None if self.seed is None else int(self.seed), bool(self.ignore_eos), grammar=grammar)
 
 
 class Model:
@@ -253,7 +253,8 @@ class Model:
     cache. Made by :func:`imp_cli.load`; close it (or use ``with``) to free its memory.
 
     Sampling keywords, the same on `ask`, `ask_many`, `extract` and `Chat.ask`: ``max_tokens``
-    (512), ``temperature`` (0: greedy), ``top_p`` (1), ``top_k`` (0: off), ``seed`` (0),
+    (512), ``temperature`` (0: greedy), ``top_p`` (1), ``top_k`` (0: off), ``seed`` (None: with
+    a temperature, a fresh random seed per answer; give one to repeat an answer),
     ``ignore_eos`` (False: generate exactly max_tokens), and ``system`` (replaces the system text).
 
     Thread safety: one call at a time, through a lock inside the model; other threads wait their
@@ -355,11 +356,12 @@ class Model:
                  choices: Sequence[str] | None = None, schema: dict | str | None = None,
                  system: str | None = None, **sampling: Any) -> Iterator[dict]:
         """One record per (image, question), lazily, in that order: the dicts ``imp ask --json``
-        prints (answer, question, model, image, settings, finish_reason, cache, timings; with
-        `choices` also their probabilities, with `schema` the parsed answer, None if unfinished).
+        prints (imp_cli/schema/record.schema.json: answer, question, model, image, sampling,
+        settings, finish_reason, cache, usage, timings; with `choices` also their probabilities,
+        with `schema` the parsed answer, None if unfinished).
         Each image is read when its turn comes; later questions about it evaluate only their
         own tokens. The model is held only while each record is made."""
-        from .ask import answer_record
+        from .record import from_session
 
         call = _Call(**_sampling_kw(sampling))
         questions = [questions] if isinstance(questions, str) else list(questions)
@@ -386,14 +388,15 @@ class Model:
                             staged = session.stage(loaded)
                         if choices:
                             result = decide(session, staged, question, choices, system)
-                            value, extra = result.text, {"choices": result.probabilities}
+                            value, probabilities = result.text, result.probabilities
                         else:
                             result = session.answer(staged, question, system=system, sampling=sampler,
                                                     max_tokens=call.max_tokens).collect()
-                            value, extra = result.text, {}
+                            value, probabilities = result.text, None
                             if constraint is not None:
                                 value = constraint.parse(result.text) if result.finish_reason == "stop" else None
-                        record = answer_record(session, staged, question, result, value, extra)
+                        record = from_session(session, result, question=question, image=staged, sampling=sampler,
+                                              max_tokens=call.max_tokens, answer=value, choices=probabilities)
                     yield record
 
         return records()
