@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from helpers import assert_ok, clean_env, quiet_http_server, run_imp, run_python
+from schema_check import check_record
 
 N = 24  # tokens per answer: short, and long enough to tell answers apart
 QUESTION = "What is in the image?"
@@ -144,6 +145,10 @@ def test_ask_many_yields_the_records_of_imp_ask_json(model, text, env, photo, tm
            [{k: v for k, v in r.items() if k not in volatile} for r in want]
     decisions = list(model.ask_many([photo], "Is it red?", choices=["yes", "no"]))
     assert decisions[0]["answer"] in ("yes", "no") and set(decisions[0]["choices"]) == {"yes", "no"}
+    extracted = list(model.ask_many([photo], "Describe it.", schema=SCHEMA, max_tokens=160))
+    assert extracted[0]["answer"] == model.extract(photo, "Describe it.", SCHEMA, max_tokens=160)
+    for record in got + decisions + extracted:
+        check_record(record)  # the record schema's shape, as every --json line
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -261,7 +266,7 @@ def test_readme_python_section_runs(text, converted, photo, tmp_path):
     assert len(blocks) >= 3
     env = clean_env(tmp_path)
     text_path, mmproj = converted("new", "float16", "square")
-    assert_ok(run_imp("models", "import", text_path, mmproj, "--name", "imp-v1-3b", env=env))
+    assert_ok(run_imp("models", "import", text_path, mmproj, "--name", "imp-v1-3b", "--force", env=env))
     work = tmp_path / "work"
     work.mkdir()
     image = Image.open(photo)
