@@ -153,6 +153,23 @@ def test_page_loads_without_console_errors_and_fits_a_phone(page, server):
     assert page.errors == []
 
 
+def test_a_picture_can_be_dropped_or_pasted(page, server, photo):
+    open_page(page, server)
+    data = list(photo.read_bytes())
+    for event in ("drop", "paste"):
+        page.evaluate("""([bytes, kind]) => {
+            const file = new File([new Uint8Array(bytes)], kind + ".png", {type: "image/png"});
+            const dt = new DataTransfer();
+            dt.items.add(file);
+            const e = kind === "drop" ? new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true})
+                                      : new ClipboardEvent("paste", {clipboardData: dt, bubbles: true, cancelable: true});
+            (kind === "drop" ? document.getElementById("drop") : document.body).dispatchEvent(e);
+        }""", [data, event])
+        page.wait_for_function("name => document.getElementById('preview').alt.endsWith(name)", arg=f"{event}.png")
+        assert page.locator("#preview").is_visible()
+    assert page.errors == []
+
+
 def test_streamed_answer_equals_imp_ask_and_follow_up_equals_oracle(page, server, photo, imp_bin, env, oracle_for,
                                                                    tmp_path, converted):
     open_page(page, server)
