@@ -385,7 +385,7 @@ class Model:
                 for question in questions:
                     with self._turn() as (session, _):
                         if staged is None:
-                            staged = session.stage(loaded)
+                            staged, loaded = session.stage(loaded), None  # the decoded picture can go
                         if choices:
                             result = decide(session, staged, question, choices, system)
                             value, probabilities = result.text, result.probabilities
