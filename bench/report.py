@@ -165,7 +165,7 @@ def add_steps(base: dict, new: dict) -> dict:
     """`base` with the steps `new` measured that `base` lacks (serve, tuned), each section then
     says which run it comes from: ratios are only compared within one run."""
     merged = {k: v for k, v in base.items() if k != "derived"}
-    for step in ("serve", "tuned"):
+    for step in ("serve", "tuned", "batch"):
         if new.get(step):
             merged[step] = new[step]
             merged.setdefault("step_runs", {})[step] = {

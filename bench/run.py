@@ -189,6 +189,7 @@ def main() -> None:
                     help="`imp tune --rounds` for the tuned step (0: no tune, pass the settings in --imp-args)")
     ap.add_argument("--batch-images", type=int, default=24, help="distinct pictures in the batch step (default 24)")
     ap.add_argument("--batch-tokens", type=int, default=16, help="tokens per answer in the batch step (default 16)")
+    ap.add_argument("--batch-work", type=Path, help="scratch folder of the batch step (default: CACHE/batch)")
     ap.add_argument("--cache", type=Path, default=BENCH / "cache")
     ap.add_argument("--quiet-wait", type=float, default=30.0,
                     help="before each measurement, wait up to this many seconds for other processes to go idle")
@@ -210,7 +211,8 @@ def main() -> None:
     res: dict = {"machine": measure.machine(threads),
                  "command": shlex.join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]]),
                  "settings": {"runs": a.runs, "tokens": a.tokens, "threads": threads, "sizes": sizes, "families": families,
-                              "quant": a.quant, "questions": QUESTIONS, "tune_rounds": a.tune_rounds, "skip": sorted(skip), "imp_args": a.imp_args,
+                              "quant": a.quant, "questions": QUESTIONS, "batch_images": a.batch_images,
+                              "batch_tokens": a.batch_tokens, "tune_rounds": a.tune_rounds, "skip": sorted(skip), "imp_args": a.imp_args,
                               "quiet_wait_s": a.quiet_wait, "quiet_threshold": measure.QUIET.threshold}}
     log(f"machine: {res['machine']['cpu_model']}, {threads} threads, load {res['machine']['loadavg']}")
     image = test_image(a.cache / "bench-image.png")
@@ -249,8 +251,8 @@ def main() -> None:
     if "batch" not in skip and "phi2" in families:
         p196 = ensure_model(196, a.quant, a.cache)
         log(f"batch: {a.batch_images} images through the 196-px model")
-        res["batch"] = batches.run(p196[a.quant], p196["mmproj"], a.cache / "batch", a.batch_images, a.batch_tokens,
-                                   min(threads, 2))
+        res["batch"] = batches.run(p196[a.quant], p196["mmproj"], a.batch_work or a.cache / "batch", a.batch_images,
+                                   a.batch_tokens, min(threads, 2))
     if "llava" not in skip:
         log("llama-cpp-python Llava15ChatHandler")
         res["llava"] = run_worker("llava", {"text": str(p384[a.quant]), "mmproj": str(p384["mmproj"]),

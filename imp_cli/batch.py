@@ -442,7 +442,7 @@ class Progress:
     def status(self) -> str:
         seen = self.answered + self.failed + self.skipped
         elapsed = time.monotonic() - self.started
-        parts = [f"{seen}/{self.total} images" if self.total is not None else f"{seen} images"]
+        parts = [f"{seen}/{self.total} images" if self.total is not None else _n(seen, "image")]
         if self.skipped:
             parts.append(f"{self.skipped} done before")
         if self.answers and elapsed > 0:
@@ -451,7 +451,7 @@ class Progress:
         if self.total is not None and worked and self.total > seen:
             eta = (self.total - seen) * elapsed / worked
             parts.append(f"ETA {_clock(eta)}")
-        parts.append(f"{self.failed} error{'s' if self.failed != 1 else ''}")
+        parts.append(_n(self.failed, "error"))
         return ", ".join(parts)
 
     def image_done(self, answers: int, failed: bool) -> None:
@@ -475,8 +475,12 @@ class Progress:
             self._bar.stop()
         elif self.mode == "lines" and (summary or self.lines_said):
             elapsed = time.monotonic() - self.started
-            self.output.info(f"imp ask: {self.answered} images answered, {self.failed} failed, {self.skipped} done "
-                             f"before, {self.answers} answers in {_clock(elapsed)}")
+            self.output.info(f"imp ask: {_n(self.answered, 'image')} answered, {self.failed} failed, {self.skipped} "
+                             f"done before, {_n(self.answers, 'answer')} in {_clock(elapsed)}")
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _clock(seconds: float) -> str:
@@ -618,8 +622,7 @@ def run_batch(req: Request, opts: BatchOptions, output: Output, stats: bool = Fa
         output.error(f"stopped after {outcome.failed_images} images failed (--max-errors {opts.max_errors}){where}")
         return 1
     if outcome.failed_images:
-        output.error(f"{outcome.failed_images} image{'s' if outcome.failed_images != 1 else ''} could not be "
-                     f"answered{where}")
+        output.error(f"{_n(outcome.failed_images, 'image')} could not be answered{where}")
         return 1
     return 1 if outcome.incomplete else 0
 

@@ -429,3 +429,20 @@ def test_progress_lines_on_a_pipe_never_on_stdout(model, env, tmp_path):
     last = stderr.splitlines()[-1]
     assert last.startswith("imp ask: 2 images answered, 0 failed, 0 done before, 2 answers in "), last
     assert "\x1b" not in stderr
+
+
+def test_progress_bar_on_a_terminal(model, env, tmp_path):
+    """stderr a terminal: a Rich bar that ends at done/total, answers per minute, errors."""
+    import pexpect
+
+    images = make_images(tmp_path / "p", 2, seed=12)
+    out = tmp_path / "out.jsonl"
+    child = pexpect.spawn(IMP, ["ask", *map(str, images), "-q", Q1, "--model", str(model[0]), "-n", str(N),
+                                "--output", str(out)], env=env, encoding="utf-8", timeout=120, dimensions=(24, 160))
+    child.expect(pexpect.EOF)
+    child.close()
+    shown = child.before
+    assert child.exitstatus == 0, shown
+    assert "imp ask" in shown and "2/2 images" in shown and "answers/min" in shown and "0 errors" in shown
+    assert "Traceback" not in shown
+    assert len(records_of(out)) == 2
