@@ -571,6 +571,9 @@ def check_options(req: Request, opts: BatchOptions) -> None:
         raise ImpError("an image on standard input (-) cannot be shared with --jobs workers: save it to a file")
     if not req.images and opts.images_from is None:
         raise ImpError("no images: give image paths, folders, URLs or --images-from FILE")
+    if opts.images_from not in (None, "-") and not os.path.isfile(opts.images_from):  # before the model loads
+        raise ImpError(f"image list '{opts.images_from}' "
+                       + ("is not a file" if os.path.exists(opts.images_from) else "not found"))
 
 
 def worker_threads(req: Request, jobs: int) -> int:
