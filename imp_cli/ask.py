@@ -19,7 +19,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = None  # None: a fresh random seed per answer (with temperature > 0)
     system: str | None = None
     threads: int = 0
     ctx: int = 4096
@@ -104,11 +104,10 @@ def _run_single(req: Request, output: Output, stats: bool) -> int:
         staged = session.stage(image)
         del image
         sampling = sampling_of(req)
-        fields = run_fields(pair, session.engine.tuning, req)
         for n, question in enumerate(req.questions):
             if show and len(req.questions) > 1:  # headers as `head` prints them
                 output.answer(("\n" if n else "") + f"==> {staged.source} | {question} <==\n")
-            record, result, ok = answer_question(session, staged, question, req, sampling, output, fields, show)
+            record, result, ok = answer_question(session, staged, question, req, sampling, output, show)
             status = status if ok else 1
             if output.json_mode:
                 output.record(record)
@@ -137,48 +136,34 @@ def context_size(pair, req: Request) -> int:
 
 
 def run_fields(pair, tuning, req: Request) -> dict:
-    """What every record of this run says about the model and the settings that shape an answer:
-    an answer is the same only for the same model files and these settings (`--resume` compares
-    them, see batch.settings_key)."""
-    import hashlib
+    """What every record of this run says about the model and how it answered (record.py's
+    fields): `--resume` counts an earlier answer as done only if these are the same (see
+    batch.same_run)."""
+    from .record import model_info, sampling_info
 
-    settings = {"repack": tuning.repack,  # what imp tune / --repack chose
-                "flash_attn": tuning.flash_attn,
-                "max_tokens": req.max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-                "top_k": req.top_k, "seed": req.seed, "ignore_eos": req.ignore_eos, "system": req.system}
-    if req.choices:
-        settings["choices"] = list(req.choices)
-    if req.constraint is not None:
-        settings["grammar_sha256"] = hashlib.sha256(req.constraint.grammar.encode()).hexdigest()
-    return {"model": {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path),
-                      "type": pair.text_type},
-            "settings": settings}
+    seed = req.seed if req.temperature > 0 and not req.choices else None
+    return {"model": model_info(pair), "sampling": sampling_info(sampling_of(req), req.max_tokens, seed),
+            "settings": {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)}}
 
 
-def make_record(question: str, staged, value, extra: dict, result, fields: dict) -> dict:
-    """The --json record of one answer (also a line of --output FILE and a Ray row's record)."""
-    return {
-        "answer": value,
-        **extra,
-        "question": question,
-        "model": fields["model"],
-        "image": {"source": staged.source, "width": staged.width, "height": staged.height,
-                  "sha256": staged.sha256},
-        "settings": fields["settings"],
-        "finish_reason": result.finish_reason,
-        "cache": result.cache,
-        "timings": result.timings,
-    }
+def make_record(session, question: str, staged, value, extra: dict, result, req: Request, sampling) -> dict:
+    """The --json record of one answer (also a line of --output FILE and a Ray row's record):
+    record.build, the one record builder."""
+    from .record import from_session
+
+    return from_session(session, result, question=question, image=staged, sampling=sampling,
+                        max_tokens=req.max_tokens, answer=value, choices=extra.get("choices"))
 
 
 def error_record(source: str, question: str, message: str, fields: dict, sha256: str | None = None) -> dict:
-    """The record of an (image, question) a batch could not answer: the image could not be read,
-    decoded or fetched. `--resume` tries it again."""
-    return {"answer": None, "error": message, "question": question, "model": fields["model"],
-            "image": {"source": source, "sha256": sha256}, "settings": fields["settings"]}
+    """The line of an (image, question) a batch could not answer: the image could not be read,
+    decoded or fetched. Not an answer record (no `answer`): `error` says why; `--resume` tries
+    it again."""
+    return {"error": message, "question": question, "image": {"source": source, "sha256": sha256},
+            "model": fields["model"], "sampling": fields["sampling"], "settings": fields["settings"]}
 
 
-def answer_question(session, staged, question: str, req: Request, sampling, output: Output, fields: dict,
+def answer_question(session, staged, question: str, req: Request, sampling, output: Output,
                     show: bool) -> tuple[dict, object, bool]:
     """One (image, question): the answer (streamed to stdout as generated when `show`), its
     record, the result, and False if a constrained answer could not be completed."""
@@ -200,7 +185,7 @@ def answer_question(session, staged, question: str, req: Request, sampling, outp
         output.answer("\n")
     if result.finish_reason == "context":
         output.warn("the answer was cut off: the context is full (raise --ctx)")
-    return make_record(question, staged, value, extra, result, fields), result, ok
+    return make_record(session, question, staged, value, extra, result, req, sampling), result, ok
 
 
 def _finish_constrained(result, constraint, output, show: bool):

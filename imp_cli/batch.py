@@ -198,13 +198,26 @@ class Scan:
     errors: int = 0  # error records: tried again
 
 
+def same_run(record: dict, fields: dict) -> bool:
+    """Was `record` answered with this run's model files and settings (ask.run_fields)? The seed
+    counts only when this run gives one: greedy and scored answers have none, and without --seed
+    each sampled answer draws its own, any of which is as good."""
+    if record.get("model") != fields["model"] or record.get("settings") != fields["settings"]:
+        return False
+    got, want = record.get("sampling"), fields["sampling"]
+    if not isinstance(got, dict):
+        return False
+    if want.get("seed") is None:
+        got, want = ({k: v for k, v in d.items() if k != "seed"} for d in (got, want))
+    return got == want
+
+
 def scan_output(path: str, fields: dict) -> Scan:
     """Read an output file written by an earlier run: the (image sha256, question) pairs answered
     with this model and these settings. A last line without its newline is a crash's torn write:
     reported in torn_bytes, never parsed. Any other line that is not a record is an error (the
-    file is not what --resume thinks it is)."""
+    file is not what --resume thinks it is). Error lines (an image that failed) are not done."""
     done, scan = Done(), None
-    model, settings = fields["model"], fields["settings"]
     lines = good = other = errors = 0
     with open(path, "rb") as f:
         for raw in f:
@@ -219,11 +232,11 @@ def scan_output(path: str, fields: dict) -> Scan:
                 record = json.loads(raw)
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
-                if record.get("error"):
+                if "error" in record and "answer" not in record:
                     errors += 1
                     continue
                 sha, question = record["image"]["sha256"], record["question"]
-                same = record.get("model") == model and record.get("settings") == settings
+                same = same_run(record, fields)
             except (ValueError, KeyError, TypeError) as e:
                 raise ImpError(f"line {lines} of '{path}' is not an `imp ask` record ({e}): "
                                "--resume continues only a file that imp wrote") from None
@@ -381,8 +394,7 @@ class Answerer:
         for q in questions:
             if header is not None:
                 header(source, q)
-            record, _, ok = answer_question(self.session, staged, q, self.req, self.sampling, self.output,
-                                            self.fields, show)
+            record, _, ok = answer_question(self.session, staged, q, self.req, self.sampling, self.output, show)
             yield record, ok
 
     def close(self) -> None:
@@ -596,7 +608,7 @@ def run_batch(req: Request, opts: BatchOptions, output: Output, stats: bool = Fa
     threads = worker_threads(req, opts.jobs)
     fields = run_fields(pair, choose(pair, threads, req.repack, req.flash_attn), req)
     records, done = open_output(opts, fields, output)
-    if opts.jobs > 1 and fields["settings"]["repack"]:
+    if opts.jobs > 1 and fields["settings"]["repack"]:  # each worker's own copy of the weights
         output.warn(f"weight repacking is on: each of the {opts.jobs} workers holds its own repacked copy of the "
                     "weights (--repack off shares one memory-mapped copy)")
     mode = opts.progress

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from helpers import IMP, assert_usage_error, clean_env, run_imp, run_python
+from schema_check import check_record
 
 Q1 = "What is in the image?"
 Q2 = "Which colours dominate?"
@@ -169,7 +170,7 @@ def test_kill_at_random_points_then_resume(model, one_shot, env, tmp_path):
     assert max(counts.values()) == 1, [k for k, v in counts.items() if v > 1]
     by_sha = {sha(img): img for img in images}
     for r in records:
-        assert "error" not in r
+        check_record(r)  # the one answer record (imp_cli/schema/record.schema.json)
         assert r["answer"] == one_shot(by_sha[r["image"]["sha256"]], r["question"]), r["image"]["source"]
 
 
@@ -210,7 +211,7 @@ def test_resume_knows_images_by_their_bytes_and_runs_by_their_settings(model, en
     assert p.returncode == 0, p.stderr
     records = records_of(out)
     assert len(records) == 6
-    assert [r["settings"]["max_tokens"] for r in records] == [N] * 3 + [N + 1] * 3
+    assert [r["sampling"]["max_tokens"] for r in records] == [N] * 3 + [N + 1] * 3
 
 
 def test_output_file_rules(model, photo, env, tmp_path):
@@ -243,7 +244,7 @@ def test_bad_images_are_error_records_and_the_run_goes_on(model, one_shot, env, 
     assert [r["image"]["source"] for r in records] == [str(s) for s in order]
     for source, r in zip(order, records):
         if source in (corrupt, missing, url):
-            assert r["answer"] is None and r["question"] == Q1, r
+            assert "answer" not in r and r["question"] == Q1, r  # an error line, not an answer record
         else:
             assert "error" not in r and r["answer"] == one_shot(source, Q1)
     assert "truncated or corrupt" in records[1]["error"] and str(corrupt) in records[1]["error"]
@@ -267,8 +268,8 @@ def test_json_on_stdout_with_an_error_record(model, one_shot, env, tmp_path):
     p = run_imp("ask", good[0], missing, good[1], Q1, "--model", model[0], "-n", N, "--json", env=env)
     assert p.returncode == 1
     records = [json.loads(line) for line in p.stdout.splitlines()]
-    assert [r.get("error") is None for r in records] == [True, False, True]
-    assert [r["answer"] for r in records] == [one_shot(good[0], Q1), None, one_shot(good[1], Q1)]
+    assert ["error" in r for r in records] == [False, True, False]
+    assert [r.get("answer") for r in records] == [one_shot(good[0], Q1), None, one_shot(good[1], Q1)]
     assert p.stderr.splitlines()[0] == f"error: cannot read image '{missing}': file not found"
 
 
@@ -400,8 +401,8 @@ def test_ray_records_equal_imp_ask_json(model, env, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
 
-    def same(record: dict) -> dict:  # all but how long it took and whether the cache helped
-        return {k: v for k, v in record.items() if k not in ("timings", "cache")}
+    def same(record: dict) -> dict:  # all but how long it took and what was reused from earlier answers
+        return {k: v for k, v in record.items() if k not in ("timings", "cache", "usage")}
 
     for how in ("paths", "bytes"):
         assert sorted(x["image"]["source"] for x in got[how]) == sorted(cli)
