@@ -280,7 +280,7 @@ def resume_scan(sample: Path, big: Path, lines: int = 100_000) -> dict:
             "from imp_cli.batch import scan_output\n"
             "rec = json.loads(open(sys.argv[1]).readline())\n"
             "t0 = time.perf_counter()\n"
-            "scan = scan_output(sys.argv[1], {'model': rec['model'], 'settings': rec['settings']})\n"
+            "scan = scan_output(sys.argv[1], {k: rec[k] for k in ('model', 'sampling', 'settings')})\n"
             "print(json.dumps({'seconds': time.perf_counter() - t0, 'done': scan.done.count, "
             "'peak_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n")
     p = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True, env=imp_env())
