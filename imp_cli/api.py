@@ -361,7 +361,7 @@ class Model:
         with `schema` the parsed answer, None if unfinished).
         Each image is read when its turn comes; later questions about it evaluate only their
         own tokens. The model is held only while each record is made."""
-        from .record import from_session
+        from .ask import Request, answer_question, sampling_of
 
         call = _Call(**_sampling_kw(sampling))
         questions = [questions] if isinstance(questions, str) else list(questions)
@@ -371,14 +371,17 @@ class Model:
             _check_question(q)
         if choices is not None and schema is not None:
             raise ArgumentError("choices and schema cannot be combined: give one")
-        choices = _check_choices(choices) if choices is not None else None
-        constraint = _constraint(schema) if schema is not None else None
-        sampler = call.sampling(constraint.grammar if constraint else "")
-        system = self._sys(system)
+        # The request `imp ask --json` would make: its per-pair step builds the same records.
+        req = Request(images=[], questions=questions, model=None, max_tokens=call.max_tokens,
+                      temperature=call.temperature, top_p=call.top_p, top_k=call.top_k, seed=call.seed,
+                      system=self._sys(system), ignore_eos=call.ignore_eos,
+                      choices=_check_choices(choices) if choices is not None else None,
+                      constraint=_constraint(schema) if schema is not None else None)
+        call.sampling()  # the same checks as ask's
+        sampler = sampling_of(req)
+        output = _LogOutput()
 
         def records() -> Iterator[dict]:
-            from .constrain import decide
-
             for image in images:
                 loaded = _load_image(image)
                 staged = None
@@ -386,17 +389,7 @@ class Model:
                     with self._turn() as (session, _):
                         if staged is None:
                             staged, loaded = session.stage(loaded), None  # the decoded picture can go
-                        if choices:
-                            result = decide(session, staged, question, choices, system)
-                            value, probabilities = result.text, result.probabilities
-                        else:
-                            result = session.answer(staged, question, system=system, sampling=sampler,
-                                                    max_tokens=call.max_tokens).collect()
-                            value, probabilities = result.text, None
-                            if constraint is not None:
-                                value = constraint.parse(result.text) if result.finish_reason == "stop" else None
-                        record = from_session(session, result, question=question, image=staged, sampling=sampler,
-                                              max_tokens=call.max_tokens, answer=value, choices=probabilities)
+                        record, _, _ = answer_question(session, staged, question, req, sampler, output, False)
                     yield record
 
         return records()
