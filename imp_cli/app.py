@@ -248,9 +248,10 @@ def tune(
 ) -> None:
     """Measure weight repacking and flash attention on/off for this model and machine; keep the fastest."""
     with _command(json_mode=json_out, verbose=verbose) as output:
+        from .opening import open_pair
         from .tune import run_tune
 
-        run_tune(model, mmproj, output, threads=threads, verbose=verbose, rounds=rounds)
+        run_tune(open_pair(model, mmproj, output, pull=False), output, threads=threads, verbose=verbose, rounds=rounds)
 
 
 models_app = typer.Typer(help="List, locate, import and remove models in the store.", no_args_is_help=True)

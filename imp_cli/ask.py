@@ -74,7 +74,10 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
     from .engine import Sampling
     from .images import load_image
     from .prompts import build_prompt
-    from .session import Session, context_for, default_cache, open_pair
+    from .opening import open_pair
+    from .stats import summary
+    from .session import Session, context_for, default_cache
+    from .tune import choose
 
     if req.choices:
         from .constrain import decide
@@ -93,7 +96,7 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
     several = len(req.images) * len(req.questions) > 1
     with Session(pair, threads=req.threads, ctx=n_ctx, verbose=req.verbose,
                  cache=default_cache(output, req.cache), note=output.note,
-                 repack=req.repack, flash_attn=req.flash_attn) as session:
+                 tuning=choose(pair, req.threads, req.repack, req.flash_attn, output.note)) as session:
         n = 0
         for i, source in enumerate(req.images):
             image = first if i == 0 else load_image(source)
@@ -137,7 +140,7 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
                     output.warn("the answer was cut off: the context is full (raise --ctx)")
                 if stats:
                     title = "timings" + (f" ({source}: {question})" if several else "")
-                    output.table(title, {k: v for k, v in result.timings.items() if v is not None})
+                    output.table(title, summary(result.timings))
     return status
 
 

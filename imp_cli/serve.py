@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from .errors import ImpError
 from .images import MAX_BYTES, ImageError
 from .prompts import Turn
+from .stats import log_fields
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOPS = 4  # as OpenAI
@@ -247,6 +248,7 @@ class Outcome:
     completion_tokens: int
     reused_tokens: int  # of the prompt, from the KV cache or the prompt cache (for the log)
     cancelled: bool
+    timings: dict = field(default_factory=dict)  # the answer's, for the log line (stats.log_fields)
 
 
 @dataclass
@@ -329,11 +331,11 @@ class Worker(threading.Thread):
         self.seconds_per_job = 5.0  # a running mean, for Retry-After
 
     def run(self) -> None:
-        from .session import Session
+        from .opening import open_session
 
         o = self.options
         try:
-            self.session = Session.open(o.model, o.mmproj, self.output, use_cache=o.cache, threads=o.threads,
+            self.session = open_session(o.model, o.mmproj, self.output, use_cache=o.cache, threads=o.threads,
                                         ctx=o.ctx, verbose=o.verbose, note=self.output.note, repack=o.repack,
                                         flash_attn=o.flash_attn)
         except BaseException as e:  # reported by the main thread
@@ -392,7 +394,7 @@ class Worker(threading.Thread):
         # The end-of-turn token that ended an answer is not part of it: not counted.
         completion = a.completion_tokens - (1 if a.finish_reason == "stop" else 0)
         finish = "length" if a.finish_reason in ("length", "context") else "stop"
-        return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set())
+        return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set(), a.timings)
 
 
 # -- the HTTP side -------------------------------------------------------------------------------
@@ -600,6 +602,7 @@ class Api:
     @staticmethod
     def _note(request, outcome: Outcome) -> None:
         request.state.usage = (outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
+        request.state.timings = outcome.timings
         if outcome.cancelled:
             request.state.note = "client gone"
 
@@ -685,7 +688,10 @@ class Guard:
             await self.app(scope, receive, sending)
         finally:
             usage = state.get("usage")
-            tokens = f"{usage[0]}+{usage[1]} tokens ({usage[2]} reused)" if usage else "-"
+            timings = state.get("timings")
+            tokens = (log_fields(timings) if timings else
+                      f"prompt {usage[0] - usage[2]} tokens ({usage[2]} reused), answer {usage[1]} tokens" if usage
+                      else "-")
             note = f" ({state['note']})" if state.get("note") else ""
             path = "".join(c if c.isprintable() else "?" for c in scope["path"])[:200]
             self.log(f"{scope['method']} {path} {status[0] or '-'} {tokens} "
