@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,16 +15,33 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
          threads: int | None = None, tune: bool = False) -> store.Entry:
     """Install `spec` (unless it already is); with `tune`, measure llama.cpp's settings for it
     after a conversion (`imp tune`)."""
-    from convert.hub import download, remote_size
-    from convert.pipeline import convert
-
-    from .modelfiles import read_pair
-
     name, repo_id, revision = resolve_spec(spec)
     existing = installed(name, repo_id, revision)
     if existing and not force and existing.manifest["text"]["type"] == quant:
         output.info(f"{name} is already installed ({existing.folder})")
         return existing
+    # One conversion per model at a time: another pull of the same one waits, then uses it.
+    key = json.dumps([repo_id.lower(), revision or "", quant, mmproj_type])
+    with store.pull_lock(key, name, output.info) as waited:
+        if waited:
+            existing = installed(name, repo_id, revision)
+            if existing and existing.manifest["text"]["type"] == quant:
+                output.info(f"{name} was installed by the other pull ({existing.folder})")
+                return existing
+        entry = _convert_and_install(name, repo_id, revision, output, quant, mmproj_type, threads)
+    output.info(f"installed {name} ({entry.folder})")
+    if tune:
+        _tune(entry, output, threads or 0)
+    return entry
+
+
+def _convert_and_install(name: str, repo_id: str, revision: str | None, output, quant: str, mmproj_type: str,
+                         threads: int | None) -> store.Entry:
+    from convert.hub import download, remote_size
+    from convert.pipeline import convert
+
+    from .modelfiles import read_pair
+
     output.info(f"pulling {name} from {repo_id}" + (f"@{revision}" if revision else ""))
     # The download needs the checkpoint's size (in the Hugging Face cache); conversion about 1.3x
     # more in the store (the F16 intermediate, then the final pair). Checked before and after.
@@ -39,11 +57,7 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
                          progress=output, threads=threads, name=name)
         text, mmproj = Path(result.text_path), Path(result.mmproj_path)
         read_pair(text, mmproj)  # verify the pair loads as the runtime will see it
-        entry = install.commit(text, mmproj, quant, mmproj_type, repo_id, source.commit, revision)
-    output.info(f"installed {name} ({entry.folder})")
-    if tune:
-        _tune(entry, output, threads or 0)
-    return entry
+        return install.commit(text, mmproj, quant, mmproj_type, repo_id, source.commit, revision)
 
 
 def _tune(entry: store.Entry, output, threads: int) -> None:
