@@ -22,10 +22,10 @@ __all__ = ["open_pair", "open_session"]
 def open_pair(model: str | None, mmproj: str | None, output, *, pull: bool = True) -> ModelPair:
     """--model (a path, a store name, a known name or repo id) -> a checked pair; pulls a known
     model that is not installed yet when `pull`, else says what to run."""
-    from convert.hub import offline
-
     found = resolve(model, mmproj)
     if found.kind == "pull":
+        from convert.hub import offline  # only here: a model that is there needs no Hub client
+
         if not pull:
             raise ImpError(f"model {found.spec} is not installed: run `imp pull {found.spec}`")
         if offline() and not pullable_offline(found):
