@@ -161,9 +161,9 @@ def test_piped_conversation_equals_oracle(imp_bin, converted, oracle_for, photo,
     # found it (and the earlier turns) in memory.
     assert [r["cache"] for r in records] == ["hit", "hit", "hit"]
     assert records[0]["timings"]["image_encode_ms"] == 0
-    assert records[0]["timings"]["prompt_tokens"] < 16
+    assert records[0]["usage"]["evaluated_tokens"] < 16
     # a follow-up evaluates at most the previous answer (where its ids and text differ) and its own turn
-    assert all(r["timings"]["prompt_tokens"] < N_TOKENS + 16 for r in records)
+    assert all(r["usage"]["evaluated_tokens"] < N_TOKENS + 16 for r in records)
 
 
 def test_conversation_without_an_image(imp_bin, converted, oracle_for, env):
@@ -181,7 +181,7 @@ def test_conversation_without_an_image(imp_bin, converted, oracle_for, env):
     first = oracle.conversation_ids(QUESTIONS[0])
     second = oracle.conversation_ids(QUESTIONS[1], ((QUESTIONS[0], records[0]["answer"]),))
     kept = common_prefix(kv_after(first, expected[0]), second)
-    assert records[1]["timings"]["prompt_tokens"] == len(second) - kept
+    assert records[1]["usage"]["evaluated_tokens"] == len(second) - kept
 
 
 def test_chat_after_ask_starts_from_the_prompt_cache(imp_bin, converted, photo, env):
@@ -260,7 +260,7 @@ def test_context_overflow_drops_the_oldest_turns(imp_bin, converted, photo, env)
     assert drops and all(line.startswith("warning: the conversation no longer fits the context of 160 tokens")
                          for line in drops)
     # each prompt (image, system, kept turns) left room for a whole answer
-    assert all(r["timings"]["prompt_tokens"] + r["timings"]["reused_tokens"] + N_TOKENS <= 160 for r in records)
+    assert all(r["usage"]["evaluated_tokens"] + r["usage"]["reused_tokens"] + N_TOKENS <= 160 for r in records)
     assert all(r["finish_reason"] == "length" for r in records)
 
 
