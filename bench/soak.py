@@ -71,6 +71,7 @@ class Report:
     ttft_ms: list = field(default_factory=list)  # streamed answers
     kinds: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)
+    requests_at_warmup: int = 0
 
     def summary(self) -> dict:
         idle = {s.idle: s for s in self.samples if s.idle}
@@ -86,6 +87,8 @@ class Report:
             "idle_A": asdict(a) if a else None, "idle_B": asdict(b) if b else None,
             "rss_max_late_kb": max((s.rss_kb for s in late), default=None),
             "rss_growth": round(max(s.rss_kb for s in late) / a.rss_kb - 1, 4) if a and late else None,
+            "rss_kb_per_request": (round((max(s.rss_kb for s in late) - a.rss_kb) / max(1, self.requests - self.requests_at_warmup), 2)
+                                   if a and late else None),
             "fds_max": max((s.fds for s in self.samples), default=None),
             "threads_max": max((s.threads for s in self.samples), default=None),
         }
@@ -102,9 +105,12 @@ def check(report: Report, bounds: dict = BOUNDS) -> list[str]:
         wrong.append(f"open file descriptors grew: {a['fds']} after the warm-up, {b['fds']} at the end")
     if b["threads"] > a["threads"]:
         wrong.append(f"threads grew: {a['threads']} after the warm-up, {b['threads']} at the end")
-    if s["rss_growth"] is not None and s["rss_growth"] > bounds["rss_growth"]:
+    if bounds.get("rss_growth") is not None and s["rss_growth"] is not None and s["rss_growth"] > bounds["rss_growth"]:
         wrong.append(f"RSS grew by {s['rss_growth']:.1%} over the run after the warm-up "
                      f"(bound {bounds['rss_growth']:.0%}): {a['rss_kb']} kB -> {s['rss_max_late_kb']} kB")
+    per_request = bounds.get("rss_kb_per_request")
+    if per_request is not None and s["rss_kb_per_request"] is not None and s["rss_kb_per_request"] > per_request:
+        wrong.append(f"RSS grew by {s['rss_kb_per_request']} kB per request after the warm-up (bound {per_request} kB)")
     return wrong
 
 
@@ -329,6 +335,7 @@ def soak(model: Path, minutes: float, min_requests: int, clients: int, env: dict
                 pause.set()
                 wait_idle()
                 report.samples.append(server.sample(time.monotonic() - t0, "A"))
+                report.requests_at_warmup = report.requests
                 pause.clear()
                 warmed = True
                 progress(f"warmed up after {report.requests} requests")
