@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -380,6 +381,7 @@ def main() -> int:
                     help="imp serve --threads (0: its default; the tiny model runs with 1)")
     ap.add_argument("--json", help="write the report (with every sample) here")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated soak stops its server too
     with tempfile.TemporaryDirectory(prefix="imp-soak-") as tmp:
         tmp = Path(tmp)
         model = Path(a.model) if a.model else tiny_model(tmp)
