@@ -72,3 +72,13 @@ def log_fields(t: dict) -> str:
     if t.get("cache"):
         parts.append(f"cache {t['cache']}")
     return ", ".join(parts)
+
+
+def from_record(record: dict) -> dict:
+    """An answer record (record.py: counts under `usage`, durations under `timings`) back into
+    the figures summary() reads."""
+    usage = record.get("usage") or {}
+    return {**(record.get("timings") or {}), "prompt_tokens": usage.get("evaluated_tokens", 0),
+            "reused_tokens": usage.get("reused_tokens", 0), "generated_tokens": usage.get("completion_tokens", 0),
+            "scored_tokens": usage.get("scored_tokens", 0), "cache": record.get("cache"),
+            "finish_reason": record.get("finish_reason")}
