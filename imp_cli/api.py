@@ -89,29 +89,16 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
         raise ArgumentError(f"ctx must be a number of tokens (at least 64), not {ctx!r}")
     from convert.errors import ConvertError
 
+    from .opening import open_session  # the commands' way: resolve, pull if allowed, tuning, Session
+
     output = _LogOutput(verbose)
     try:
-        session = _open_session(os.fspath(model) if model is not None else None,
-                                os.fspath(mmproj) if mmproj is not None else None, output, pull=pull,
-                                cache=cache, threads=threads, ctx=ctx, verbose=verbose, **settings)
+        session = open_session(os.fspath(model) if model is not None else None,
+                               os.fspath(mmproj) if mmproj is not None else None, output, pull=pull,
+                               use_cache=cache, threads=threads, ctx=ctx, verbose=verbose, **settings)
     except ConvertError as e:  # a pull whose conversion failed: the same one line, as an ImpError
         raise ImpError(str(e)) from None
     return Model(session, system=system)
-
-
-def _open_session(model, mmproj, output, *, pull: bool, cache: bool, threads: int, ctx: int, verbose: bool,
-                  repack: str, flash_attn: str) -> "Session":
-    """The commands' way from --model to an open Session: resolve, pull if allowed, the tuning."""
-    try:
-        from .opening import open_session  # resolving, pulling and tuning above the Session (#22)
-    except ImportError:  # before that step moved out of session.py
-        from .session import Session, default_cache, open_pair
-
-        pair = open_pair(model, mmproj, output, pull=pull)
-        return Session(pair, threads=threads, ctx=ctx, verbose=verbose, cache=default_cache(output, cache),
-                       note=output.note, repack=repack, flash_attn=flash_attn)
-    return open_session(model, mmproj, output, pull=pull, use_cache=cache, threads=threads, ctx=ctx,
-                        verbose=verbose, repack=repack, flash_attn=flash_attn)
 
 
 class _LogOutput:
