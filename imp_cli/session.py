@@ -283,7 +283,11 @@ class Session:
         loaded = self.cache.load(key, self.engine.kv_layout())
         if loaded is None:
             return False
-        if not self.engine.restore_state(loaded.payload, prompt_keys(prompt.prefix())):
+        try:
+            restored = self.engine.restore_state(loaded.payload, prompt_keys(prompt.prefix()))
+        finally:
+            loaded.close()
+        if not restored:
             self.cache.discard(key, "llama.cpp refused the saved state")
             return False
         self.engine.timings.cache_read_ms = (time.perf_counter() - t0) * 1000

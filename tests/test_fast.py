@@ -269,3 +269,18 @@ print("ok")
 """
     p = run_python(code, env=clean_env(tmp_path))
     assert p.returncode == 0 and p.stdout == "ok\n", p.stderr
+
+
+def test_crc32_on_every_core_is_zlibs():
+    """An entry's checksum is CRC-32 as before (the entries stay the same bytes); a large payload's
+    parts are summed on several threads and combined."""
+    import zlib
+
+    from imp_cli.prompt_cache import crc32, crc32_combine
+
+    rng = __import__("random").Random(0)
+    for n in (0, 1, 7, 4097, (32 << 20) + 5):
+        data = rng.randbytes(n)
+        assert crc32(data) == zlib.crc32(data), n
+        for cut in {0, 1, n // 3, n}:
+            assert crc32_combine(zlib.crc32(data[:cut]), zlib.crc32(data[cut:]), n - cut) == zlib.crc32(data)
