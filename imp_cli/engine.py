@@ -373,7 +373,7 @@ class Engine:
         the answer's path: `save(state, "")` is called just before anything would drop those
         cells (a prompt with another prefix, a restore) or at flush_prefix_state(), with the
         positions after `n` dropped first. What is evaluated after a prefix never changes its
-        cells, so that copy is the very bytes a copy made now would be (tests/test_cache.py
+        cells, so that copy is the very bytes a copy made now would be (tests/test_fast.py
         checks it) and the answer streams 0.5 s sooner (the copy of a 384-px prefix).
         `save(None, why)` if llama.cpp could not copy it."""
         self.flush_prefix_state()  # an earlier prefix still waiting goes first
