@@ -52,6 +52,8 @@ def derive_size(d: dict) -> dict:
     out: dict = {
         "cold_first_byte_s": _col([p["cold"] for p in pl], "first_output_s"),
         "cold_wall_s": _col([p["cold"] for p in pl], "wall_s"),
+        "cold_cpu_s": _col([p["cold"] for p in pl], "cpu_s"),
+        "warm_cpu_s": _col([p["warm"] for p in pl], "cpu_s"),
         "warm_first_byte_s": _col([p["warm"] for p in pl], "first_output_s"),
         "warm_over_cold": summary([p["warm"]["first_output_s"] / p["cold"]["first_output_s"] for p in pl]),
         "cold_json_first_record_s": _col(js_cold, "first_output_s"),
@@ -78,6 +80,7 @@ def derive_size(d: dict) -> dict:
     out["native_prompt_ms"] = _col(native, "prompt_ms")
     out["native_load_ms"] = _col(native, "load_ms")
     out["native_wall_s"] = _col(native, "wall_s")
+    out["native_cpu_s"] = _col(native, "cpu_s")
     out["native_peak_rss"] = _col(native, "peak_rss")
     # runs during which other processes took under QUIET_SHARE of the CPUs: on a shared machine
     # the fairest comparison, when each side has some
@@ -254,6 +257,7 @@ def markdown(res: dict, raw_name: str) -> str:
         L.append("| | cold (first question) | warm (second question, new process) |")
         L.append("|---|---|---|")
         L.append(f"| launch to first answer byte, s | {_f(d['cold_first_byte_s'])} | {_f(d['warm_first_byte_s'])} |")
+        L.append(f"| the process's CPU time (user + system), s | {_f(d['cold_cpu_s'])} | {_f(d['warm_cpu_s'])} |")
         L.append(f"| prompt cache | {', '.join(d['cold_cache_status'])} | {', '.join(d['warm_cache_status'])} |")
         L.append(f"| model load (`load_ms`), s | {_f(d['cold_load_ms'], 1e-3)} | {_f(d['warm_load_ms'], 1e-3)} |")
         L.append(f"| vision tower load, s | {_f(d['cold_vision_load_ms'], 1e-3)} | {_f(d['warm_vision_load_ms'], 1e-3)} |")
@@ -287,6 +291,8 @@ def markdown(res: dict, raw_name: str) -> str:
             L.append("| | imp (cold) | llama-mtmd-cli | imp ÷ native |")
             L.append("|---|---|---|---|")
             L.append(f"| wall clock, s | {_f(d['cold_wall_s'])} | {_f(d['native_wall_s'])} | {_x(v['cold_wall'])} |")
+            L.append(f"| CPU time (user + system), s | {_f(d['cold_cpu_s'])} | {_f(d['native_cpu_s'])} "
+                     f"| {_x(ratio(d['cold_cpu_s'], d['native_cpu_s']))} |")
             L.append(f"| launch to first answer byte, s | {_f(d['cold_first_byte_s'])} | {_f(d['native_first_byte_s'])} "
                      f"| {_x(v['cold_first_byte'])} |")
             if d["vs_native_quiet_first_byte"] is not None:
