@@ -230,7 +230,7 @@ def _size(fields: dict, key: str, path: Path) -> int:
 
 def read_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
     """The checked pair. A pair that passed the checks is remembered by the files' identities
-    (path, size, mtime, inode; pairs.json beside the prompt cache's identities): the next process
+    (path, size, mtime, ctime, inode; $IMP_HOME/pairs.json): the next process
     skips reading the headers (the vocabulary scan, ~0.14 s for a 51,200-token vocabulary, and
     importing gguf). A file changed since, or written less than a few seconds before it was
     checked (its mtime may not have moved yet: git's "racy" case), is checked again."""
@@ -255,7 +255,7 @@ _MAX_PAIRS = 64
 def _pairs_path() -> Path:
     from . import store
 
-    return store.home() / "cache" / PAIRS_FILE
+    return store.home() / PAIRS_FILE
 
 
 def _checks_version() -> str:

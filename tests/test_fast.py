@@ -210,7 +210,7 @@ def test_the_pair_check_is_remembered_by_file_identity(old_model, tmp_path, monk
 
     monkeypatch.setenv("IMP_HOME", str(tmp_path / "home"))
     first = modelfiles.read_pair(*old_model)
-    assert (tmp_path / "home" / "cache" / "pairs.json").exists()
+    assert (tmp_path / "home" / "pairs.json").exists()
     real_read = modelfiles._read
 
     def no_reading(path):
@@ -245,7 +245,7 @@ def test_the_pair_check_is_remembered_by_file_identity(old_model, tmp_path, monk
     assert modelfiles.read_pair(*old_model) == first
 
     # a corrupt or foreign memo is only a miss
-    (tmp_path / "home" / "cache" / "pairs.json").write_text("{not json")
+    (tmp_path / "home" / "pairs.json").write_text("{not json")
     assert modelfiles.read_pair(*old_model) == first
 
 

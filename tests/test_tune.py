@@ -236,8 +236,8 @@ def test_without_a_tuning_file_x86_runs_the_measured_defaults_and_imp_tune_overr
                                                "flags": "avx avx2 avx512f avx512_vnni f16c fma"})
     notes: list[str] = []
     assert tune.choose(f16_pair, 2, note=notes.append) == Tuning(repack=False, flash_attn=False)
-    assert notes[0] == ("no tuning for this machine and model: using the measured defaults for x86 with "
-                        "AVX-512 (repack off, flash attention off); run `imp tune` to measure")
+    assert notes[0].startswith("no tuning for this machine and model: using the measured defaults for x86 with "
+                               "AVX-512 (repack off, flash attention off); run `imp tune")
     tune.save(tune.tuning_key(f16_pair, 2), Tuning(repack=True, flash_attn=True), [], tune.tuning_path())
     assert tune.choose(f16_pair, 2) == Tuning(repack=True, flash_attn=True)  # a measurement wins
     assert tune.choose(f16_pair, 2, repack="off") == Tuning(repack=False, flash_attn=True)
