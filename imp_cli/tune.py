@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import store
+from . import cpuinfo, store
 from .engine import Tuning, physical_cores
 from .errors import ImpError
 from .modelfiles import ModelPair
@@ -32,8 +30,6 @@ FILE = "tuning.json"
 SWITCHES = ("auto", "on", "off")
 # All four settings, llama-cpp-python's defaults (repack on, flash attention off) first.
 SETTINGS = [Tuning(repack=r, flash_attn=f) for r in (True, False) for f in (False, True)]
-# The flags that decide which ggml kernels run (x86 and ARM names as /proc/cpuinfo spells them).
-_SIMD = re.compile(r"^(sse4|avx|amx|fma|f16c|asimd|sve|i8mm|dotprod|bf16|neon|fphp)")
 # The workload a setting is judged by: a cold `imp ask` (load, the image and question prefill,
 # an answer of this many tokens). Prefill dominates it (DESIGN.md section 6).
 QUESTION_TOKENS, ANSWER_TOKENS = 48, 64
@@ -47,20 +43,10 @@ def tuning_path() -> Path:
 
 # -- what a tuning result depends on ---------------------------------------------------------
 def cpu() -> dict:
-    """The CPU's model name and the SIMD flags ggml's kernels depend on."""
-    name, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            k, _, v = line.partition(":")
-            k = k.strip().lower()
-            if k in ("model name", "hardware", "cpu model") and not name:
-                name = v.strip()
-            elif k in ("flags", "features") and not flags:
-                flags = {f for f in v.split() if _SIMD.match(f)}
-    except OSError:  # not Linux: the platform's own description
-        pass
-    return {"cpu": name or platform.processor() or "unknown", "flags": " ".join(sorted(flags)),
-            "arch": platform.machine()}
+    """The CPU's model name, the SIMD flags ggml's kernels depend on, and the architecture
+    (imp_cli/cpuinfo.py reads x86's and ARM's /proc/cpuinfo)."""
+    info = cpuinfo.read()
+    return {"cpu": info.model, "flags": " ".join(sorted(info.simd)), "arch": info.arch}
 
 
 def llama_cpp_version() -> str:
@@ -81,12 +67,36 @@ def tuning_key(pair: ModelPair, threads: int = 0) -> dict:
 
 def family_default(key: dict) -> tuple[Tuning, str]:
     """The settings to use without a measurement, and why."""
+    if cpuinfo.machine(key.get("arch")) == "aarch64":
+        return arm_default(key)
     flags = set(key.get("flags", "").split())
     if "avx2" in flags and "avx512f" not in flags:
         # measured on a 2-core AVX2 EPYC (DESIGN.md section 6): prompt eval +26% and load 0.2 s
         # instead of 2 s without repacking; generation at depth 7.3 vs 4.5 tok/s without flash attention
         return Tuning(repack=False, flash_attn=False), "the measured defaults for x86 AVX2 without AVX-512"
     return Tuning(), "llama-cpp-python's defaults (this CPU family has not been measured)"
+
+
+def arm_default(key: dict) -> tuple[Tuning, str]:
+    """ARM's defaults: repacking on, flash attention off, at every feature level.
+
+    Repacking is where ARM differs from x86. llama.cpp's repacked kernels were written for ARM
+    (they replaced the Q4_0_4_4 / 4_8 / 8_8 file types Arm contributed, with Arm's reported
+    prompt-processing gains on Graviton and Snapdragon): with dotprod (a Pi 5, Graviton 2) it
+    interleaves Q4_0 / Q8_0 rows 4x4 and Q4_K / Q5_K / Q6_K 8x4, with i8mm (Graviton 3 / 4, Apple
+    M2+, Snapdragon 8 Gen 3) 4x8 and 8x8 for the SMMLA instruction; on NEON alone (a Pi 4) it
+    repacks nothing, so "on" costs nothing there. On x86 repacking lost on every box measured
+    (DESIGN.md section 8) because its x86 kernels are not faster than the plain AVX ones; no such
+    measurement exists on ARM here (only emulation, whose speed means nothing), so the kernels'
+    authors' choice, llama.cpp's default, stands. Flash attention: llama-cpp-python's default
+    (off), as on x86. `imp tune` measures both on the real machine.
+    """
+    flags = set(key.get("flags", "").split())
+    level = "i8mm" if "i8mm" in flags else "dotprod" if "asimddp" in flags else "neon"
+    why = {"i8mm": "Q4_K and Q4_0 repacked for i8mm (SMMLA)",
+           "dotprod": "Q4_K and Q4_0 repacked for dotprod (SDOT)",
+           "neon": "nothing to repack without dotprod"}[level]
+    return Tuning(repack=True, flash_attn=False), f"ARM's defaults ({level}: {why})"
 
 
 # -- the tuning file -------------------------------------------------------------------------
