@@ -159,3 +159,17 @@ def test_entry_from_another_architecture_is_never_restored(imp_bin, converted, p
     assert "saved with another llama.cpp KV layout" in p.stderr
     again = json.loads(p.stdout)
     assert again["cache"] == "miss" and again["answer"] == json.loads(first.stdout)["answer"]
+
+
+# ---------------------------------------------------------------------------- make test-arm's wiring
+def test_arm_suite_is_wired_into_ci():
+    """The emulated suite itself runs in `make test-arm` (tests/arm/); here only that CI runs it
+    and that its setup script parses."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(repo / "tests/arm/setup.sh")]).returncode == 0
+    assert re.search(r"^make test-arm$", (repo / ".ci/run").read_text(), re.M)
+    assert re.search(r"^test-arm:", (repo / "Makefile").read_text(), re.M)
+    # not collected by `make test` (its files are not test_*.py), collected when named
+    assert not list((repo / "tests/arm").glob("test_*.py"))
