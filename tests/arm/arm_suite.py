@@ -50,6 +50,7 @@ sys.path.insert(0, str(HERE))
 
 import emu  # noqa: E402
 import factory as F  # noqa: E402
+from test_choices import GRAMMAR, GRAMMAR_RE  # noqa: E402  (the x86 suite's grammar)
 
 QUESTION = "What is in the image?"
 N = 24
@@ -58,18 +59,13 @@ EMBD_TOL, LOGITS_TOL = 1e-2, 6e-3
 # Repacking changes how a quantized dot product is summed and scaled, not what it computes: as on
 # x86 (README, imp tune: measured 7e-3 to 8e-3 x std there), the bound is 2e-2. A wrong interleave is O(1).
 REPACK_TOL = 2e-2
-# ARM's and x86's kernels on the same quantized file: the activations are quantized the same way,
-# the float sums are ordered differently. A wrong kernel is O(1).
-QUANT_TOL = 2e-2
+# ARM's and x86's kernels on the same quantized file: both quantize the activations (Q8) too, and
+# activations that differ in the last float bits round to different Q8 steps, layer after layer:
+# measured 3.3e-2 (Q8_0) and 4.7e-2 (Q4_K_M) x std, Q8_0's own rounding (tests/test_families.py
+# measures Q8_0 against F16 at 4e-2 to 6e-2). A wrong kernel is O(1); the greedy tokens must agree.
+QUANT_TOL = 0.1
 PROB_TOL = 5e-3  # --choices probabilities, as in tests/test_choices.py
 
-GRAMMAR = r'''
-root ::= verdict ", " word (" " word){0,2} " (" digits ")"
-verdict ::= "yes" | "no"
-word ::= [a-z]{1,6}
-digits ::= [1-9] [0-9]?
-'''
-GRAMMAR_RE = re.compile(r"(yes|no), [a-z]{1,6}( [a-z]{1,6}){0,2} \([1-9][0-9]?\)")
 SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["animal", "vehicle", "thing"]},
                                            "count": {"type": "integer", "minimum": 0, "maximum": 20}},
           "required": ["kind", "count"], "additionalProperties": False}
@@ -189,9 +185,15 @@ def data():
             "family": o.family, "stop": sorted(o.stop_ids), "forced": forced,
             "prompt": o.prompt_ids(QUESTION),
             "embd": o.image_embeddings(image), "first": o.first_logits(image, QUESTION),
-            "top1": o.teacher_forced_top1(image, QUESTION, forced), "greedy": o.greedy(image, QUESTION, N),
             "answer": o.answer_text(image, QUESTION, N),
         }
+        greedy = o.greedy(image, QUESTION, N)
+        live_ids = F.predictable_ids(o.family)
+        for key, ids in (("top1", forced), ("greedy", greedy)):
+            rows = o.teacher_forced_logits(image, QUESTION, ids)[:, live_ids]
+            expect[name][key] = [int(live_ids[i]) for i in rows.argmax(-1)] if key == "top1" else greedy
+            expect[name][key + "_top2"] = [live_ids[np.argsort(r)[-2:][::-1]].tolist() for r in rows]
+            expect[name][key + "_margin"] = [float(np.diff(np.sort(r)[-2:])[0] / r.std()) for r in rows]
         if name == "phi2-new-square":
             chat_q = ["Describe the image in detail.", "Is there a tree in the picture?"]
             expect[name]["chat"] = [o.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -273,8 +275,8 @@ def arm_numbers(data, arm_converted):
 # =============================================================================================
 # 1. the machine
 # =============================================================================================
-FEATURES = {  # llama.cpp's system info at each level: (DOTPROD, MATMUL_INT8)
-    "neon": ("0", "0"), "dotprod": ("1", "0"), "i8mm": ("1", "1"),
+FEATURES = {  # llama.cpp's system info at each level (it lists a feature only when built and present)
+    "neon": {"NEON"}, "dotprod": {"NEON", "DOTPROD"}, "i8mm": {"NEON", "DOTPROD", "MATMUL_INT8"},
 }
 
 
@@ -288,9 +290,8 @@ def test_machine_is_the_level_it_claims(data, level):
     assert {"asimd"} <= set(bare["hwcaps"]) and ("asimddp" in bare["hwcaps"]) == (level.name != "neon")
     assert ("i8mm" in bare["hwcaps"]) == (level.name == "i8mm")
     system = bare["system_info"]
-    assert "NEON = 1" in system, system
-    dotprod, i8mm = FEATURES[level.name]
-    assert f"DOTPROD = {dotprod}" in system and f"MATMUL_INT8 = {i8mm}" in system, system
+    listed = {f for f in ("NEON", "DOTPROD", "MATMUL_INT8") if f"{f} = 1" in system}
+    assert listed == FEATURES[level.name], system
     assert bare["default"].startswith(f"ARM's defaults ({level.name}")
     # with the cpuinfo text of a real machine of that level over /proc/cpuinfo
     seen = json.loads(ok(emu.run(["python", "/imp/tests/arm/worker.py", "info"], level)).stdout)
@@ -308,20 +309,16 @@ def test_conversion_on_arm_equals_x86(data, arm_converted, name, quant):
     ours, ref = arm_converted[name, quant], data["host"][name, quant]
     assert ours["family"] == ref["family"] == CHECKPOINTS[name][0]
     assert Path(ours["mmproj"]).read_bytes() == Path(ref["mmproj"]).read_bytes()
-    a, b = Path(ours["text"]).read_bytes(), Path(ref["text"]).read_bytes()
-    if quant == "F16" or a == b:
-        assert a == b, f"{name} {quant}: the ARM conversion differs from x86's"
-        return
-    # quantized by llama.cpp: the same metadata and tensors; values within one rounding step
+    # the same metadata, but for the source folder it names (/work/... here, ROOT/work/... there)
     ra, rb = GGUFReader(ours["text"]), GGUFReader(ref["text"])
-    assert [(f.name, f.types) for f in ra.fields.values()] == [(f.name, f.types) for f in rb.fields.values()]
-    from gguf.quants import dequantize
-
+    fa, fb = ({k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")} for r in (ra, rb))
+    assert fa.pop("imp.source") == emu.arm_path(data["ckpts"][name]) and fb.pop("imp.source") == str(data["ckpts"][name])
+    assert fa == fb
+    # and the same tensors, byte for byte (llama.cpp's quantization is its reference C code)
+    assert len(ra.tensors) == len(rb.tensors)
     for ta, tb in zip(ra.tensors, rb.tensors):
         assert (ta.name, ta.tensor_type, list(ta.shape)) == (tb.name, tb.tensor_type, list(tb.shape))
-        if bytes(ta.data) != bytes(tb.data):
-            da, db = dequantize(ta.data, ta.tensor_type), dequantize(tb.data, tb.tensor_type)
-            assert np.abs(da - db).max() <= 0.02 * np.abs(db).max(), ta.name
+        assert bytes(ta.data) == bytes(tb.data), f"{name} {quant}: {ta.name} differs"
 
 
 # =============================================================================================
@@ -340,8 +337,26 @@ def test_oracle_parity(data, arm_numbers, level, name):
     MEASURED[f"{level.name}/{t}/logits_vs_oracle"] = rel(ours, ref)
     assert rel(ours, ref) < LOGITS_TOL
     assert int(ours.argmax()) == int(ref.argmax())
-    assert got[f"{t}/top1"].tolist() == e["top1"]
-    assert len(e["greedy"]) == N and got[f"{t}/greedy"].tolist() == e["greedy"]
+    agree_but_for_ties(got[f"{t}/top1"].tolist(), e, "top1")
+    assert len(e["greedy"]) == N and len(got[f"{t}/greedy"]) == N
+    agree_but_for_ties(got[f"{t}/greedy"].tolist(), e, "greedy")
+
+
+# Where the reference's best two tokens are closer than this (x std), rounding may pick either:
+# measured 3.8e-4 x std at one teacher-forced step of the tiny Phi-3, where x86 and ARM differ.
+TIE = 2 * LOGITS_TOL
+
+
+def agree_but_for_ties(ours: list[int], e: dict, key: str) -> None:
+    """Our tokens are the reference's, except that at a near-tie either of its best two may come
+    out (for a greedy answer, it then continues differently: compared up to there)."""
+    ref, top2, margin = e[key], e[key + "_top2"], e[key + "_margin"]
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            assert margin[i] < TIE and a in top2[i], f"{key}[{i}]: {a} != {b} (margin {margin[i]:.2e} x std)"
+            MEASURED.setdefault("ties", []).append([key, i, margin[i]])
+            if key == "greedy":
+                return
 
 
 @pytest.mark.parametrize("name,quant", QUANTIZED, ids=[tag(*c) for c in QUANTIZED])
@@ -350,9 +365,15 @@ def test_repacking_on_and_off(data, arm_numbers, level, name, quant):
     t = tag(name, quant)
     ids = F.predictable_ids("phi2")
     on, off = got[f"{t}/on/first"][ids], got[f"{t}/off/first"][ids]
-    assert bool(got[f"{t}/off/repacked"]) is False
-    # llama.cpp repacks Q8_0 / Q4_K / Q6_K only with dotprod (4x4, 8x4) or i8mm (4x8, 8x8)
-    assert bool(got[f"{t}/on/repacked"]) is (level.name != "neon"), "CPU_REPACK buffer"
+    assert got[f"{t}/off/repacks"].tolist() == []
+    # llama.cpp repacks Q8_0 / Q4_K / Q6_K only with dotprod (4x4, 8x4: SDOT) or i8mm (4x8, 8x8: SMMLA)
+    formats = got[f"{t}/on/repacks"].tolist()
+    MEASURED[f"{level.name}/{t}/repacked_as"] = formats
+    if level.name == "neon":
+        assert formats == []
+    else:
+        shapes = ("_4x4", "_8x4") if level.name == "dotprod" else ("_4x8", "_8x8")
+        assert formats and all(f.endswith(shapes) for f in formats), formats
     MEASURED[f"{level.name}/{t}/repack_on_vs_off"] = rel(on, off)
     MEASURED[f"{level.name}/{t}/arm_vs_x86"] = rel(off, x86[f"{t}/off/first"][ids])
     assert rel(on, off) < REPACK_TOL
@@ -466,8 +487,9 @@ def test_choices_grammar_schema(data, model, level, x86_constrained):
             assert max(abs(got["choices"][c] - ref["choices"][c]) for c in ref["choices"]) <= PROB_TOL
         elif kind == "grammar":
             assert GRAMMAR_RE.fullmatch(got["answer"]), got["answer"]
-        else:
-            assert set(json.loads(got["answer"])) == {"kind", "count"}
+        else:  # --json gives the parsed object
+            answer = got["answer"] if isinstance(got["answer"], dict) else json.loads(got["answer"])
+            assert set(answer) == {"kind", "count"}
 
 
 def test_tune(data, arm_converted, level):

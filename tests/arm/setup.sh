@@ -185,4 +185,4 @@ fi
 # `imp`: the repository is mounted at /imp and put on PYTHONPATH when tests run (tests/arm/emu.py)
 printf '#!/opt/venv/bin/python\nimport sys\nfrom imp_cli.app import main\nsys.exit(main())\n' > "$ROOT/opt/venv/bin/imp"
 chmod +x "$ROOT/opt/venv/bin/imp"
-log "ready: $ROOT (levels: $(for lv in "${LEVELS[@]}"; do printf '%s ' "${lv%% *}"; done))"
+log "ready: $ROOT (llama.cpp levels: $(ls "$ROOT/opt/llama" | tr "\n" " "))"

@@ -8,12 +8,13 @@ reference, on the host). Needs only imp's own dependencies (no torch, no pytest)
 A numerics job: {"name", "text", "mmproj", "image", "question", "forced": [ids], "n": int,
 "stop": [ids], "repack": bool}. For each: the projected image embeddings, the first-step logits,
 the teacher-forced top-1 over `forced`, the greedy ids (stopping before a stop id), and whether
-llama.cpp repacked any weights (its load log names a CPU_REPACK buffer).
+which repacked layouts llama.cpp chose (its load log names each repacked weight's).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def numerics(jobs_path: str, out_path: str) -> None:
         results[f"{name}/first"] = first
         results[f"{name}/top1"] = np.array(top1, dtype=np.int64)
         results[f"{name}/greedy"] = np.array(ids, dtype=np.int64)
-        results[f"{name}/repacked"] = np.array(any("CPU_REPACK" in line for line in seen))
+        # llama.cpp logs "repack: repack tensor NAME with q4_K_8x8" per repacked weight
+        formats = sorted({m for line in seen for m in re.findall(r"repack tensor \S+ with (\S+)", line)})
+        results[f"{name}/repacks"] = np.array(formats, dtype=str)
     np.savez(out_path, **results)
 
 
