@@ -205,7 +205,8 @@ def data():
     # x86 numbers on the quantized files, repacking on and off
     jobs = [{"name": f"{tag(name, quant)}/{'on' if repack else 'off'}", "text": host[name, quant]["text"],
              "mmproj": host[name, quant]["mmproj"], "image": str(photo), "question": QUESTION,
-             "forced": forced[name], "n": N, "stop": stops[name], "repack": repack}
+             "forced": forced[name], "n": N, "stop": stops[name], "repack": repack,
+             "live": F.predictable_ids("phi2").tolist()}
             for name, quant in QUANTIZED for repack in (False, True)]
     (work / "x86-jobs.json").write_text(json.dumps(jobs))
     ok(host_python(HERE / "worker.py", "numerics", work / "x86-jobs.json", work / "x86.npz"))
@@ -258,7 +259,8 @@ def arm_numbers(data, arm_converted):
                 else:
                     for repack in (False, True):
                         jobs.append({"name": f"{tag(name, quant)}/{'on' if repack else 'off'}", "forced": data["forced"][name],
-                                     "stop": data["stops"][name], "repack": repack, **common})
+                                     "stop": data["stops"][name], "repack": repack,
+                                     "live": F.predictable_ids("phi2").tolist(), **common})
             path = work / f"jobs-{level.name}.json"
             path.write_text(json.dumps(jobs))
             t = time.perf_counter()
@@ -381,8 +383,16 @@ def test_repacking_on_and_off(data, arm_numbers, level, name, quant):
     assert got[f"{t}/on/top1"].tolist() == got[f"{t}/off/top1"].tolist()
     # and ARM's kernels against x86's on the same file
     assert rel(off, x86[f"{t}/off/first"][ids]) < QUANT_TOL
-    assert got[f"{t}/off/greedy"].tolist() == x86[f"{t}/off/greedy"].tolist()
-    assert len(got[f"{t}/off/greedy"]) > 8
+    assert int(off.argmax()) == int(x86[f"{t}/off/first"][ids].argmax())
+    # the same greedy tokens, unless both machines saw a near-tie (within QUANT_TOL) where they part
+    ours, ref = got[f"{t}/off/greedy"].tolist(), x86[f"{t}/off/greedy"].tolist()
+    k = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    if k is not None:
+        m_arm, m_x86 = float(got[f"{t}/off/greedy_margin"][k]), float(x86[f"{t}/off/greedy_margin"][k])
+        MEASURED.setdefault("ties", []).append([level.name, t, k, m_arm, m_x86])
+        assert m_arm < QUANT_TOL and m_x86 < QUANT_TOL, f"greedy parts at {k}: margins {m_arm:.3f}, {m_x86:.3f} x std"
+    else:
+        assert len(ours) == len(ref) > 8
 
 
 # =============================================================================================

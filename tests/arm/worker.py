@@ -6,7 +6,7 @@ reference, on the host). Needs only imp's own dependencies (no torch, no pytest)
   python worker.py info                          -> what this process runs on (JSON)
 
 A numerics job: {"name", "text", "mmproj", "image", "question", "forced": [ids], "n": int,
-"stop": [ids], "repack": bool}. For each: the projected image embeddings, the first-step logits,
+"stop": [ids], "repack": bool, "live": [ids] (optional: the rows a margin is taken over)}. For each: the projected image embeddings, the first-step logits,
 the teacher-forced top-1 over `forced`, the greedy ids (stopping before a stop id), and whether
 which repacked layouts llama.cpp chose (its load log names each repacked weight's).
 """
@@ -75,12 +75,18 @@ def numerics(jobs_path: str, out_path: str) -> None:
                 engine.evaluate([head, embd, tail + forced[:i]])
                 top1.append(int(np.argmax(engine.last_logits())))
             ids: list[int] = []
+            margins: list[float] = []  # top-1 minus top-2 over the live rows, x their std, per step
+            live = np.array(job.get("live") or range(engine.n_vocab))
             while len(ids) < job["n"]:
                 engine.evaluate([head, embd, tail + ids])
-                tok = int(np.argmax(engine.last_logits()))
+                logits = engine.last_logits()
+                tok = int(np.argmax(logits))
+                top2 = np.sort(logits[live])[-2:]
+                margins.append(float((top2[1] - top2[0]) / logits[live].std()))
                 if tok in job["stop"]:
                     break
                 ids.append(tok)
+            results[f"{name}/greedy_margin"] = np.array(margins, dtype=np.float32)
             results[f"{name}/embd"] = np.asarray(embd.data, dtype=np.float32)
             results[f"{name}/prompt"] = np.array(list(head) + [-1] + list(tail), dtype=np.int64)
         results[f"{name}/first"] = first
