@@ -56,6 +56,12 @@ QUESTION = "What is in the image?"
 N = 24
 # As on x86 (tests/test_ask.py): fractions of the oracle's std over the predictable rows.
 EMBD_TOL, LOGITS_TOL = 1e-2, 6e-3
+# Built with +fp16 (the dotprod and i8mm levels, as a native build on a Pi 5, Graviton or Apple
+# core is), ggml computes F16 dot products in fp16 lanes (FP16_VA): the F16 vision tower's
+# embeddings move further, measured 6.8e-3 to 1.8e-2 x std (the widest: Qwen's 1152-wide SigLIP)
+# against 2.5e-3 to 3.3e-3 on NEON. A conversion mistake costs 1e-1 or more; the logits and the
+# tokens after them stay within the x86 bounds.
+EMBD_TOL_FP16 = 3e-2
 # Repacking changes how a quantized dot product is summed and scaled, not what it computes: as on
 # x86 (README, imp tune: measured 7e-3 to 8e-3 x std there), the bound is 2e-2. A wrong interleave is O(1).
 REPACK_TOL = 2e-2
@@ -314,7 +320,7 @@ def test_conversion_on_arm_equals_x86(data, arm_converted, name, quant):
 
 def same_gguf(ours: Path, ref: Path, source: Path) -> None:
     """The same metadata but for the source folder it names (/work/... on ARM, ROOT/work/... on
-    x86), and the same tensors byte for byte (llama.cpp quantizes with its reference C code)."""
+    x86), and the same tensors byte for byte, but for a rare rounding in a quantized block."""
     from gguf import GGUFReader
 
     ra, rb = GGUFReader(ours), GGUFReader(ref)
@@ -322,9 +328,22 @@ def same_gguf(ours: Path, ref: Path, source: Path) -> None:
     assert (fa.pop("imp.source", None), fb.pop("imp.source", None)) in ((None, None), (emu.arm_path(source), str(source)))
     assert fa == fb
     assert len(ra.tensors) == len(rb.tensors)
+    from gguf.quants import dequantize
+
     for ta, tb in zip(ra.tensors, rb.tensors):
         assert (ta.name, ta.tensor_type, list(ta.shape)) == (tb.name, tb.tensor_type, list(tb.shape))
-        assert bytes(ta.data) == bytes(tb.data), f"{ours.name}: {ta.name} differs from x86's"
+        if bytes(ta.data) == bytes(tb.data):
+            continue
+        # llama.cpp's K-quant search in floats: GCC contracts a*b+c into FMA on aarch64 (not on
+        # x86-64 without -mfma), so some blocks round the other way (measured: 23 bytes of the Q6_K
+        # output.weight, 697 of the Q4_K token_embd.weight, 0.45%). Within a quantization step;
+        # a wrong block layout would change nearly every byte. The float types must match exactly.
+        assert ta.tensor_type.name not in ("F32", "F16", "BF16"), f"{ours.name}: {ta.name} differs from x86's"
+        a, b = np.frombuffer(bytes(ta.data), np.uint8), np.frombuffer(bytes(tb.data), np.uint8)
+        MEASURED.setdefault("quantized_bytes_differing", {})[f"{ours.name}/{ta.name}"] = int((a != b).sum())
+        assert (a != b).mean() < 2e-2, f"{ours.name}: {ta.name}: {(a != b).sum()} bytes differ"
+        da, db = dequantize(ta.data, ta.tensor_type), dequantize(tb.data, tb.tensor_type)
+        assert np.abs(da - db).max() <= 0.1 * np.abs(db).max(), ta.name
 
 
 # =============================================================================================
@@ -337,7 +356,7 @@ def test_oracle_parity(data, arm_numbers, level, name):
     head, tail = e["prompt"]
     assert got[f"{t}/prompt"].tolist() == list(head) + [-1] + list(tail)
     assert got[f"{t}/embd"].shape == e["embd"].shape
-    assert rel(got[f"{t}/embd"], e["embd"]) < EMBD_TOL
+    assert rel(got[f"{t}/embd"], e["embd"]) < (EMBD_TOL if level.name == "neon" else EMBD_TOL_FP16)
     ours, ref = live(e["family"], got[f"{t}/first"]), live(e["family"], e["first"])
     MEASURED[f"{level.name}/{t}/embd_vs_oracle"] = rel(got[f"{t}/embd"], e["embd"])
     MEASURED[f"{level.name}/{t}/logits_vs_oracle"] = rel(ours, ref)
