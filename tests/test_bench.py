@@ -62,6 +62,9 @@ def test_cold_then_warm_in_new_processes(bench_modules, converted, photo, tmp_pa
     assert d["entry_bytes"]["median"] == out["json"]["cache_after_cold"]["bytes"]
     assert d["warm_over_cold"]["median"] == pytest.approx(
         out["plain"]["warm"]["first_output_s"] / out["plain"]["cold"]["first_output_s"])
+    # both figures of the first answer token: launch to first byte (outside), ttft_ms (inside)
+    assert d["warm_ttft_ms"]["median"] == out["json"]["warm"]["timings"]["ttft_ms"] > 0
+    assert "launch to first answer byte" in md and "(`ttft_ms`" in md
     assert "llama-mtmd-cli not available: not built in tests" in md
     assert (tmp_path / "latest.md").read_text() == md
 
@@ -176,10 +179,13 @@ def test_serve_log_lines_parse_and_others_are_ignored(bench_modules):
     _, report = bench_modules
     lines = ["imp serve: m on http://127.0.0.1:1234/v1 (max queue 16)", "GET /v1/models 200 - 0 ms",
              "POST /v1/chat/completions 200 775+32 tokens (0 reused) 21000 ms",
-             "POST /v1/chat/completions 503 - 1 ms", "POST /v1/chat/completions 200 16+7 tokens (760 reused) 900 ms"]
+             "POST /v1/chat/completions 503 - 1 ms", "POST /v1/chat/completions 200 16+7 tokens (760 reused) 900 ms",
+             "POST /v1/chat/completions 200 prompt 16 tokens (760 reused), answer 8 tokens (9.1 tok/s), "
+             "time to first token 610.0 ms, cache hit 900 ms (client gone)"]
     assert report.serve_log_requests(lines) == [
         {"status": 200, "prompt_tokens": 775, "completion_tokens": 32, "reused_tokens": 0, "ms": 21000},
-        {"status": 200, "prompt_tokens": 16, "completion_tokens": 7, "reused_tokens": 760, "ms": 900}]
+        {"status": 200, "prompt_tokens": 16, "completion_tokens": 7, "reused_tokens": 760, "ms": 900},
+        {"status": 200, "prompt_tokens": 776, "completion_tokens": 8, "reused_tokens": 760, "ms": 900}]
 
 
 def test_tuned_step_runs_tune_then_ask_with_its_choice(bench_modules, converted, photo, tmp_path):
@@ -191,7 +197,7 @@ def test_tuned_step_runs_tune_then_ask_with_its_choice(bench_modules, converted,
     import run
 
     text, mmproj = converted()
-    a = argparse.Namespace(quant="F16", cache=tmp_path, imp_args="", tune_rounds=1, runs=1, tokens=4)
+    a = argparse.Namespace(quant="F16", cache=tmp_path, homes=tmp_path, imp_args="", tune_rounds=1, runs=1, tokens=4)
     out = run.bench_tuned({"F16": text, "mmproj": mmproj}, a, 1, photo, None)
     assert "error" not in out["tune"] and len(out["tune"]["measurements"]) == 4
     assert "error" not in out["imp"][0]["plain"] and out["imp"][0]["json"]["cache"] == "miss"
