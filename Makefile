@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench soak demo clean
+.PHONY: install test test-arm bench soak demo clean
 
 install: $(STAMP)
 
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# make test-arm: imp on aarch64 under emulation (qemu-user), at the CPU feature levels in ARM_LEVELS
+# (default neon,i8mm; "all" adds dotprod). The first run sets the machine up into .arm/ (needs root:
+# apt-get, binfmt_misc, chroot; ~10 minutes: an arm64 Debian root, llama.cpp cross-compiled, wheels),
+# later runs reuse it. tests/arm/arm_suite.py says what is checked.
+ARM_LEVELS ?= neon,i8mm
+test-arm: install
+	PYTHON=$(abspath $(VENV))/bin/python tests/arm/setup.sh
+	ARM_LEVELS=$(ARM_LEVELS) $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/arm/arm_suite.py $(PYTEST_ARGS)
 
 # make bench: imp on full-size synthetic Imp models (real shapes, random weights): the 3B at 384 and
 # 196 px, the 4B (Phi-3) and 2B (Qwen1.5) at 384 px (--families phi2,phi3,qwen2):
@@ -41,4 +50,4 @@ demo: install
 	$(VENV)/bin/imp ask samples/demo.jpg "What is in this picture?"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .arm

@@ -20,6 +20,7 @@ import numpy as np
 
 from convert.native import native_log
 
+from .cpuinfo import machine
 from .errors import ImpError
 from .modelfiles import ModelPair
 
@@ -388,8 +389,10 @@ class Engine:
         """What a saved KV state depends on besides the model files: restoring a state into a
         context that differs in any of these is refused (llama.cpp may not notice)."""
         p = self.context_params  # flash attention stores the V cache untransposed: part of the layout
+        # arch: an entry written on ARM (another build of llama.cpp, other kernels) is never
+        # restored on x86 or the other way round, e.g. in an IMP_HOME on a shared disk
         return {"llama_cpp": self._llama_cpp.__version__, "type_k": int(p.type_k), "type_v": int(p.type_v),
-                "flash_attn": int(p.flash_attn_type), "n_embd": self.pair.n_embd}
+                "flash_attn": int(p.flash_attn_type), "n_embd": self.pair.n_embd, "arch": machine()}
 
     def keep_prefix_state(self, n: int, save: Callable[[np.ndarray | None, str], None]) -> None:
         """Copy the KV state of the first `n` positions (all the cache holds now) out later, off

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import store
+from . import cpuinfo, store
 from .engine import Tuning, physical_cores
 from .errors import ImpError
 from .modelfiles import ModelPair
@@ -33,8 +32,6 @@ FILE = "tuning.json"
 SWITCHES = ("auto", "on", "off")
 # All four settings, llama-cpp-python's defaults (repack on, flash attention off) first.
 SETTINGS = [Tuning(repack=r, flash_attn=f) for r in (True, False) for f in (False, True)]
-# The flags that decide which ggml kernels run (x86 and ARM names as /proc/cpuinfo spells them).
-_SIMD = re.compile(r"^(sse4|avx|amx|fma|f16c|asimd|sve|i8mm|dotprod|bf16|neon|fphp)")
 # The workload a setting is judged by: a cold `imp ask` (load, the image and question prefill,
 # an answer of this many tokens). Prefill dominates it (DESIGN.md section 6).
 QUESTION_TOKENS, ANSWER_TOKENS = 48, 64
@@ -48,20 +45,10 @@ def tuning_path() -> Path:
 
 # -- what a tuning result depends on ---------------------------------------------------------
 def cpu() -> dict:
-    """The CPU's model name and the SIMD flags ggml's kernels depend on."""
-    name, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            k, _, v = line.partition(":")
-            k = k.strip().lower()
-            if k in ("model name", "hardware", "cpu model") and not name:
-                name = v.strip()
-            elif k in ("flags", "features") and not flags:
-                flags = {f for f in v.split() if _SIMD.match(f)}
-    except OSError:  # not Linux: the platform's own description
-        pass
-    return {"cpu": name or platform.processor() or "unknown", "flags": " ".join(sorted(flags)),
-            "arch": platform.machine()}
+    """The CPU's model name, the SIMD flags ggml's kernels depend on, and the architecture
+    (imp_cli/cpuinfo.py reads x86's and ARM's /proc/cpuinfo)."""
+    info = cpuinfo.read()
+    return {"cpu": info.model, "flags": " ".join(sorted(info.simd)), "arch": info.arch}
 
 
 def llama_cpp_version() -> str:
@@ -102,9 +89,12 @@ def family_default(key: dict) -> tuple[Tuning, str]:
     the llama.cpp in llama-cpp-python 0.3.36 does not repack on x86 at all (ggml-cpu/repack.cpp
     has ARM and RISC-V kernels for it), so that only flash attention matters there. Not measured,
     hence llama-cpp-python's defaults (repack on, flash attention off): Q4_0 and IQ4_NL (repacked
-    on x86 by other kernels), x86 without AVX2, and every other architecture. The architecture
+    on x86 by other kernels), x86 without AVX2, and other architectures; ARM has its own rule
+    (arm_default). The architecture
     comes from the key's `arch` (platform.machine()): an emulated CPU can show the host's
     /proc/cpuinfo flags."""
+    if cpuinfo.machine(key.get("arch")) == "aarch64":
+        return arm_default(key)
     flags = set(key.get("flags", "").split())
     arch = key.get("arch", "").lower()
     x86 = arch in _X86 if arch else "avx2" in flags
@@ -114,6 +104,28 @@ def family_default(key: dict) -> tuple[Tuning, str]:
         return (Tuning(repack=False, flash_attn=False),
                 f"the measured defaults for x86 with {simd} (repack off, flash attention off)")
     return Tuning(), "llama-cpp-python's defaults (not measured for this CPU family and model type)"
+
+
+def arm_default(key: dict) -> tuple[Tuning, str]:
+    """ARM's defaults: repacking on, flash attention off, at every feature level.
+
+    Repacking is where ARM differs from x86. llama.cpp's repacked kernels were written for ARM
+    (they replaced the Q4_0_4_4 / 4_8 / 8_8 file types Arm contributed, with Arm's reported
+    prompt-processing gains on Graviton and Snapdragon): with dotprod (a Pi 5, Graviton 2) it
+    interleaves Q4_0 / Q8_0 rows 4x4 and Q4_K / Q5_K / Q6_K 8x4, with i8mm (Graviton 3 / 4, Apple
+    M2+, Snapdragon 8 Gen 3) 4x8 and 8x8 for the SMMLA instruction; on NEON alone (a Pi 4) it
+    repacks nothing, so "on" costs nothing there. On x86 repacking lost on every box measured
+    (DESIGN.md section 8) because its x86 kernels are not faster than the plain AVX ones; no such
+    measurement exists on ARM here (only emulation, whose speed means nothing), so the kernels'
+    authors' choice, llama.cpp's default, stands. Flash attention: llama-cpp-python's default
+    (off), as on x86. `imp tune` measures both on the real machine.
+    """
+    flags = set(key.get("flags", "").split())
+    level = "i8mm" if "i8mm" in flags else "dotprod" if "asimddp" in flags else "neon"
+    why = {"i8mm": "Q4_K and Q4_0 repacked for i8mm (SMMLA)",
+           "dotprod": "Q4_K and Q4_0 repacked for dotprod (SDOT)",
+           "neon": "nothing to repack without dotprod"}[level]
+    return Tuning(repack=True, flash_attn=False), f"ARM's defaults ({level}: {why})"
 
 
 # -- the tuning file -------------------------------------------------------------------------
