@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 from .engine import Engine, ImageRef, Sampling, prompt_keys
 from .errors import ImpError
-from .images import LoadedImage, preprocess
+from .images import LoadedImage, label, preprocess
 from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
@@ -293,7 +293,7 @@ class Session:
         state = self.engine.save_state()
         self.engine.timings.cache_save_ms = (time.perf_counter() - t0) * 1000
         header = {"layout": self.engine.kv_layout(), "prefix_tokens": n_prefix,
-                  "model": self.pair.name, "image": prompt.staged.source}
+                  "model": self.pair.name, "image": label(prompt.staged.source)}
         self.cache.store_async(key, header, state)
 
     # -- answers --------------------------------------------------------------------------------
