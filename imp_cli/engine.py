@@ -118,6 +118,8 @@ _backend_ready = False
 
 
 class Engine:
+    _interrupt = None  # the ctypes callback while set_interrupt() is in force (kept alive here)
+
     def __init__(self, pair: ModelPair, n_ctx: int = 4096, threads: int = 0, verbose: bool = False,
                  n_batch: int = 512, tuning: Tuning = Tuning()):
         import llama_cpp as lc
@@ -141,7 +143,6 @@ class Engine:
         self.generated: list[int] = []  # the last answer's token ids (a conversation feeds them back)
         self._images: list[ImageEmbedding] = []
         self._candidates = None  # the sampler's token array, allocated on the first sample
-        self._interrupt = None  # the ctypes callback while set_interrupt() is in force (kept alive)
         if not _backend_ready:
             lc.llama_backend_init()
             _backend_ready = True
@@ -215,6 +216,9 @@ class Engine:
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
+
     def max_token_bytes(self) -> int:
         """The most bytes one token of the vocabulary stands for, special tokens as written
         (tokenize parses them): a text of n bytes is at least n / this many tokens."""
@@ -224,9 +228,6 @@ class Engine:
             n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
             longest = max(longest, -n if n < 0 else n)  # negative: the piece's size, too big for buf
         return longest
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
 
     # -- images ---------------------------------------------------------------------------------
     def encode_image(self, pixels: np.ndarray, key: str) -> ImageEmbedding:

@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 import urllib.error
-import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -139,6 +138,8 @@ def preprocess(image: Image.Image, *, size: int, aspect: str) -> np.ndarray:
 def redact(url: str, limit: int = 200) -> str:
     """A URL as it may be shown or recorded: scheme, host, port and path only (query strings
     and fragments often carry access tokens; user:password too), bounded and printable."""
+    import urllib.parse
+
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname or ""

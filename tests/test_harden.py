@@ -658,6 +658,8 @@ def test_cache_headers_hold_no_client_strings(server, env, trickle_host, png):
     Image.new("RGB", (30, 20), (200, 10, 10)).save(other, "PNG")  # an image no other test sent: a new entry
     assert server.chat([user(QUESTION, data_url(other.getvalue(), "image/png"))])[0] == 200
     assert server.chat([user(QUESTION, f"http://127.0.0.1:{port}/img.png?token=SECRET#frag")])[0] == 200
+    # another picture: a prefix's entry may be written only once it leaves the KV cache
+    assert server.chat([user(QUESTION, data_url(png))])[0] == 200
     for _ in range(100):
         images = [h.get("image", "") for h in _cache_headers(env)]
         if any(i.startswith("http") for i in images) and any(i.startswith("data:image/png (") for i in images):
