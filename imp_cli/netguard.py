@@ -8,8 +8,10 @@ uvicorn gives us, and serve.py sets:
 What it lacks, added here:
 - a header timeout: with the h11 protocol, a connection that sends nothing, or trickles its
   request line and headers a byte at a time, was held open for ever (uvicorn's keep-alive timer
-  stops at the first byte). `GuardedH11` closes a connection whose request headers are not all
-  there `header_timeout` seconds after it opened or after its previous response ended (408);
+  stops at the first byte). `GuardedH11` closes a connection whose request line and headers are
+  not all there `header_timeout` seconds after it opened or after the first byte of its next
+  request (408), and one that trickles the rest of a body its handler never read (GET /health
+  with a long Content-Length) `header_timeout` seconds after its response;
 - a cap on open connections: one over `max_connections` is answered 503 and closed as soon as
   it is accepted, before it can hold anything;
 - `BodyBudget`: the request bodies held in memory at once, over all connections (20 clients
@@ -62,40 +64,57 @@ def guarded_h11(header_timeout: float, max_connections: int, on_drop=lambda why:
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
-            if self._header_timer is None and self.conn.their_state is h11.IDLE:
+            if self._header_timer is None and self._waiting() == "headers":
                 self._arm()  # the first bytes of a new request on a kept-alive connection
             super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:
-                self._disarm()  # its request line and headers are in
+            if self._waiting() is None:
+                self._disarm()  # a request's line and headers are in: the handler has it now
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            # uvicorn's keep-alive timer runs until the next byte; ours from then on
-            self._disarm()
+            if self._waiting() == "drain":
+                if self._header_timer is None:
+                    self._arm()  # answered before its body was read: the rest must come in time too
+            else:
+                self._disarm()  # idle: uvicorn's keep-alive timer runs until the next byte, ours from then
 
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 
+        def _waiting(self) -> str | None:
+            """What the connection waits for from the client while no handler reads from it:
+            a request's line and headers, or the rest of a body its handler did not read."""
+            idle = self.cycle is None or self.cycle.response_complete
+            if not idle:
+                return None
+            if self.conn.their_state is h11.IDLE:
+                return "headers"
+            if self.conn.their_state is h11.SEND_BODY:
+                return "drain"
+            return None
+
         def _arm(self) -> None:
             self._disarm()
-            self._header_timer = self.loop.call_later(header_timeout, self._headers_late)
+            self._header_timer = self.loop.call_later(header_timeout, self._late)
 
         def _disarm(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
 
-        def _headers_late(self) -> None:
+        def _late(self) -> None:
             self._header_timer = None
-            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            waiting = self._waiting()
+            if self.transport.is_closing() or waiting is None:
                 return
-            if self.cycle is not None and not self.cycle.response_complete:
-                return  # a response is still under way (pipelining): not idle
-            on_drop("request headers not received in time")
-            self.transport.write(_raw_response(408, "Request Timeout",
-                                               f"the request's headers did not arrive within {header_timeout:g} s "
-                                               "(imp serve --header-timeout)", "request_timeout"))
+            if waiting == "headers":
+                on_drop("request headers not received in time")
+                self.transport.write(_raw_response(408, "Request Timeout",
+                                                   f"the request's headers did not arrive within {header_timeout:g} s "
+                                                   "(imp serve --header-timeout)", "request_timeout"))
+            else:
+                on_drop("the rest of an answered request's body not received in time")
             self.transport.close()
 
     return GuardedH11

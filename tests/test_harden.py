@@ -546,8 +546,9 @@ def test_request_bodies_in_flight_are_capped(server, png):
 def test_slow_and_silent_connections_are_dropped(server):
     """Finding 6 (--header-timeout 1, --body-timeout 2, --max-connections 6 here): a silent
     connection and one trickling its headers are closed with 408 after the header timeout; a
-    trickled body gets 408 after the body timeout; a 7th connection is refused with 503 at once.
-    Bound: 15 s each (before: all stayed open for good)."""
+    trickled body gets 408 after the body timeout, and one nobody reads is cut off after the
+    header timeout; a 7th connection is refused with 503 at once. Bound: 10-15 s each (before:
+    all stayed open for good)."""
     silent = socket.create_connection(("127.0.0.1", server.port), timeout=15)
     slow = socket.create_connection(("127.0.0.1", server.port), timeout=15)
     header = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
@@ -582,6 +583,23 @@ def test_slow_and_silent_connections_are_dropped(server):
     got = read_response(body)
     body.close()
     assert got.startswith(b"HTTP/1.1 408") and b"--body-timeout" in got, got
+
+    # a body its handler never reads (GET /health answers at once), trickled on: closed after the timeout
+    drain = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    drain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    assert read_response(drain).startswith(b"HTTP/1.1 200")
+    drain.settimeout(0.1)
+    t0, closed = time.monotonic(), False
+    while not closed and time.monotonic() - t0 < 10:
+        try:
+            drain.sendall(b" ")
+            closed = drain.recv(1) == b""
+        except socket.timeout:
+            pass
+        except OSError:
+            closed = True
+    drain.close()
+    assert closed, "a trickled body nobody reads kept its connection open for 10 s"
 
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=15) for _ in range(MAX_CONNECTIONS)]
     extra = socket.create_connection(("127.0.0.1", server.port), timeout=15)
