@@ -62,6 +62,26 @@ def check_unicode(texts, param: str = "messages") -> None:
                              "invalid_unicode") from None
 
 
+def json_value_cap(limits: Limits, n_ctx: int, max_token_bytes: int) -> int:
+    """How many JSON values a request this server can answer may hold, at most: the structure of
+    max_messages messages with max_parts content parts between them, a few thousand for the
+    parameters and fields we ignore (tools schemas), and text as long as the context can take
+    (twice over: the count below sees the commas and brackets inside strings too)."""
+    return 16 * (limits.max_messages + limits.max_parts) + 65_536 + 2 * n_ctx * max(1, max_token_bytes)
+
+
+def check_json_values(body: bytes, cap: int) -> None:
+    """Refuse, before parsing, a body of more JSON values than `cap`: every value but the first
+    of each array or object follows a ',' and each array or object opens with '[' or '{', so
+    those characters (also inside strings) bound the values. Parsing millions of tiny values
+    holds the interpreter lock for seconds (a 43 MB body of content parts: 8 s), however
+    off the event loop it runs; these three scans of the bytes take milliseconds."""
+    n = body.count(b",") + body.count(b"{") + body.count(b"[")
+    if n > cap:
+        raise LimitError(f"the body holds up to {n:,} JSON values (counting ',', '{{' and '[' anywhere in it); a "
+                         f"request this server can answer holds at most {cap:,}", None, "too_many_values")
+
+
 def check_prompt_bytes(n_bytes: int, n_ctx: int, max_token_bytes: int) -> None:
     """Refuse, before tokenizing, a prompt whose text cannot fit the context: no token of this
     vocabulary covers more than `max_token_bytes` bytes, so the text is at least

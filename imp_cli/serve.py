@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from . import netguard
 from .errors import ImpError
 from .images import MAX_BYTES, MAX_DECODE_BYTES, ImageError
-from .limits import Limits, LimitError, check_messages, check_parts, check_prompt_bytes, check_stops, check_unicode
+from .limits import (Limits, LimitError, check_json_values, check_messages, check_parts, check_prompt_bytes,
+                     check_stops, check_unicode, json_value_cap)
 from .prompts import Turn
 from .stops import StopText  # noqa: F401 - tests and callers import it from here
 
@@ -551,6 +552,8 @@ class Api:
     def _parse(self, body: bytes) -> ChatRequest:
         """In a worker thread (issue 21: a 29 MB body of 400,000 messages froze the event loop for
         190 s): JSON, the request's checks, and the prompt's length against the context."""
+        n_ctx, token_bytes = self.worker.session.engine.n_ctx, self.worker.max_token_bytes
+        _checked(check_json_values, body, json_value_cap(self.limits, n_ctx, token_bytes))
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
@@ -560,8 +563,7 @@ class Api:
         r = parse_chat(data, self.options.max_tokens, self.options.temperature, self.limits)
         self._check_model(r.model)
         texts = [r.question, r.system or ""] + [t for turn in r.history for t in (turn.question, turn.answer)]
-        _checked(check_prompt_bytes, sum(len(t.encode("utf-8")) for t in texts), self.worker.session.engine.n_ctx,
-                 self.worker.max_token_bytes)
+        _checked(check_prompt_bytes, sum(len(t.encode("utf-8")) for t in texts), n_ctx, token_bytes)
         return r
 
     def _queue_full(self) -> ApiError:
