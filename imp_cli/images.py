@@ -102,7 +102,7 @@ def load_data_url(url: str, *, max_bytes: int = MAX_BYTES, budget: int | None = 
         # the label is the client's text: shown only bounded and printable (it also names the
         # image in the prompt cache's entry headers)
         shown = "".join(c if c.isprintable() else "?" for c in kind[:40]) + ("…" if len(kind) > 40 else "")
-        raise ImageError(f"the data: URL holds {shown or 'no media type'!s}, not a {FORMAT_NAMES} image")
+        raise ImageError(f"the data: URL holds {shown or 'no media type'!s}, not an image imp reads ({FORMAT_NAMES})")
     payload = "".join(payload.split())  # some clients wrap base64 lines
     if len(payload) // 4 * 3 > max_bytes:
         raise ImageError(f"the data: URL image is larger than {_fmt_bytes(max_bytes)}")
@@ -263,7 +263,7 @@ def _decode(data: bytes, what: str, image_what: str, budget: int = MAX_DECODE_BY
             detail = f"{int(m[1]):,} pixels; limit {Image.MAX_IMAGE_PIXELS:,}" if m else str(e)
             error = f"{image_what} is too large ({detail})"
         except Image.UnidentifiedImageError:
-            error = f"{what} is not a {FORMAT_NAMES} image"
+            error = f"{what} is not an image imp reads ({FORMAT_NAMES})"
         except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
             error = e
     if isinstance(error, BaseException):
