@@ -216,7 +216,7 @@ def imp_convert(source: Path, quant: str, out_dir: Path, threads: int) -> dict:
     import shutil
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    r = run_measured([IMP, "convert", str(source), "--out", str(out_dir), "-q", quant, "--force", "--json",
+    r = run_measured([IMP, "convert", str(source), "--out", str(out_dir), "--quant", quant, "--force", "--json",
                       "--threads", str(threads), "--name", "bench"], env=imp_env())
     shutil.rmtree(out_dir, ignore_errors=True)
     if r["rc"] != 0:
@@ -240,14 +240,16 @@ def imp_ask(text: Path, mmproj: Path, image: Path, question: str, tokens: int, t
     row = {k: r[k] for k in ("wall_s", "first_output_s", "peak_rss", "peak_anon", "foreign_cpu", "load_before")}
     if as_json:
         record = json.loads(r["stdout"].strip().splitlines()[-1])
-        row.update(timings=record["timings"], cache=record["cache"],
+        usage = record["usage"]  # the record's counts, under the names the report reads them by
+        row.update(timings={**record["timings"], "prompt_tokens": usage["evaluated_tokens"],
+                            "reused_tokens": usage["reused_tokens"]}, cache=record["cache"],
                    after_answer_s=r["wall_s"] - r["first_output_s"])
     return row
 
 
 def imp_cache(home: Path, action: str) -> dict | None:
     """`imp cache info --json` (returns its record) or `imp cache clear`."""
-    cmd = [IMP, "cache", action] + (["--json"] if action == "info" else [])
+    cmd = [IMP, "cache", action] + (["--json"] if action == "info" else ["--yes"])
     r = subprocess.run(cmd, capture_output=True, text=True, env=imp_env(home), check=True)
     return json.loads(r.stdout) if action == "info" else None
 

@@ -428,8 +428,10 @@ def _tuned_md(res: dict) -> list[str]:
         for m in tune["measurements"]:
             on = lambda v: "on" if v else "off"  # noqa: E731
             chosen = m["repack"] == c["repack"] and m["flash_attn"] == c["flash_attn"]
-            L.append(f"| {on(m['repack'])} | {on(m['flash_attn'])} | {m['load_s']:.2f} | {m['prompt_tokens_per_s']:.1f} "
-                     f"| {m['generation_tokens_per_s']:.1f} | {m['estimate_s']:.1f} | {m['cpu_share']:.2f} "
+            load_s = m["load_ms"] / 1000 if "load_ms" in m else m["load_s"]  # imp tune --json: ms since issue 24
+            estimate_s = m["estimate_ms"] / 1000 if "estimate_ms" in m else m["estimate_s"]
+            L.append(f"| {on(m['repack'])} | {on(m['flash_attn'])} | {load_s:.2f} | {m['prompt_tokens_per_s']:.1f} "
+                     f"| {m['generation_tokens_per_s']:.1f} | {estimate_s:.1f} | {m['cpu_share']:.2f} "
                      f"| {'*' if chosen else ''} |")
         L.append("")
         L.append("`imp ask` then ran with its default `--repack auto --flash-attn auto`, which read that choice.")

@@ -32,21 +32,37 @@ app = typer.Typer(
 )
 
 # The choices come from the one list of types (convert/formats.py, no heavy imports).
-TextType = Enum("TextType", {t: t for t in TEXT_TYPES}, type=str)
-MmprojType = Enum("MmprojType", {t: t for t in MMPROJ_TYPES}, type=str)
 Switch = Enum("Switch", {v: v for v in ("auto", "on", "off")}, type=str)
 
+
+class _Choice(click.Choice):
+    """Accepted in any case, shown as the README writes them (click shows them casefolded)."""
+
+    def __init__(self, choices):
+        super().__init__(list(choices), case_sensitive=False)
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.choices) + "]"
+
+    def get_invalid_choice_message(self, value, ctx=None) -> str:
+        return f"{value!r} is not one of {', '.join(self.choices)} (any case)"
+
+
+# -q is `imp ask`'s --question everywhere; the quantization has no short form. Shown as the README
+# writes the types (F16, Q8_0, Q4_K_M), accepted in any case.
+QUANT_OPTION = typer.Option(DEFAULT_TEXT_TYPE, "--quant", envvar="IMP_QUANT", click_type=_Choice(TEXT_TYPES), help="Language model type.")
 
 # Options shared by the commands that answer (ask, chat, serve): declared once.
 MODEL_OPTION = typer.Option(None, "--model", "-m", envvar="IMP_MODEL", help="Store name, known name, repo id, text GGUF (mmproj found beside it) or folder holding the pair.")
 MMPROJ_OPTION = typer.Option(None, "--mmproj", envvar="IMP_MMPROJ", help="The vision projector GGUF, if not beside the model.")
 MAX_TOKENS_OPTION = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Stop after this many tokens.")
-TEMPERATURE_OPTION = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic).")
+TEMPERATURE_OPTION = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, help="0 is greedy (deterministic); above 0 the answer is sampled (random unless --seed).")
 TOP_P_OPTION = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0)
 TOP_K_OPTION = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="0 disables top-k.")
-SEED_OPTION = typer.Option(0, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0).")
+SEED_OPTION = typer.Option(None, "--seed", envvar="IMP_SEED", help="Sampling seed (with --temperature > 0); default: a fresh random seed per answer, recorded in --json.")
 SYSTEM_OPTION = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="Replace the model's system prompt.")
-THREADS_OPTION = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="CPU threads (0: physical cores).")
+THREADS_HELP = "CPU threads (0: one per physical core)."
+THREADS_OPTION = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help=THREADS_HELP)
 CTX_OPTION = typer.Option(4096, "--ctx", envvar="IMP_CTX", min=64, help="Context size (capped at the model's trained context).")
 NO_CACHE_OPTION = typer.Option(False, "--no-cache", help="Neither read nor write the prompt cache (also IMP_CACHE=off).")
 VERBOSE = typer.Option(False, "--verbose", "-v", envvar="IMP_VERBOSE", help="Show llama.cpp logs and tracebacks.")
@@ -58,11 +74,11 @@ FLASH_ATTN_OPTION = typer.Option(Switch.auto, "--flash-attn", envvar="IMP_FLASH_
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder, or Hugging Face repo id (owner/name[@revision])."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for the two GGUF files."),
-    quant: TextType = typer.Option(TextType[DEFAULT_TEXT_TYPE], "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
-    mmproj_type: MmprojType = typer.Option(MmprojType[DEFAULT_MMPROJ_TYPE], "--mmproj-type", case_sensitive=False, help="Vision projector type."),
+    quant: str = QUANT_OPTION,
+    mmproj_type: str = typer.Option(DEFAULT_MMPROJ_TYPE, "--mmproj-type", click_type=_Choice(MMPROJ_TYPES), help="Vision projector type."),
     name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: the checkpoint's)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace existing output files."),
-    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", help="Quantization threads (0: all cores)."),
+    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: one per physical core)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     verbose: bool = VERBOSE,
 ) -> None:
@@ -70,10 +86,11 @@ def convert(
     with _command(json_mode=json_out, verbose=verbose) as output:
         from convert.pipeline import convert as run_convert
 
-        result = run_convert(source, out, quant=quant.value, mmproj_type=mmproj_type.value, force=force,
-                             progress=output, threads=threads or None, name=name, verbose=verbose)
+        result = run_convert(source, out, quant=quant, mmproj_type=mmproj_type, force=force,
+                             progress=output, threads=_threads(threads, output) or _physical_cores(),
+                             name=name, verbose=verbose)
         if json_out:
-            output.record(result.as_dict())
+            output.record(conversion_record(result))
         else:
             output.answer(
                 f"{result.text_path}\t{result.text_type}\t{_size(result.text_bytes)}\n"
@@ -105,7 +122,7 @@ def ask(
     choices: Optional[str] = typer.Option(None, "--choices", metavar="A,B,...|@FILE", help="Print the likeliest of these answers (scored, not generated; --json adds their probabilities)."),
     json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="SCHEMA|@FILE", help="Generate JSON valid against this JSON schema (inline or a file)."),
     grammar: Optional[str] = typer.Option(None, "--grammar", metavar="@FILE", help="Generate only what this GBNF grammar (root rule `root`) allows."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object per answer (answer, question, model, image, cache, timings)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON record per answer (README: Records; imp_cli/schema/record.schema.json)."),
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     repack: Switch = REPACK_OPTION,
     flash_attn: Switch = FLASH_ATTN_OPTION,
@@ -117,6 +134,7 @@ def ask(
     images, asked = _split_ask_args(list(args), list(questions or []), questions_from)
     output = Output(json_mode=json_out, verbose=verbose)
     choice_list, constraint = _constraints(choices, json_schema, grammar, output)
+    _threads(threads, output)
     with _errors(output):
         from .ask import Request, read_questions, run_ask
 
@@ -163,11 +181,12 @@ def chat(
     repack: Switch = REPACK_OPTION,
     flash_attn: Switch = FLASH_ATTN_OPTION,
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Generate exactly --max-tokens per answer."),
-    json_out: bool = typer.Option(False, "--json", help="One JSON object per turn instead of the streamed text."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON record per turn instead of the streamed text (the record of imp ask --json, plus turn)."),
     verbose: bool = VERBOSE,
 ) -> None:
     """Talk about an image: a REPL in a terminal (/help for its commands), or one question per input line from a pipe."""
     with _command(json_mode=json_out, verbose=verbose) as output:
+        _threads(threads, output)
         from .ask import Request
         from .chat import run_chat
 
@@ -199,8 +218,13 @@ def serve(
     keep_alive: float = typer.Option(5.0, "--keep-alive", envvar="IMP_KEEP_ALIVE", min=0.1, help="Seconds an idle kept-alive connection stays open."),
     max_body: int = typer.Option(50 * 1024 * 1024, "--max-body", envvar="IMP_MAX_BODY", min=1024, help="Largest request body in bytes (413 beyond)."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs (never from loopback or private addresses)."),
-    max_tokens: int = MAX_TOKENS_OPTION,
-    temperature: float = TEMPERATURE_OPTION,
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Default max_tokens of a request that gives none."),
+    temperature: float = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, max=2.0, help="Default temperature of a request that gives none (0: greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", envvar="IMP_TOP_P", min=0.0, max=1.0, help="Default top_p of a request that gives none."),
+    top_k: int = typer.Option(0, "--top-k", envvar="IMP_TOP_K", min=0, help="Default top_k of a request that gives none (0: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", envvar="IMP_SEED", help="Default seed of a request that gives none (default: a fresh random seed per answer, returned as `seed`)."),
+    system: Optional[str] = typer.Option(None, "--system", envvar="IMP_SYSTEM", help="System text for a conversation that has no system message (default: the model's own)."),
+    cors_origin: Optional[List[str]] = typer.Option(None, "--cors-origin", envvar="IMP_CORS_ORIGIN", help="Let web pages from this origin (e.g. http://localhost:3000, or *) call the API from a browser; repeatable. Off by default."),
     threads: int = THREADS_OPTION,
     ctx: int = CTX_OPTION,
     no_cache: bool = NO_CACHE_OPTION,
@@ -212,9 +236,11 @@ def serve(
     with _command(verbose=verbose) as output:
         from .serve import ServeOptions, run_serve
 
+        _threads(threads, output)
         run_serve(ServeOptions(model=model, mmproj=mmproj, host=host, port=port, api_key=api_key, max_queue=max_queue,
                                max_body=max_body, allow_remote_images=allow_remote_images, max_tokens=max_tokens,
-                               temperature=temperature, threads=threads, ctx=ctx, cache=not no_cache,
+                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
+                               cors_origins=list(cors_origin or []), threads=threads, ctx=ctx, cache=not no_cache,
                                verbose=verbose, repack=repack.value, flash_attn=flash_attn.value,
                                max_messages=max_messages, max_parts=max_parts, max_image_memory=max_image_memory,
                                remote_timeout=remote_timeout, max_body_total=max_body_total,
@@ -223,22 +249,78 @@ def serve(
 
 
 def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:
-    """`imp ask IMAGE... QUESTION`, or with -q/--questions-from every positional is an image."""
+    """`imp ask IMAGE... QUESTION`, or with -q/--questions-from every positional is an image. The
+    mistakes newcomers make (no image, no question, the two swapped) are usage errors that say so."""
+    import shlex
+
     if questions or questions_from:
         if questions_from == "-" and "-" in args:
             raise click.UsageError("standard input (-) cannot hold both an image and the questions")
         return args, questions
     if len(args) < 2:
-        raise click.UsageError("Missing argument 'QUESTION' (or give questions with -q)")
-    return args[:-1], [args[-1]]
+        given = args[0] if args else ""
+        if args and (_is_image(given) or _looks_like_a_file(given)):
+            missing = "" if _is_image(given) else f" (and there is no file {given!r})"
+            raise click.UsageError(f"no question{missing}: put it after the image, e.g. imp ask {shlex.quote(given)} "
+                                   "\"What is in the picture?\" (or give questions with -q)")
+        raise click.UsageError(f"no image: imp ask takes the image(s) first, then the question, e.g. "
+                               f"imp ask photo.jpg {shlex.quote(given or 'What is in the picture?')}")
+    images, question = args[:-1], args[-1]
+    if _is_image(question) and not any(_is_image(a) for a in images):
+        raise click.UsageError(f"the image comes first, then the question: imp ask {shlex.quote(question)} "
+                               + " ".join(shlex.quote(a) for a in images))
+    return images, [question]
+
+
+def _is_image(arg: str) -> bool:
+    """An argument that can only be meant as an image: standard input, a URL or an existing file."""
+    import os
+
+    return arg == "-" or arg.lower().startswith(("http://", "https://")) or os.path.isfile(arg)
+
+
+def _looks_like_a_file(arg: str) -> bool:
+    import os
+
+    return (os.sep in arg or arg.lower().endswith((".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"))) \
+        and "\n" not in arg and "?" not in arg
+
+
+def _threads(threads: int, output) -> int:
+    """--threads as given (0: one per physical core); a warning when it exceeds the CPUs this
+    process may run on (llama.cpp's threads then wait for each other)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads > cpus:
+        output.warn(f"--threads {threads} is more than the {cpus} CPU{'s' if cpus != 1 else ''} here: "
+                    "llama.cpp gets slower with more threads than cores (0: one per physical core)")
+    return threads
+
+
+def _physical_cores() -> int:
+    from .engine import physical_cores
+
+    return physical_cores()
+
+
+def conversion_record(result) -> dict:
+    """`imp convert --json`: the names the answer records use (quant, mmproj_type, *_ms)."""
+    d = result.as_dict()
+    out = {"text": d.pop("text_path"), "quant": d.pop("text_type"), "text_bytes": d.pop("text_bytes"),
+           "mmproj": d.pop("mmproj_path"), "mmproj_type": d.pop("mmproj_type"), "mmproj_bytes": d.pop("mmproj_bytes")}
+    out.update(d)
+    out["total_ms"] = round(out.pop("seconds") * 1000, 1)
+    return out
 
 
 @app.command()
 def pull(
-    model: str = typer.Argument("imp-v1-3b", help="A known model name or a Hugging Face repo id (owner/name[@revision])."),
-    quant: TextType = typer.Option(TextType[DEFAULT_TEXT_TYPE], "--quant", "-q", envvar="IMP_QUANT", case_sensitive=False, help="Language model type."),
-    force: bool = typer.Option(False, "--force", "-f", help="Download and convert again even if installed."),
-    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads (0: all cores); also the threads `imp tune` measures with (0: physical cores)."),
+    model: str = typer.Argument("imp-v1-3b", help="A known model name, a Hugging Face repo id (owner/name[@revision]), or a local checkpoint folder (converted and installed)."),
+    quant: str = QUANT_OPTION,
+    name: Optional[str] = typer.Option(None, "--name", help="Store name for a local checkpoint (default: its folder's name, lowercased)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Download and convert again even if installed; install under a known model's name."),
+    threads: int = typer.Option(0, "--threads", "-t", envvar="IMP_THREADS", min=0, help="Quantization threads, also those `imp tune` measures with (0: one per physical core)."),
     no_tune: bool = typer.Option(False, "--no-tune", help="Do not run `imp tune` after a conversion."),
     verbose: bool = VERBOSE,
 ) -> None:
@@ -246,7 +328,8 @@ def pull(
     with _command(verbose=verbose) as output:
         from .pull import pull as run_pull
 
-        entry = run_pull(model, output, quant=quant.value, force=force, threads=threads or None, tune=not no_tune)
+        entry = run_pull(model, output, quant=quant, force=force, threads=_threads(threads, output),
+                         tune=not no_tune, name=name)
         output.answer(f"{entry.folder}\n")
 
 
@@ -263,6 +346,7 @@ def tune(
     with _command(json_mode=json_out, verbose=verbose) as output:
         from .tune import run_tune
 
+        _threads(threads, output)
         run_tune(model, mmproj, output, threads=threads, verbose=verbose, rounds=rounds)
 
 
@@ -272,7 +356,7 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("list")
 def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON array on stdout.")) -> None:
-    """The installed models: name, source, type, size, folder."""
+    """The installed models: name, source, quant, size, folder."""
     with _command(json_mode=json_out) as output:
         from . import store
 
@@ -284,8 +368,13 @@ def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON ar
             return
         if not rows:
             output.info(f"no models installed in {store.models_dir()}: try `imp pull`")
+        elif sys.stdout.isatty():  # a header for people; a pipe gets the rows only (cut, awk)
+            output.answer("NAME\tSOURCE\tQUANT\tSIZE\tFOLDER\n")
         for r in rows:
             output.answer(f"{r['name']}\t{r['source']}\t{r['quant']}\t{_size(r['bytes'])}\t{r['path']}\n")
+
+
+models_app.command("ls", hidden=True, help="Same as `imp models list`.")(models_list)
 
 
 @models_app.command("path")
@@ -301,26 +390,46 @@ def models_path(name: str = typer.Argument(..., help="Store name.")) -> None:
         output.answer(f"{entry.folder}\n")
 
 
+YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (needed when standard input is not a terminal).")
+
+
 @models_app.command("rm")
 def models_rm(
-    name: str = typer.Argument(..., help="Store name."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    names: List[str] = typer.Argument(..., metavar="NAME...", help="Store names."),
+    yes: bool = YES_OPTION,
 ) -> None:
-    """Remove an installed model (asks first unless --yes)."""
+    """Remove installed models (asks first unless --yes)."""
     with _command() as output:
         from . import store
         from .errors import ImpError
 
-        folder = store.entry_dir(name)
-        if not folder.is_dir():
-            raise ImpError(f"no model named {name!r} in the store ({store.models_dir()})")
-        if not yes:
-            if not sys.stdin.isatty():
-                raise ImpError(f"not removing {name} without confirmation: pass --yes")
-            if not typer.confirm(f"Remove {name} ({folder})?", err=True):
-                raise typer.Exit(1)
-        store.remove(name)
-        output.info(f"removed {name}")
+        folders = {}
+        for name in dict.fromkeys(names):  # all checked before any is removed
+            folder = store.entry_dir(name)
+            if not folder.is_dir():
+                raise ImpError(f"no model named {name!r} in the store ({store.models_dir()})")
+            folders[name] = folder
+        listed = ", ".join(f"{n} ({f})" for n, f in folders.items())
+        _confirm(f"Remove {listed}?", f"not removing {', '.join(folders)} without confirmation", yes)
+        for name in folders:
+            store.remove(name)
+            output.info(f"removed {name}")
+
+
+models_app.command("remove", hidden=True, help="Same as `imp models rm`.")(models_rm)
+
+
+def _confirm(question: str, refusal: str, yes: bool) -> None:
+    """The one confirmation rule for what cannot be undone (models rm, cache clear): --yes goes
+    ahead; a terminal is asked; anything else (a script) must say --yes."""
+    from .errors import ImpError
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ImpError(f"{refusal}: pass --yes")
+    if not typer.confirm(question, err=True):
+        raise typer.Exit(1)
 
 
 @models_app.command("import")
@@ -328,7 +437,7 @@ def models_import(
     text: Path = typer.Argument(..., help="Language-model GGUF."),
     mmproj: Optional[Path] = typer.Argument(None, help="Vision projector GGUF (default: found beside TEXT)."),
     name: str = typer.Option(..., "--name", help="Store name for the pair."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace an installed model of that name."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an installed model of that name, or use a known model's name."),
 ) -> None:
     """Copy an existing GGUF pair into the store under NAME."""
     with _command() as output:
@@ -357,22 +466,27 @@ def cache_info(json_out: bool = typer.Option(False, "--json", help="One JSON obj
 
 
 @cache_app.command("clear")
-def cache_clear() -> None:
-    """Remove every entry."""
+def cache_clear(yes: bool = YES_OPTION) -> None:
+    """Remove every entry (asks first unless --yes)."""
     with _command() as output:
         from .prompt_cache import PromptCache
 
         cache = PromptCache()
+        n = cache.info()["entries"]
+        if n:
+            _confirm(f"Remove {n} entr{'y' if n == 1 else 'ies'} from {cache.folder}?",
+                     f"not clearing the prompt cache ({n} entr{'y' if n == 1 else 'ies'}) without confirmation", yes)
         n = cache.clear()
         output.info(f"removed {n} entr{'y' if n == 1 else 'ies'} from {cache.folder}")
 
 
 def _size(n: float) -> str:
-    if n < 1024:
+    """Decimal units, as disks and IMP_CACHE_SIZE count them: 1 GB = 10^9 bytes."""
+    if n < 1000:
         return f"{n:.0f} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1024
-        if n < 1024 or unit == "GB":
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}"
 
 
@@ -434,12 +548,58 @@ def main() -> None:
         result = app(standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except _ParserError as e:  # usage errors (exit_code 2) and other CLI errors
-        e.show()
         code = getattr(e, "exit_code", 2)
+        _show_cli_error(e)
     except (KeyboardInterrupt, typer.Abort):  # interrupted outside a command
         code = 130
     sys.stdout.flush()
     sys.exit(code)
+
+
+def _show_cli_error(e) -> None:
+    """A usage error as every other error is shown: one `error:` line naming the problem (and
+    the fix, where we know it), then where the usage is."""
+    from .output import Output
+
+    ctx = getattr(e, "ctx", None)
+    message = _explain(e, ctx) or _once(e.format_message())
+    if ctx is not None and isinstance(e, click.UsageError):
+        message += f" (`{ctx.command_path} --help` shows the usage)"
+    Output().error(message)
+
+
+def _explain(e, ctx) -> str | None:
+    """What click says for the mistakes newcomers make, said as what to do instead."""
+    if not isinstance(e, click.NoSuchOption) or ctx is None:
+        return None
+    option, command = e.option_name, ctx.command
+    if option == "-q" and command.name in ("convert", "pull"):
+        return f"-q is `imp ask`'s --question; the quantization is --quant (e.g. imp {command.name} ... --quant Q8_0)"
+    if isinstance(command, click.Group):  # `imp --model X ask`: an option before its command
+        owners = [name for name, sub in sorted(command.commands.items())
+                  if not getattr(sub, "hidden", False)
+                  and any(option in p.opts + p.secondary_opts for p in getattr(sub, "params", []))]
+        if owners:
+            where = ", ".join(f"`{ctx.command_path} {n}`" for n in owners)
+            return (f"{option} is an option of {where}: give it after the command, "
+                    f"e.g. {ctx.command_path} {owners[0]} {option} ...")
+    return None
+
+
+def _once(message: str) -> str:
+    """Click and typer may each add a "Did you mean ...?": say it once."""
+    import re
+
+    seen, out = set(), []
+    for sentence in re.split(r"(?<=[.?!])\s+", message.strip()):
+        if sentence.startswith("Did you mean"):
+            if any(s.startswith("Did you mean") for s in seen):
+                continue
+        if sentence in seen:
+            continue
+        seen.add(sentence)
+        out.append(sentence)
+    return " ".join(out)
 
 
 if __name__ == "__main__":

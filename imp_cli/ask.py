@@ -19,7 +19,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = None  # None: a fresh random seed per answer (with temperature > 0)
     system: str | None = None
     threads: int = 0
     ctx: int = 4096
@@ -74,6 +74,7 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
     from .engine import Sampling
     from .images import load_image
     from .prompts import build_prompt
+    from .record import build as build_record
     from .session import Session, context_for, default_cache, open_pair
 
     if req.choices:
@@ -117,20 +118,10 @@ def run_ask(req: Request, output: Output, stats: bool = False) -> int:
                     value = _finish_constrained(result, req.constraint, output)
                     status = status if value is not None else 1
                 if output.json_mode:
-                    output.record({
-                        "answer": value,
-                        **extra,
-                        "question": question,
-                        "model": {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path),
-                                  "type": pair.text_type},
-                        "image": {"source": staged.source, "width": staged.width, "height": staged.height,
-                                  "sha256": staged.sha256},
-                        "settings": {"repack": session.engine.tuning.repack,  # what imp tune / --repack chose
-                                     "flash_attn": session.engine.tuning.flash_attn},
-                        "finish_reason": result.finish_reason,
-                        "cache": result.cache,
-                        "timings": result.timings,
-                    })
+                    output.record(build_record(result, question=question, pair=pair, image=staged,
+                                               tuning=session.engine.tuning, sampling=sampling,
+                                               max_tokens=req.max_tokens, answer=value,
+                                               choices=extra.get("choices")))
                 elif value is not None:  # an unfinished constrained answer printed nothing
                     output.answer("\n")
                 if result.finish_reason == "context":

@@ -134,15 +134,13 @@ class Chat:
         return context
 
     def _record(self, question: str, answer, text: str) -> None:
-        self.output.record({
-            "turn": len(self.said),
-            "question": question,
-            "answer": text,
-            "finish_reason": answer.finish_reason if answer else "interrupted",
-            "cache": answer.cache if answer else None,
-            "image": self.image.source if self.image else None,
-            "timings": answer.timings if answer else None,
-        })
+        from .record import build
+
+        if answer is None:  # interrupted before anything was generated: nothing to record
+            return
+        self.output.record(build(answer, question=question, pair=self.session.pair, image=self.image,
+                                 tuning=self.session.engine.tuning, sampling=self.sampling,
+                                 max_tokens=self.opts.max_tokens, answer=text, turn=len(self.said)))
 
     # -- commands -------------------------------------------------------------------------------
     def cmd_image(self, arg: str) -> None:
@@ -162,7 +160,12 @@ class Chat:
 
     def cmd_system(self, arg: str) -> None:
         if not arg:
-            self.output.info(f"system: {self.system if self.system is not None else '(the model’s own)'}")
+            if self.system is not None:
+                self.output.info(f"system: {self.system}")
+            else:
+                from .prompts import PHI2_SYSTEM  # every family's template uses Imp's own sentence
+
+                self.output.info(f"system (the model's own): {PHI2_SYSTEM}")
             return
         self.system = arg  # the turns stay; the whole conversation is evaluated again once
         self.output.info("system text replaced")
@@ -187,12 +190,13 @@ class Chat:
         raise Exit()
 
     def transcript(self) -> dict:
+        from .record import image_info, model_info
+
         pair = self.session.pair
         image = self.image
         return {
-            "model": {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path)},
-            "image": ({"source": image.source, "width": image.width, "height": image.height, "sha256": image.sha256}
-                      if image else None),
+            "model": model_info(pair),
+            "image": image_info(image),
             "system": self.system,  # null: the model's own
             "turns": [{"question": s.turn.question, "answer": s.turn.answer, "finish_reason": s.finish_reason}
                       for s in self.said],

@@ -102,6 +102,9 @@ def from_schema(spec: str) -> Constraint:
     try:
         schema = json.loads(text)
     except ValueError as e:
+        if not spec.startswith("@") and _names_a_file(spec, ".json"):
+            raise ConstraintError(f"--json-schema {spec}: the value is the schema itself; to read it from "
+                                  f"the file, write --json-schema @{spec}") from None
         raise ConstraintError(f"--json-schema is not valid JSON: {e}") from None
     except RecursionError:
         raise ConstraintError("--json-schema is nested too deeply") from None
@@ -123,6 +126,9 @@ def from_schema(spec: str) -> Constraint:
 
 def from_grammar(spec: str) -> Constraint:
     """--grammar @file.gbnf (or the grammar inline) -> a checked grammar."""
+    if not spec.startswith("@") and _names_a_file(spec, ".gbnf"):
+        raise ConstraintError(f"--grammar {spec}: the value is the grammar itself; to read it from the "
+                              f"file, write --grammar @{spec}")
     grammar = _read(spec[1:], "grammar file") if spec.startswith("@") else spec
     if not grammar.strip():
         raise ConstraintError("--grammar: the grammar is empty")
@@ -357,6 +363,15 @@ def schema_to_gbnf(schema: dict) -> str:
             raise ConstraintError("the installed llama-cpp-python writes JSON strings in a way imp does not know")
         grammar = grammar.replace(_LOOSE_CHAR, _STRICT_CHAR)
     return grammar
+
+
+def _names_a_file(spec: str, suffix: str) -> bool:
+    """A value meant as a file name (given without its @): an existing file, or a one-line name
+    ending in the usual suffix."""
+    import os
+
+    one_line = "\n" not in spec and len(spec) < 4096
+    return one_line and (os.path.isfile(spec) or spec.strip().lower().endswith(suffix))
 
 
 def _read(path: str, what: str) -> str:

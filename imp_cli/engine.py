@@ -38,10 +38,26 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = None  # None (or negative): a fresh random seed for each answer (see with_seed)
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks compare fixed counts)
     grammar: str = ""  # GBNF: only tokens it allows; check_grammar() it first
     grammar_root: str = "root"
+    logprobs: int = -1  # >= 0: record each answer token's log-probability and this many alternatives
+
+
+def with_seed(sampling: Sampling) -> Sampling:
+    """The one sampling rule of ask, chat, serve and the Python API: with temperature > 0 an
+    answer is random unless a seed is given; the seed actually used is a fresh one per answer
+    (recorded with the answer, so that giving it back reproduces the answer). Greedy sampling
+    needs none (seed None)."""
+    import secrets
+    from dataclasses import replace
+
+    if sampling.temperature <= 0:
+        return replace(sampling, seed=None) if sampling.seed is not None else sampling
+    if sampling.seed is None or sampling.seed < 0:
+        return replace(sampling, seed=secrets.randbits(32))
+    return sampling
 
 
 @dataclass
@@ -141,6 +157,9 @@ class Engine:
         self._mtmd_ctx = None  # the vision tower: loaded on the first image that must be encoded
         self._cached: list = []  # one key per KV-cache position: token id or (image key, i)
         self.generated: list[int] = []  # the last answer's token ids (a conversation feeds them back)
+        # with Sampling.logprobs >= 0: per answer token (id, logprob, [(id, logprob), ...]) of the
+        # model's own distribution (log-softmax of the logits, before temperature/top-k/top-p)
+        self.generated_logprobs: list = []
         self._images: list[ImageEmbedding] = []
         self._candidates = None  # the sampler's token array, allocated on the first sample
         if not _backend_ready:
@@ -215,6 +234,10 @@ class Engine:
             buf = ctypes.create_string_buffer(-n)
             n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a piece of a UTF-8 character, for some)."""
+        return self._piece(token)
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
@@ -457,9 +480,11 @@ class Engine:
         t = self.timings
         t.generated_tokens, t.finish_reason = 0, "length"
         self.generated = []
+        self.generated_logprobs = []
         t0 = time.perf_counter()
         try:
             while t.generated_tokens < max_tokens:
+                dist = _log_softmax(self.last_logits()) if sampling.logprobs >= 0 else None
                 token = self._sample(chain)
                 if token is None:  # a grammar that allows nothing here (cannot complete)
                     t.finish_reason = "grammar"
@@ -471,6 +496,9 @@ class Engine:
                     t.finish_reason = "stop"
                     break
                 self.generated.append(token)
+                if dist is not None:
+                    top = np.argsort(-dist, kind="stable")[:sampling.logprobs] if sampling.logprobs else []
+                    self.generated_logprobs.append((token, float(dist[token]), [(int(i), float(dist[i])) for i in top]))
                 text = decoder.decode(self._piece(token))
                 if text:
                     yield text
@@ -505,7 +533,8 @@ class Engine:
         if s.top_p < 1.0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
+        seed = lc.LLAMA_DEFAULT_SEED if s.seed is None or s.seed < 0 else s.seed & 0xFFFFFFFF  # default: random
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
         return chain
 
     def _sample(self, chain) -> int | None:

@@ -358,9 +358,14 @@ def resolve_paths(model: str, mmproj: str | None) -> tuple[Path, Path]:
     if path.is_dir():
         texts = sorted(p for p in path.glob("*.gguf") if "mmproj" not in p.name.lower())
         if not texts:
+            if (path / "config.json").is_file():  # a checkpoint, not converted yet
+                raise ImpError(f"{path} is a checkpoint folder, not GGUF files: convert it first "
+                               f"(`imp convert {model} --out DIR`, then --model DIR), or install it "
+                               f"with `imp pull {model}`")
             raise ImpError(f"no language-model GGUF in {path}")
         if len(texts) > 1:
-            raise ImpError(f"several language-model GGUFs in {path}; name one with --model")
+            names = ", ".join(p.name for p in texts)
+            raise ImpError(f"several language-model GGUFs in {path} ({names}): name one with --model {path / texts[0].name}")
         path = texts[0]
     elif not path.exists():
         raise ImpError(f"model {model} not found")

@@ -11,14 +11,20 @@ from .resolve import installed, resolve_spec
 
 
 def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", force: bool = False,
-         threads: int | None = None, tune: bool = False) -> store.Entry:
+         threads: int | None = None, tune: bool = False, name: str | None = None) -> store.Entry:
     """Install `spec` (unless it already is); with `tune`, measure llama.cpp's settings for it
-    after a conversion (`imp tune`)."""
+    after a conversion (`imp tune`). A local checkpoint folder is converted and installed."""
     from convert.hub import download, remote_size
     from convert.pipeline import convert
 
+    from .engine import physical_cores
     from .modelfiles import read_pair
 
+    threads = threads or physical_cores()  # 0 means one per physical core, as everywhere
+    if Path(spec).expanduser().is_dir() and spec not in store.KNOWN_MODELS:  # a folder wins, as in imp convert
+        return pull_local(Path(spec).expanduser(), output, quant, mmproj_type, force, threads, tune, name)
+    if name is not None:
+        raise ImpError("--name is for a local checkpoint folder; a known model or repo id has its own store name")
     name, repo_id, revision = resolve_spec(spec)
     existing = installed(name, repo_id, revision)
     if existing and not force and existing.manifest["text"]["type"] == quant:
@@ -43,6 +49,38 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
     output.info(f"installed {name} ({entry.folder})")
     if tune:
         _tune(entry, output, threads or 0)
+    return entry
+
+
+def pull_local(folder: Path, output, quant: str, mmproj_type: str, force: bool, threads: int, tune: bool,
+               name: str | None) -> store.Entry:
+    """`imp pull ./checkpoint`: convert a checkpoint on disk and install the pair in the store
+    (what `imp convert` then `imp models import` would do, in one step)."""
+    from convert.pipeline import convert
+
+    from .imports import check_free_name
+    from .modelfiles import read_pair
+
+    if name is None:
+        name = folder.resolve().name.lower()
+        try:
+            store.check_name(name)
+        except ImpError:
+            raise ImpError(f"the folder name {folder.resolve().name!r} cannot be a store name: give one with "
+                           "--name (lowercase letters, digits, '.', '-', '_')") from None
+    store.check_name(name)
+    check_free_name(name, force)
+    output.info(f"converting {folder} into the store as {name}")
+    _check_disk(store.models_dir(), int(sum(p.stat().st_size for p in folder.glob("*.safetensors")) * 1.3))
+    with store.Install(name) as install:
+        result = convert(str(folder), install.staging, quant=quant, mmproj_type=mmproj_type,
+                         progress=output, threads=threads, name=name)
+        text, mmproj = Path(result.text_path), Path(result.mmproj_path)
+        read_pair(text, mmproj)
+        entry = install.commit(text, mmproj, quant, mmproj_type, f"local:{folder.resolve()}", None)
+    output.info(f"installed {name} ({entry.folder})")
+    if tune:
+        _tune(entry, output, threads)
     return entry
 
 

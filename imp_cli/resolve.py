@@ -52,10 +52,20 @@ def resolve_spec(spec: str) -> tuple[str, str, str | None]:
         return spec, store.KNOWN_MODELS[spec], None
     parsed = parse_repo_id(spec)
     if parsed is None:
-        known = ", ".join(store.KNOWN_MODELS)
-        raise ImpError(f"unknown model {spec!r}: use one of {known}, or a Hugging Face repo id (owner/name)")
+        raise ImpError(unknown_model(spec))
     repo_id, revision = parsed
     return store.name_for_repo(repo_id), repo_id, revision
+
+
+def unknown_model(spec: str) -> str:
+    """The message for a --model that is nothing we know: every name that would work."""
+    try:
+        mine = [e.name for e in store.entries() if e.name not in store.KNOWN_MODELS]
+    except ImpError:
+        mine = []
+    names = ", ".join(list(store.KNOWN_MODELS) + mine)
+    return (f"unknown model {spec!r}: not a file, an installed model or a known name. Use one of {names}; "
+            "a GGUF path (its mmproj beside it) or a folder holding a pair; or a Hugging Face repo id (owner/name)")
 
 
 def installed(name: str, repo_id: str, revision: str | None) -> store.Entry | None:

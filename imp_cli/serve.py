@@ -19,7 +19,6 @@ import hmac
 import ipaddress
 import json
 import math
-import secrets
 import socket
 import threading
 import time
@@ -54,6 +53,11 @@ class ServeOptions:
     allow_remote_images: bool = False
     max_tokens: int = 512  # when a request gives none
     temperature: float = 0.0  # when a request gives none
+    top_p: float = 1.0  # when a request gives none
+    top_k: int = 0  # when a request gives none
+    seed: int | None = None  # when a request gives none (None: a fresh random seed per answer)
+    system: str | None = None  # when a conversation has no system message (None: the model's own)
+    cors_origins: list = field(default_factory=list)  # --cors-origin: browser origins allowed (none: no CORS)
     threads: int = 0
     ctx: int = 4096
     cache: bool = True
@@ -103,6 +107,8 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    constraint: object = None  # response_format: a constrain.Constraint (openai_fields)
+    logprobs: int = -1  # -1: none; else top_logprobs alternatives per token
 
 
 def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
@@ -152,9 +158,10 @@ def _content(content, param: str, role: str, parts: list[int], limits: Limits) -
             texts.append(part["text"])
         elif kind == "image_url":
             image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else None
+            url = image.get("url") if isinstance(image, dict) else image  # many clients send the URL itself
             if not isinstance(url, str):
-                raise _bad(f"'{where}.image_url.url' must be a string", f"{where}.image_url", "invalid_type")
+                raise _bad(f"'{where}.image_url' must be a URL string or an object with a 'url' string",
+                           f"{where}.image_url", "invalid_type")
             if role != "user":
                 raise _bad(f"'{where}': only user messages can hold an image", where)
             images.append(url)
@@ -252,7 +259,7 @@ def parse_chat(body: dict, default_max_tokens: int, default_temperature: float,
     sampling = Sampling(
         temperature=default_temperature if temperature is None else float(temperature),
         top_p=1.0 if top_p is None else float(top_p), top_k=top_k or 0,
-        seed=secrets.randbits(32) if seed is None else seed)
+        seed=seed)  # None: the Session draws a fresh seed, returned with the answer
     return ChatRequest(model, turns[-1][1], history, "\n".join(system) if system else None, image_url,
                        image_turn, sampling, max_tokens or default_max_tokens, [s for s in stop or [] if s],
                        stream, include_usage)
@@ -266,6 +273,8 @@ class Outcome:
     completion_tokens: int
     reused_tokens: int  # of the prompt, from the KV cache or the prompt cache (for the log)
     cancelled: bool
+    seed: int | None = None  # the seed the answer was sampled with (None: greedy)
+    logprobs: dict | None = None  # OpenAI's logprobs object, when asked for
 
 
 @dataclass
@@ -421,7 +430,14 @@ class Worker(threading.Thread):
         # The end-of-turn token that ended an answer is not part of it: not counted.
         completion = a.completion_tokens - (1 if a.finish_reason == "stop" else 0)
         finish = "length" if a.finish_reason in ("length", "context") else "stop"
-        return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set())
+        logprobs = None
+        if r.logprobs >= 0:
+            from .openai_fields import logprobs_content
+
+            shown = len(stopper_text(stream.text, r.stop))  # the answer as sent
+            logprobs = logprobs_content(self.session.engine, a.logprobs or [], shown)
+        return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set(), a.seed,
+                              logprobs)
 
 
 # -- the HTTP side -------------------------------------------------------------------------------
@@ -520,7 +536,9 @@ class Api:
         ]
         app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
                                                            Exception: server_error})
-        return Guard(app, self.options.api_key, self.log)
+        from .openai_fields import with_cors
+
+        return with_cors(Guard(app, self.options.api_key, self.log), self.options.cors_origins)
 
     # -- endpoints ----------------------------------------------------------------------------
     async def health(self, request):
@@ -561,7 +579,11 @@ class Api:
         if not isinstance(data, dict):
             raise _bad("the body must be a JSON object", code="invalid_json")
         r = parse_chat(data, self.options.max_tokens, self.options.temperature, self.limits)
-        self._check_model(r.model)
+        from .openai_fields import accepts_model, apply_defaults
+
+        if not accepts_model(r.model, self.model_id, self.pair, self.options.model, self.options.mmproj):
+            self._check_model(r.model)
+        apply_defaults(r, data, self.options)
         texts = [r.question, r.system or ""] + [t for turn in r.history for t in (turn.question, turn.answer)]
         _checked(check_prompt_bytes, sum(len(t.encode("utf-8")) for t in texts), n_ctx, token_bytes)
         return r
@@ -619,8 +641,9 @@ class Api:
                 "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text), "refusal": None},
-                             "logprobs": None, "finish_reason": value.finish_reason}],
+                             "logprobs": value.logprobs, "finish_reason": value.finish_reason}],
                 "usage": _usage(value),
+                "seed": value.seed,  # not OpenAI's: the seed this answer was sampled with (null: greedy)
             })
         except BaseException:
             job.cancel.set()  # an error or a cancelled handler (shutdown): free the engine
@@ -654,6 +677,7 @@ class Api:
                 else:
                     ended = True
                     self._note(request, value)
+                    head["seed"] = value.seed  # the last chunks say which seed the answer was sampled with
                     yield chunk({}, value.finish_reason)
                     if r.include_usage:
                         yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(value)})}\n\n"
@@ -726,6 +750,12 @@ class Api:
                                                        self.options.max_image_memory))
 
 
+def stopper_text(text: str, stops: list[str]) -> str:
+    """The answer as sent: cut before the first stop string."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(hits)] if hits else text
+
+
 def model_id(spec: str | None, mmproj: str | None, pair) -> str:
     """The name clients send as `model`: the store name, or the text GGUF's file name without
     .gguf for a model given by path."""
@@ -736,8 +766,9 @@ def model_id(spec: str | None, mmproj: str | None, pair) -> str:
 
 
 def _usage(o: Outcome) -> dict:
-    return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
-            "total_tokens": o.prompt_tokens + o.completion_tokens}
+    from .openai_fields import usage
+
+    return usage(o)
 
 
 async def _watch_disconnect(request, job: Job) -> None:

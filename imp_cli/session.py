@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
-from .engine import Engine, ImageRef, Sampling, prompt_keys
+from .engine import Engine, ImageRef, Sampling, prompt_keys, with_seed
 from .errors import ImpError
 from .images import LoadedImage, label, preprocess
 from .modelfiles import ModelPair
@@ -70,6 +70,8 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     tokens: list[int] = field(default_factory=list)  # the answer's ids as generated (no stop token)
+    seed: int | None = None  # the seed it was sampled with (None: greedy); give it back to reproduce it
+    logprobs: list | None = None  # with Sampling.logprobs >= 0: Engine.generated_logprobs
 
 
 @dataclass
@@ -300,7 +302,10 @@ class Session:
     def answer(self, image: Staged | None, question: str, history: Sequence[Turn] = (),
                system: str | None = None, sampling: Sampling = Sampling(), max_tokens: int = 512,
                image_turn: int = 0) -> AnswerStream:
-        """Prefill now (errors surface here), stream the answer as the result is iterated."""
+        """Prefill now (errors surface here), stream the answer as the result is iterated.
+        With temperature > 0 and no seed, a fresh seed is drawn (Answer.seed says which)."""
+        t_start = time.perf_counter()
+        sampling = with_seed(sampling)
         self.engine.start_request()
         prompt = self.prompt(image, question, history, system, image_turn)
         status, reused = self.prefill(prompt)
@@ -313,9 +318,11 @@ class Session:
             if interrupted and t.finish_reason in ("", "length"):
                 t.finish_reason = "interrupted"
             timings = t.as_dict()
-            timings.update(cache=status, reused_tokens=reused)
+            timings.update(cache=status, reused_tokens=reused,
+                           total_ms=round((time.perf_counter() - t_start) * 1000, 2))
             return Answer(text, t.finish_reason, timings, status, reused, prompt.n_tokens, t.generated_tokens,
-                          list(engine.generated))
+                          list(engine.generated), sampling.seed,
+                          list(engine.generated_logprobs) if sampling.logprobs >= 0 else None)
 
         return AnswerStream(engine.generate(sampling, max_tokens), finish)
 
@@ -341,6 +348,7 @@ class Session:
         template writes one (Phi-2: " yes</s>")."""
         from .prompts import answer_frame
 
+        t_start = time.perf_counter()
         self.engine.start_request()
         prompt = self.prompt(image, question, history, system)
         status, reused = self.prefill(prompt)
@@ -355,7 +363,7 @@ class Session:
         tokens = [_answer_tokens(engine, context, asked, lead + a) + end for a in answers]
         logprobs = engine.score_continuations(tokens)
         timings = engine.timings.as_dict()
-        timings.update(cache=status, reused_tokens=reused)
+        timings.update(cache=status, reused_tokens=reused, total_ms=round((time.perf_counter() - t_start) * 1000, 2))
         return Scores(logprobs, tokens, timings, status, reused, prompt.n_tokens)
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def choose(pair: ModelPair, threads: int = 0, repack: str = "auto", flash_attn: 
     else:
         base, source = family_default(key)
         if "auto" in (repack, flash_attn):
-            note(f"no tuning for this machine and model: using {source}; run `imp tune` to measure")
+            hint = "imp tune" + (f" -t {threads}" if threads else "")  # tunings are per thread count
+            note(f"no tuning for this machine and model: using {source}; run `{hint}` to measure")
     chosen = Tuning(repack=base.repack if repack == "auto" else repack == "on",
                     flash_attn=base.flash_attn if flash_attn == "auto" else flash_attn == "on")
     forced = ", ".join(f"--{n} {v}" for n, v in (("repack", repack), ("flash-attn", flash_attn)) if v != "auto")
@@ -193,10 +194,11 @@ class Measurement:
                            max(self.cpu_share, other.cpu_share))
 
     def as_dict(self) -> dict:
-        return {**asdict(self.tuning), "load_s": round(self.load_s, 3),
+        # durations in ms, as in every --json record (the table `imp tune` prints says seconds)
+        return {**asdict(self.tuning), "load_ms": round(self.load_s * 1000, 1),
                 "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 2),
                 "generation_tokens_per_s": round(self.generation_tokens_per_s, 2),
-                "cpu_share": round(self.cpu_share, 2), "estimate_s": round(self.estimate_s, 2)}
+                "cpu_share": round(self.cpu_share, 2), "estimate_ms": round(self.estimate_s * 1000, 1)}
 
 
 @dataclass
@@ -309,9 +311,9 @@ def run_tune(model: str | None, mmproj: str | None, output, threads: int = 0, ve
     output.answer("repack\tflash_attn\tload_s\tprompt_tok_s\tgen_tok_s\test_ask_s\tchosen\n")
     for m in result.measurements:
         d = m.as_dict()
-        output.answer("\t".join([_onoff(m.tuning.repack), _onoff(m.tuning.flash_attn), f"{d['load_s']:.2f}",
+        output.answer("\t".join([_onoff(m.tuning.repack), _onoff(m.tuning.flash_attn), f"{m.load_s:.2f}",
                                  f"{d['prompt_tokens_per_s']:.1f}", f"{d['generation_tokens_per_s']:.1f}",
-                                 f"{d['estimate_s']:.1f}", "*" if m.tuning == result.choice else ""]) + "\n")
+                                 f"{m.estimate_s:.1f}", "*" if m.tuning == result.choice else ""]) + "\n")
     output.info(f"chose {result.choice.describe()} for {pair.text_type} with {result.key['threads']} threads; "
                 f"saved in {result.path}")
 

@@ -5,6 +5,8 @@
 - `run_imp(*args, env=...)`: the installed command with stdin, stdout and stderr all pipes and a
   timeout; output decoded strictly as UTF-8, and no colour or cursor codes allowed on the pipes.
 - `assert_ok`, `assert_one_line_error`, `assert_usage_error`: the exit code is pinned, never "1 or 2".
+- Every answer record `run_imp` sees on stdout (`imp ask/chat --json`, `imp batch`) is validated
+  against imp_cli/schema/record.schema.json (tests/schema_check.py), whatever the test checks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from schema_check import check_stdout
 
 IMP = str(Path(sys.executable).parent / "imp")  # the installed console script
 
@@ -52,7 +56,9 @@ def run_imp(*args, env: dict, stdin: bytes = b"", cwd: Path | None = None, timeo
     for subprocess (e.g. preexec_fn to set a resource limit)."""
     p = subprocess.run([IMP, *map(str, args)], input=stdin, capture_output=True, env=env, cwd=cwd,
                        timeout=timeout, **popen)
-    return _decoded(p)
+    done = _decoded(p)
+    check_stdout(args, done.stdout)  # every --json record the suite produces obeys the schema
+    return done
 
 
 def run_python(code: str, *args, env: dict, cwd: Path | None = None,

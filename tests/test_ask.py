@@ -354,14 +354,14 @@ def test_json_record(imp_bin, converted, photo, env):
     assert Path(record["model"]["text"]) == text and Path(record["model"]["mmproj"]) == mmproj
     assert record["image"]["source"] == str(photo)
     assert (record["image"]["width"], record["image"]["height"]) == Image.open(photo).size
-    timings = record["timings"]
-    assert timings["generated_tokens"] == N_TOKENS  # this answer runs to the limit
-    assert timings["finish_reason"] == record["finish_reason"] == "length"
+    usage = record["usage"]
+    assert usage["completion_tokens"] == N_TOKENS  # this answer runs to the limit
+    assert record["finish_reason"] == "length"
     # The plain run above saved the [system, image] prefix: this process restored it and
     # evaluated only the question's tokens.
-    assert record["cache"] == timings["cache"] == "hit"
-    assert timings["reused_tokens"] > 16  # 16 image tokens plus the system text
-    assert 0 < timings["prompt_tokens"] < 16
+    assert record["cache"] == "hit"
+    assert usage["reused_tokens"] > 16  # 16 image tokens plus the system text
+    assert 0 < usage["evaluated_tokens"] < 16
 
 
 def test_stats_go_to_stderr_only(imp_bin, converted, photo, env):
@@ -435,8 +435,8 @@ def test_end_of_turn_stops_and_ignore_eos_does_not(imp_bin, eager_to_stop, photo
     assert p.returncode == 0, p.stderr
     record = json.loads(p.stdout)
     assert record["answer"] == "" and record["finish_reason"] == "stop"
-    assert record["timings"]["generated_tokens"] == 1
+    assert record["usage"]["completion_tokens"] == 0  # the end-of-turn token is not part of the answer
     p = run_imp("ask", photo, QUESTION, "--model", eager_to_stop, "-n", 12, "--json", "--ignore-eos", env=env)
     assert p.returncode == 0, p.stderr
     record = json.loads(p.stdout)
-    assert record["finish_reason"] == "length" and record["timings"]["generated_tokens"] == 12
+    assert record["finish_reason"] == "length" and record["usage"]["completion_tokens"] == 12

@@ -70,10 +70,10 @@ def test_hit_in_a_new_process_equals_no_cache(imp_bin, converted, photo, env, la
     off = ask_json(imp_bin, photo, text, "--no-cache", env=env, question=Q2)
     assert warm["cache"] == "hit" and off["cache"] == "off"
     assert warm["answer"] == off["answer"]
-    assert warm["timings"]["generated_tokens"] == off["timings"]["generated_tokens"]
+    assert warm["usage"]["completion_tokens"] == off["usage"]["completion_tokens"]
     # the hit evaluated only the question's tokens; the image was neither loaded nor encoded
-    prefix = off["timings"]["prompt_tokens"] - warm["timings"]["prompt_tokens"]
-    assert warm["timings"]["reused_tokens"] == prefix > 16
+    prefix = off["usage"]["evaluated_tokens"] - warm["usage"]["evaluated_tokens"]
+    assert warm["usage"]["reused_tokens"] == prefix > 16
     assert warm["timings"]["vision_load_ms"] == 0 and warm["timings"]["image_encode_ms"] == 0
     assert off["timings"]["vision_load_ms"] > 0
     assert len(cache_files(env)) == 1  # --no-cache neither read nor wrote
@@ -305,7 +305,7 @@ def test_cache_info_and_clear(imp_bin, model, photo, env):
     assert Path(info["folder"]) == Path(env["IMP_HOME"]) / "cache" and info["budget"] == 4 * 1000**3
     env["IMP_CACHE_SIZE"] = "1.5G"
     assert json.loads(run_imp("cache", "info", "--json", env=env).stdout)["budget"] == 1_500_000_000
-    p = run_imp("cache", "clear", env=env)
+    p = run_imp("cache", "clear", "--yes", env=env)  # a script says --yes (as for imp models rm)
     assert p.returncode == 0 and p.stdout == "" and "removed 1 entry" in p.stderr
     assert cache_files(env) == []
 
@@ -332,8 +332,8 @@ def test_several_questions_equal_one_per_call(imp_bin, model, photo, env, tmp_pa
     assert [r["answer"] for r in records] == [singles[(Path(r["image"]["source"]), r["question"])] for r in records]
     # later questions about an image evaluate only their own tokens
     for first, second in (records[0:2], records[2:4]):
-        assert second["timings"]["reused_tokens"] >= first["timings"]["prompt_tokens"] - 12
-        assert second["timings"]["prompt_tokens"] < 16
+        assert second["usage"]["reused_tokens"] >= first["usage"]["evaluated_tokens"] - 12
+        assert second["usage"]["evaluated_tokens"] < 16
     # plain output: one header per answer
     p = run_imp("ask", photo, "-q", QUESTION, "-q", Q2, "--model", model[0], "-n", N, env=env)
     assert p.stdout == (f"==> {photo} | {QUESTION} <==\n{singles[(photo, QUESTION)]}\n\n"

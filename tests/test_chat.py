@@ -144,7 +144,7 @@ def test_piped_conversation_equals_oracle(imp_bin, converted, oracle_for, photo,
     # found it (and the earlier turns) in memory.
     assert [r["cache"] for r in records] == ["hit", "hit", "hit"]
     assert records[0]["timings"]["image_encode_ms"] == 0
-    assert all(r["timings"]["prompt_tokens"] < 16 for r in records)
+    assert all(r["usage"]["evaluated_tokens"] < 16 for r in records)
 
 
 def test_conversation_without_an_image(imp_bin, converted, oracle_for, env):
@@ -159,7 +159,7 @@ def test_conversation_without_an_image(imp_bin, converted, oracle_for, env):
                                                for ids in expected]
     assert [(r["image"], r["cache"]) for r in records] == [(None, "off"), (None, "off")]
     new_turn = oracle.tokenizer.encode(f"</s>USER: {QUESTIONS[1]} ASSISTANT:", add_special_tokens=False).ids
-    assert records[1]["timings"]["prompt_tokens"] == 1 + len(new_turn)
+    assert records[1]["usage"]["evaluated_tokens"] == 1 + len(new_turn)
 
 
 def test_chat_after_ask_starts_from_the_prompt_cache(imp_bin, converted, photo, env):
@@ -244,7 +244,7 @@ def test_context_overflow_drops_the_oldest_turns(imp_bin, converted, photo, env)
     assert drops and all(line.startswith("warning: the conversation no longer fits the context of 160 tokens")
                          for line in drops)
     # each prompt (image, system, kept turns) left room for a whole answer
-    assert all(r["timings"]["prompt_tokens"] + r["timings"]["reused_tokens"] + N_TOKENS <= 160 for r in records)
+    assert all(r["usage"]["evaluated_tokens"] + r["usage"]["reused_tokens"] + N_TOKENS <= 160 for r in records)
     assert all(r["finish_reason"] == "length" for r in records)
 
 

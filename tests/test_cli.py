@@ -74,7 +74,7 @@ def test_several_images_one_answer_each(imp_bin, model, photo, env, reference_an
     records = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["image"]["source"] for r in records] == [str(photo), str(other)]
     assert [r["answer"] + "\n" for r in records] == [reference_answer, alone.stdout]
-    assert records[1]["timings"]["reused_tokens"] > 0  # the system prompt was not evaluated twice
+    assert records[1]["usage"]["reused_tokens"] > 0  # the system prompt was not evaluated twice
 
 
 def test_image_from_stdin(imp_bin, model, photo, env, reference_answer):
@@ -149,7 +149,7 @@ def test_imp_max_tokens_env(imp_bin, model, photo, tmp_path, reference_answer):
                     env=clean_env(tmp_path, IMP_MAX_TOKENS="5"))
     assert short.returncode == 0, short.stderr
     record = json.loads(short.stdout)
-    assert record["timings"]["generated_tokens"] == 5 and record["finish_reason"] == "length"
+    assert record["usage"]["completion_tokens"] == 5 and record["finish_reason"] == "length"
     assert reference_answer.startswith(record["answer"]) and record["answer"] != reference_answer.strip()
     # an explicit option beats the environment
     p = run_imp("ask", photo, QUESTION, "--model", model[0], "-n", N_TOKENS,
@@ -326,7 +326,7 @@ def test_question_longer_than_the_trained_context(imp_bin, model, photo, env):
 
 # ----------------------------------------------------------------------------- usage errors
 @pytest.mark.parametrize("argv,phrase", [
-    (["ask", "photo.png"], "Missing argument"),
+    (["ask", "photo.png"], "no question (and there is no file 'photo.png')"),
     (["ask", "photo.png", "q", "--bogus"], "No such option"),
     (["ask", "photo.png", "q", "--max-tokens", "0"], "--max-tokens"),
     (["ask", "photo.png", "q", "--temperature", "hot"], "--temperature"),

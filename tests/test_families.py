@@ -230,7 +230,7 @@ def test_family_from_tensor_names_when_config_names_none(family_ckpt, tmp_path, 
 
 def test_config_naming_another_family_is_a_clear_error(imp_bin, family_ckpt, tmp_path):
     folder = _rename_config(family_ckpt("qwen2"), tmp_path / "ck", architectures=["ImpForCausalLM"], model_type="imp")
-    r = run_imp("convert", str(folder), "--out", str(tmp_path / "out"), "-q", "F16", env=clean_env(tmp_path))
+    r = run_imp("convert", str(folder), "--out", str(tmp_path / "out"), "--quant", "F16", env=clean_env(tmp_path))
     assert_one_line_error(r, "phi2", "tensors")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
@@ -271,7 +271,7 @@ def test_unreproducible_phi3_checkpoint_is_refused(imp_bin, family_ckpt, tmp_pat
     name, edit, words = UNREPRODUCIBLE[case]
     folder = shutil.copytree(family_ckpt("phi3"), tmp_path / "ck")
     _edit_json(folder, name, edit)
-    r = run_imp("convert", str(folder), "--out", str(tmp_path / "out"), "-q", "F16", env=clean_env(tmp_path))
+    r = run_imp("convert", str(folder), "--out", str(tmp_path / "out"), "--quant", "F16", env=clean_env(tmp_path))
     assert_one_line_error(r, *words)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
@@ -664,6 +664,6 @@ def test_pull_known_name_then_ask(imp_bin, hub_cache, family_oracle, photo, tmp_
     name, repo = KNOWN[family]
     cache, _ = hub_cache(repo, family=family)
     env = clean_env(tmp_path, hub=cache)
-    assert_ok(run_imp("pull", name, "-q", "F16", env=env, timeout=300))
+    assert_ok(run_imp("pull", name, "--quant", "F16", env=env, timeout=300))
     answer = ask_ok(imp_bin, photo, name, env=env)
     assert answer == family_oracle(family).answer_text(as_imp_sees_it(photo), QUESTION, N_TOKENS)

@@ -722,7 +722,7 @@ def test_fuzz_checkpoint_end_to_end(ckpt, tmp_path):
         with pytest.raises(ConvertError) as caught:
             convert(str(folder), tmp_path / f"in-process{i}", quant="F16", mmproj_type="F16")
         out = tmp_path / f"out{i}"
-        p = run_imp("convert", folder, "--out", out, "-q", "F16", env=clean_env(tmp_path))
+        p = run_imp("convert", folder, "--out", out, "--quant", "F16", env=clean_env(tmp_path))
         assert assert_one_line_error(p) == f"error: {caught.value}", name
         assert not out.exists() or list(out.iterdir()) == [], name
 

@@ -404,7 +404,7 @@ def _hostile_cases(photo: Path, model: str, port: int) -> list[tuple[str, dict |
         ("text part not text", chat(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), 400, "invalid_type"),
         ("image part without url", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400, "invalid_type"),
         ("image url a number", with_image(5), 400, "invalid_type"),
-        ("image_url a string", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": good_image}]}]), 400, "invalid_type"),
+        ("image_url a number", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]), 400, "invalid_type"),
         ("image from the assistant", chat(messages=[user("hi"), {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": good_image}}]}, user("so?")]), 400, "invalid_value"),
         ("image in the system message", chat(messages=[{"role": "system", "content": [{"type": "image_url", "image_url": {"url": good_image}}]}, user("hi")]), 400, "invalid_value"),
         ("assistant first", chat(messages=[{"role": "assistant", "content": "hello"}, user("hi")]), 400, "invalid_value"),

@@ -227,7 +227,7 @@ def test_pull_repo_with_tower_folder_and_no_tokenizer_json(tmp_path, hub_cache, 
 
 def test_pull_quant_q8_0_replaces_installed_q4(store_ctx, hub):
     ctx = Ctx(store_ctx.base, hub=hub["cache"])
-    r = assert_ok(ctx.run("pull", TINY_REPO, "-q", "Q8_0"))
+    r = assert_ok(ctx.run("pull", TINY_REPO, "--quant", "Q8_0"))
     folder = ctx.models / "imp-tiny-a"
     assert r.stdout == f"{folder}\n"
     check_entry(folder, "imp-tiny-a", "Q8_0", TINY_REPO)  # exactly the Q8_0 pair: no stale Q4_K_M
@@ -295,7 +295,7 @@ def test_pull_failure_leaves_nothing(tmp_path, args, needle):
 def test_pull_bad_quant_leaves_nothing(tmp_path, hub):
     """An unknown quant type is a usage error (exit 2) from the option parser, before any pull."""
     ctx = Ctx(tmp_path, hub=hub["cache"])
-    assert_usage_error(ctx.run("pull", TINY_REPO, "-q", "Q5_0"), "Q5_0")
+    assert_usage_error(ctx.run("pull", TINY_REPO, "--quant", "Q5_0"), "Q5_0")
     assert ctx.visible_folders() == [] and ctx.staging() == []
 
 
@@ -313,7 +313,7 @@ def test_models_list_and_json(store_ctx, default_pulled):
         assert len(row) == 5, row
         _, src, quant, size, path = row
         assert (src, quant, path) == (source, "Q4_K_M", str(ctx.models / name))
-        assert size.split()[-1] in ("B", "KB", "MB", "GB") and float(size.split()[0]) > 0
+        assert size.split()[-1] in ("B", "kB", "MB", "GB") and float(size.split()[0]) > 0
 
     data = json.loads(assert_ok(ctx.run("models", "list", "--json")).stdout)
     assert sorted(d["name"] for d in data) == ["imp-tiny-a", "imp-v1-3b"]
@@ -360,8 +360,8 @@ def test_models_rm_without_yes_and_no_tty_refuses(store_ctx):
     ["models", "rm"],                          # NAME missing
     ["models", "import", "x.gguf"],            # --name missing
     ["models", "nonsense"],
-    ["pull", "-q"],
-], ids=["rm-no-name", "import-no-name", "unknown-subcommand", "pull-q-no-value"])
+    ["pull", "--quant"],
+], ids=["rm-no-name", "import-no-name", "unknown-subcommand", "pull-quant-no-value"])
 def test_usage_errors_exit_2(tmp_path, args):
     ctx = Ctx(tmp_path)
     r = ctx.run(*args)
@@ -447,7 +447,7 @@ def test_ask_store_name(store_ctx, photo, how):
         out = ask_json(store_ctx, photo, env={"IMP_MODEL": "imp-tiny-a"})
     assert out["model"]["text"] == str(folder / "imp-tiny-a-Q4_K_M.gguf")
     assert out["model"]["mmproj"] == str(folder / "imp-tiny-a-mmproj-F16.gguf")
-    assert out["model"]["type"] == "Q4_K_M"
+    assert out["model"]["quant"] == "Q4_K_M"
 
 
 def test_ask_default_model_when_installed(store_ctx, default_pulled, photo):
@@ -558,7 +558,7 @@ class Running:
 
 def test_sigkill_mid_pull_installs_nothing_and_rerun_cleans_up(tmp_path, big_hub):
     ctx = Ctx(tmp_path, hub=big_hub)
-    args = (BIG_REPO, "-q", "Q8_0")
+    args = (BIG_REPO, "--quant", "Q8_0")
     run = Running(ctx, *args)
     run.wait_for(lambda: ctx.staging(), "a staging folder appears")
     run.proc.kill()
@@ -592,7 +592,7 @@ def test_sigkill_mid_pull_installs_nothing_and_rerun_cleans_up(tmp_path, big_hub
 @pytest.mark.parametrize("phase", ["write", "quantize"])
 def test_sigint_mid_pull_exits_130_and_cleans_up(tmp_path, big_hub, phase):
     ctx = Ctx(tmp_path, hub=big_hub)
-    run = Running(ctx, BIG_REPO, "-q", "Q8_0")
+    run = Running(ctx, BIG_REPO, "--quant", "Q8_0")
     if phase == "write":  # the converter is writing GGUF files inside the staging folder
         run.wait_for(lambda: any(any(s.glob("*")) for s in ctx.staging()), "files in the staging folder")
     else:  # llama.cpp quantizes in a worker thread

@@ -203,7 +203,7 @@ def test_known_tower_without_any_config_takes_heads_from_its_shapes(tmp_path):
 def test_convert_says_what_it_read(tmp_path):
     ck = make_checkpoint(tmp_path / "ck", **VARIANTS["folder-no-tokenizer-json-no-sizes"][0],
                          sizes=PHI2_LIKE)
-    r = run_imp("convert", ck, "--out", tmp_path / "out", "-q", "F16", env=clean_env(tmp_path))
+    r = run_imp("convert", ck, "--out", tmp_path / "out", "--quant", "F16", env=clean_env(tmp_path))
     assert r.returncode == 0, r.stderr
     assert (f"read the vocabulary from {ALL_TOKENIZER_FILES}, the context length (3072) from "
             f"tokenizer_model_max_length, the vision tower from {tower_folder_name(PHI2_LIKE)}/config.json") in r.stderr
@@ -319,7 +319,7 @@ DISAGREEMENTS = {
 def test_disagreement_is_a_one_line_error(tmp_path, case):
     words = DISAGREEMENTS[case](tmp_path / "ck")
     out = tmp_path / "out"
-    r = run_imp("convert", tmp_path / "ck", "--out", out, "-q", "F16", env=clean_env(tmp_path))
+    r = run_imp("convert", tmp_path / "ck", "--out", out, "--quant", "F16", env=clean_env(tmp_path))
     assert_one_line_error(r, *words)
     assert not out.exists() or list(out.iterdir()) == []
 
@@ -400,7 +400,7 @@ def test_hub_repo_with_tower_folder_and_no_tokenizer_json(hub_cache, plain, tmp_
     assert not (snapshot / "tokenizer.json").exists()
     out = tmp_path / "out"
     env = clean_env(tmp_path, HF_HUB_CACHE=str(cache))
-    r = run_imp("convert", HUB_REPO, "--out", out, "-q", "F16", "--name", "imp", "--json", env=env)
+    r = run_imp("convert", HUB_REPO, "--out", out, "--quant", "F16", "--name", "imp", "--json", env=env)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["source"] == f"{HUB_REPO}@{commit}"
@@ -408,7 +408,7 @@ def test_hub_repo_with_tower_folder_and_no_tokenizer_json(hub_cache, plain, tmp_
     assert result["tokenizer_from"] == ALL_TOKENIZER_FILES
     _, want = plain("old", TINY)
     for kind in ("text_path", "mmproj_path"):
-        got = Path(result[kind])
+        got = Path(result[kind.removesuffix("_path")])  # --json names the files text and mmproj
         assert GGUFReader(got).fields["imp.source"].contents() == f"{HUB_REPO}@{commit}"
         assert gguf_content(got) == gguf_content(Path(getattr(want, kind)))
 
@@ -496,7 +496,7 @@ def test_online_download_fetches_exactly_the_needed_files(plain, tmp_path):
     with FakeHub(HUB_REPO, ck, commit) as hub:
         env = clean_env(tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path / "cache"),
                         HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
-        r = run_imp("convert", HUB_REPO, "--out", tmp_path / "out", "-q", "F16", "--name", "imp", "--json", env=env)
+        r = run_imp("convert", HUB_REPO, "--out", tmp_path / "out", "--quant", "F16", "--name", "imp", "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert sorted(hub.downloaded) == sorted([
         "config.json", "model.safetensors.index.json", "vocab.json", "merges.txt", "added_tokens.json",
@@ -506,7 +506,7 @@ def test_online_download_fetches_exactly_the_needed_files(plain, tmp_path):
     assert result["source"] == f"{HUB_REPO}@{commit}"
     _, want = plain("old", TINY)
     for kind in ("text_path", "mmproj_path"):
-        assert gguf_content(Path(result[kind])) == gguf_content(Path(getattr(want, kind)))
+        assert gguf_content(Path(result[kind.removesuffix("_path")])) == gguf_content(Path(getattr(want, kind)))
 
 
 def test_unreachable_hub_uses_the_cache(hub_cache, plain, tmp_path):
@@ -520,14 +520,14 @@ def test_unreachable_hub_uses_the_cache(hub_cache, plain, tmp_path):
         port = s.getsockname()[1]
     env = clean_env(tmp_path, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{port}",
                     HF_HUB_DISABLE_TELEMETRY="1")
-    r = run_imp("convert", HUB_REPO, "--out", tmp_path / "out", "-q", "F16", "--name", "imp", "--json", env=env)
+    r = run_imp("convert", HUB_REPO, "--out", tmp_path / "out", "--quant", "F16", "--name", "imp", "--json", env=env)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["source"] == f"{HUB_REPO}@{commit}"
     assert result["vision_config_from"] == f"{tower_folder_name(TINY)}/config.json"
     _, want = plain("old", TINY)
     for kind in ("text_path", "mmproj_path"):
-        assert gguf_content(Path(result[kind])) == gguf_content(Path(getattr(want, kind)))
+        assert gguf_content(Path(result[kind.removesuffix("_path")])) == gguf_content(Path(getattr(want, kind)))
 
 
 def test_online_unknown_repo_is_a_one_line_error(tmp_path):
