@@ -91,7 +91,9 @@ def fetch_public(url: str, *, timeout: float = DEADLINE, max_bytes: int,
         if scheme not in ("http", "https") or not hostname:
             raise ImageError(f"image URL {shown}: only http(s) URLs with a host can be fetched")
         try:
-            addresses = resolver(hostname, port)
+            addresses = _within(deadline, resolver, hostname, port)
+        except TimeoutError:
+            raise late from None
         except ValueError:  # "http://[evil]:1/x": not an address, nor a name
             raise ImageError(f"image URL {shown}: bad host {redact(hostname, 60)}") from None
         except (OSError, UnicodeError) as e:
@@ -143,6 +145,28 @@ def fetch_public(url: str, *, timeout: float = DEADLINE, max_bytes: int,
             raise ImageError(f"image URL {shown} returned no data")
         return data
     raise ImageError(f"image URL {shown}: more than {MAX_REDIRECTS} redirects")
+
+
+def _within(deadline: float, fn, *args):
+    """fn(*args) in a helper thread, given up (TimeoutError) at the deadline: a name lookup has
+    no timeout of its own (the thread then ends when the system resolver gives up)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="imp-resolve", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not box:
+        raise TimeoutError
+    ok, value = box[0]
+    if ok:
+        return value
+    raise value
 
 
 def _cut(conn: http.client.HTTPConnection) -> None:

@@ -645,6 +645,23 @@ def test_malformed_urls_and_lone_surrogates_get_400(server):
     assert (reply[0], error_code(reply)) == (400, "invalid_unicode"), reply
 
 
+def test_fetch_deadline_covers_the_name_lookup():
+    """--remote-timeout bounds the whole fetch, a name lookup that hangs included."""
+    import ipaddress
+
+    from imp_cli.images import ImageError
+    from imp_cli.remote import fetch_public
+
+    def hanging(host, port):
+        time.sleep(5)
+        return [ipaddress.ip_address("8.8.8.8")]
+
+    t0 = time.monotonic()
+    with pytest.raises(ImageError, match=r"took longer than 0.5 s"):
+        fetch_public("http://slow-dns.test/x.png", max_bytes=100, timeout=0.5, resolver=hanging)
+    assert time.monotonic() - t0 < 4  # bound: the lookup itself would take 5 s
+
+
 def test_fetch_public_malformed_urls_are_image_errors():
     from imp_cli.images import ImageError
     from imp_cli.remote import fetch_public
