@@ -165,7 +165,7 @@ def add_steps(base: dict, new: dict) -> dict:
     """`base` with the steps `new` measured that `base` lacks (serve, tuned), each section then
     says which run it comes from: ratios are only compared within one run."""
     merged = {k: v for k, v in base.items() if k != "derived"}
-    for step in ("serve", "tuned"):
+    for step in ("serve", "tuned", "batch"):
         if new.get(step):
             merged[step] = new[step]
             merged.setdefault("step_runs", {})[step] = {
@@ -291,7 +291,7 @@ def markdown(res: dict, raw_name: str) -> str:
                      f"({a2['reused_tokens']} reused) against {a1['prompt_tokens']} tokens in "
                      f"{a1['prompt_ms'] / 1000:.2f} s + {a1['image_encode_ms'] / 1000:.2f} s encode for the first.")
             L.append("")
-    L += _serve_md(res) + _tuned_md(res)
+    L += _serve_md(res) + _tuned_md(res) + _batch_md(res)
     L += _families(res)
     L += _other(res)
     L.append("## How it was run")
@@ -462,6 +462,55 @@ def _tuned_md(res: dict) -> list[str]:
     L.append(f"| generation, tokens/s | {_f(d['imp_generation_tokens_per_s'])} | "
              f"{_f(d['native_generation_tokens_per_s'])} | {_x(r['generation_tokens_per_s'])} |")
     L.append(f"| peak RSS, GB | {_f(d['imp_peak_rss'], 1 / GB)} | {_f(d['native_peak_rss'], 1 / GB)} | {_x(r['peak_rss'])} |")
+    L.append("")
+    return L
+
+
+def _batch_md(res: dict) -> list[str]:
+    """Issue 18: throughput of a batch through one model, four ways, in one run."""
+    b = res.get("batch")
+    if not b:
+        return []
+    runs = b["runs"]
+    L = ["## Batches (issue 18)", "",
+         f"{b['images']} distinct 640x480 pictures, one question, {b['tokens']} tokens each (--ignore-eos), "
+         f"the 196-px 3B, {' '.join(b['engine_args'])}, {b['threads']} threads in all; one run each, in this order "
+         "(the machine is shared: 'CPUs busy' is the share of both cores busy during the run, ours included).", "",
+         "| how | answers | wall | answers/hour | × naive | peak RSS per process | peak PSS, all processes | CPUs busy |",
+         "|---|---|---|---|---|---|---|---|"]
+    names = {"one_2": "`imp ask --output`, 1 process × 2 threads", "two_1": "`--jobs 2`, 2 processes × 1 thread",
+             "ray_2x1": "Ray Data, 2 actors × 1 thread", "naive": "one `imp ask` per image (shell loop)",
+             "cache_write": "`--cache write`, 1 × 2 (4 images)"}
+    naive = runs.get("naive", {}).get("answers_per_hour")
+    for key, label in names.items():
+        r = runs.get(key)
+        if not r:
+            continue
+        if r.get("error"):
+            L.append(f"| {label} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        per = max((p["peak_rss"] for p in r.get("peak_rss_per_process", [])), default=None)
+        ratio = r["answers_per_hour"] / naive if naive and r.get("answers_per_hour") else None
+        L.append(f"| {label} | {r.get('answers')} | {r['wall_s']:.0f} s | {r.get('answers_per_hour', 0):.0f} | "
+                 f"{_x(ratio)} | {_f(per, 1e-9, 2, ' GB')} | {_f(r.get('peak_pss_total'), 1e-9, 2, ' GB')} | "
+                 f"{r.get('cpus_busy', 0):.0%} |")
+    ray_run = runs.get("ray_2x1", {})
+    if ray_run.get("ray_init_s") is not None:
+        L += ["", f"Ray: `ray.init` took {ray_run['ray_init_s']:.1f} s of its wall time; after it, "
+              f"{ray_run['answers_per_hour_after_init']:.0f} answers/hour."]
+    one = runs.get("one_2", {}).get("timings", {})
+    if one:
+        L += ["", f"Per image (1 × 2, medians of the records' timings): encode {_f(one.get('image_encode_ms'), 1e-3)} s, "
+              f"prompt {_f(one.get('prompt_ms'), 1e-3)} s, generation {_f(one.get('generation_tokens_per_s'), 1, 1)} tok/s."]
+    cw = runs.get("cache_write", {}).get("timings", {})
+    if b.get("cache_entry_bytes"):
+        L += ["", f"Cache policy: with `--cache write` each image writes a {b['cache_entry_bytes'] / 1e6:.0f} MB entry "
+              f"and copies the KV state before its answer starts ({_f(cw.get('cache_save_ms'), 1e-3)} s median); "
+              "a batch's default (read, never write) saves both per image."]
+    rs = b.get("resume_scan") or {}
+    if rs.get("seconds") is not None:
+        L += ["", f"`--resume` start-up: reading a {rs['lines']:,}-line output ({rs['file_bytes'] / 1e6:.0f} MB) "
+              f"took {rs['seconds']:.2f} s (peak RSS of that process {rs['peak_rss'] / 1e6:.0f} MB)."]
     L.append("")
     return L
 

@@ -16,6 +16,11 @@ and on the 384-px model:
   - serve: `imp serve` (issue 10): a second question's time to first token against the first's,
     then 4 clients on 4 images at once (requests per minute);
   - tuned: `imp tune`, then a cold `imp ask` with its choice against llama-mtmd-cli (issue 14);
+and on the 196-px model:
+  - batch: --batch-images distinct pictures through `imp ask --output` with 1 process x 2 threads,
+    --jobs 2 x 1 thread, Ray Data 2 actors x 1 thread, and one `imp ask` process per image (the
+    naive shell loop); peak RSS; the batch cache policy's saving; --resume on 100,000 lines
+    (issue 18, bench/batches.py);
 and once: `imp --help`, `imp convert` (F16, Q4_K_M), memory bandwidth, llama-cpp-python's stock
 Llava15ChatHandler and transformers (tests/oracle.py) as further baselines.
 Roles: measure.py (processes, load, machine), workers.py (in-process measurements),
@@ -38,6 +43,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+import batches  # noqa: E402
 import measure  # noqa: E402
 import mtmd_cli  # noqa: E402
 import report  # noqa: E402
@@ -46,7 +52,8 @@ from measure import log  # noqa: E402
 from workers import run_worker  # noqa: E402
 
 QUESTIONS = ("What is in the image? Describe it in detail.", "Which colours dominate this picture?")
-STEPS = ("help", "convert", "cold_warm", "mtmd_cli", "session", "serve", "tuned", "llava", "transformers", "bandwidth")
+STEPS = ("help", "convert", "cold_warm", "mtmd_cli", "session", "serve", "tuned", "batch", "llava", "transformers",
+         "bandwidth")
 SERVE_CLIENTS, SERVE_QUESTIONS = 4, 2  # issue 10: 4 clients, 4 images, a bounded few questions each
 # one line of llama.cpp's OpenMP threads spinning against other processes can slow it tenfold:
 # on a shared machine, --threads 1 for every side gives steadier ratios
@@ -180,6 +187,9 @@ def main() -> None:
     ap.add_argument("--imp-args", default="", help="extra options for every `imp ask` (e.g. engine settings)")
     ap.add_argument("--tune-rounds", type=int, default=1,
                     help="`imp tune --rounds` for the tuned step (0: no tune, pass the settings in --imp-args)")
+    ap.add_argument("--batch-images", type=int, default=24, help="distinct pictures in the batch step (default 24)")
+    ap.add_argument("--batch-tokens", type=int, default=16, help="tokens per answer in the batch step (default 16)")
+    ap.add_argument("--batch-work", type=Path, help="scratch folder of the batch step (default: CACHE/batch)")
     ap.add_argument("--cache", type=Path, default=BENCH / "cache")
     ap.add_argument("--quiet-wait", type=float, default=30.0,
                     help="before each measurement, wait up to this many seconds for other processes to go idle")
@@ -201,7 +211,8 @@ def main() -> None:
     res: dict = {"machine": measure.machine(threads),
                  "command": shlex.join([Path(sys.executable).name, "bench/run.py", *sys.argv[1:]]),
                  "settings": {"runs": a.runs, "tokens": a.tokens, "threads": threads, "sizes": sizes, "families": families,
-                              "quant": a.quant, "questions": QUESTIONS, "tune_rounds": a.tune_rounds, "skip": sorted(skip), "imp_args": a.imp_args,
+                              "quant": a.quant, "questions": QUESTIONS, "batch_images": a.batch_images,
+                              "batch_tokens": a.batch_tokens, "tune_rounds": a.tune_rounds, "skip": sorted(skip), "imp_args": a.imp_args,
                               "quiet_wait_s": a.quiet_wait, "quiet_threshold": measure.QUIET.threshold}}
     log(f"machine: {res['machine']['cpu_model']}, {threads} threads, load {res['machine']['loadavg']}")
     image = test_image(a.cache / "bench-image.png")
@@ -237,6 +248,11 @@ def main() -> None:
         res["serve"] = bench_serve(p384, a, threads, image)
     if "tuned" not in skip:
         res["tuned"] = bench_tuned(p384, a, threads, image, native)
+    if "batch" not in skip and "phi2" in families:
+        p196 = ensure_model(196, a.quant, a.cache)
+        log(f"batch: {a.batch_images} images through the 196-px model")
+        res["batch"] = batches.run(p196[a.quant], p196["mmproj"], a.batch_work or a.cache / "batch", a.batch_images,
+                                   a.batch_tokens, min(threads, 2))
     if "llava" not in skip:
         log("llama-cpp-python Llava15ChatHandler")
         res["llava"] = run_worker("llava", {"text": str(p384[a.quant]), "mmproj": str(p384["mmproj"]),

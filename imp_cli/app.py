@@ -33,6 +33,8 @@ app = typer.Typer(
 
 # The choices come from the one list of types (convert/formats.py, no heavy imports).
 Switch = Enum("Switch", {v: v for v in ("auto", "on", "off")}, type=str)
+CacheMode = Enum("CacheMode", {v: v for v in ("auto", "read", "write", "off")}, type=str)
+ProgressMode = Enum("ProgressMode", {v: v for v in ("auto", "bar", "lines", "off")}, type=str)
 
 
 class _Choice(click.Choice):
@@ -104,7 +106,7 @@ def convert(
 
 @app.command()
 def ask(
-    args: List[str] = typer.Argument(..., metavar="IMAGE... [QUESTION]", help="Image(s): a path, - for standard input, or an http(s) URL; then the question, unless given with -q."),
+    args: Optional[List[str]] = typer.Argument(None, metavar="IMAGE... [QUESTION]", help="Image(s): a path, a folder (its images, recursively), - for standard input, or an http(s) URL; then the question, unless given with -q."),
     questions: Optional[List[str]] = typer.Option(None, "--question", "-q", help="A question (repeatable); every positional argument is then an image."),
     questions_from: Optional[str] = typer.Option(None, "--questions-from", metavar="FILE|-", help="Questions, one per line, from a file or standard input."),
     model: Optional[str] = MODEL_OPTION,
@@ -126,15 +128,28 @@ def ask(
     stats: bool = typer.Option(False, "--stats", envvar="IMP_STATS", help="Print timings to stderr."),
     repack: Switch = REPACK_OPTION,
     flash_attn: Switch = FLASH_ATTN_OPTION,
+    images_from: Optional[str] = typer.Option(None, "--images-from", metavar="FILE|-", help="Images (paths, folders or URLs), one per line, from a file or standard input; read as the run goes.", rich_help_panel="Batches"),
+    glob: Optional[str] = typer.Option(None, "--glob", metavar="PATTERN", help="Which files of a folder argument (matched against the path inside it, e.g. '*.jpg' or 'cams/*/*.png'; default: image extensions).", rich_help_panel="Batches"),
+    output_file: Optional[str] = typer.Option(None, "--output", "-o", metavar="FILE", help="Write the --json records to FILE (JSON lines, each written whole and flushed).", rich_help_panel="Batches"),
+    resume: bool = typer.Option(False, "--resume", help="Continue --output FILE: skip each (image, question) it already answers with this model and these settings (images known by the sha256 of their bytes).", rich_help_panel="Batches"),
+    fsync: int = typer.Option(0, "--fsync", metavar="N", min=0, help="Also fsync FILE every N records (0: at the end only).", rich_help_panel="Batches"),
+    max_errors: int = typer.Option(0, "--max-errors", metavar="N", min=0, help="Stop after N images failed (0: never; each failure is an error record).", rich_help_panel="Batches"),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N", help="Only the images whose stable hash (of the path or URL as given) falls in shard I of N (0 <= I < N).", rich_help_panel="Batches"),
+    jobs: int = typer.Option(1, "--jobs", "-j", envvar="IMP_JOBS", min=1, help="Worker processes, each with its share of --threads (the weights are shared through the page cache).", rich_help_panel="Batches"),
+    progress: ProgressMode = typer.Option(ProgressMode.auto, "--progress", case_sensitive=False, help="Batch progress on stderr: bar, lines (one every 30 s), off; auto: bar on a terminal, else lines.", rich_help_panel="Batches"),
+    cache_mode: CacheMode = typer.Option(CacheMode.auto, "--cache", case_sensitive=False, help="Prompt cache: read, write (read and write), off; auto: one image reads and writes, a batch only reads.", rich_help_panel="Batches"),
     verbose: bool = VERBOSE,
 ) -> None:
     """Answer a question about an image (or each question about each of several), streaming to stdout."""
     from .output import Output
 
-    images, asked = _split_ask_args(list(args), list(questions or []), questions_from)
+    images, asked = _split_ask_args(list(args or []), list(questions or []), questions_from, images_from)
     output = Output(json_mode=json_out, verbose=verbose)
     choice_list, constraint = _constraints(choices, json_schema, grammar, output)
     _threads(threads, output)
+    batch = _batch_options(images_from, glob, output_file, resume, fsync, max_errors, shard, jobs, progress)
+    cache_read = not no_cache and cache_mode != CacheMode.off
+    cache_write = {CacheMode.write: True, CacheMode.read: False}.get(cache_mode)
     with _errors(output):
         from .ask import Request, read_questions, run_ask
 
@@ -142,10 +157,10 @@ def ask(
             asked += read_questions(questions_from)
         request = Request(images=images, questions=asked, model=model, mmproj=mmproj, max_tokens=max_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, system=system,
-                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=not no_cache,
-                          choices=choice_list, constraint=constraint, repack=repack.value,
+                          threads=threads, ctx=ctx, verbose=verbose, ignore_eos=ignore_eos, cache=cache_read,
+                          cache_write=cache_write, choices=choice_list, constraint=constraint, repack=repack.value,
                           flash_attn=flash_attn.value)
-        status = run_ask(request, output, stats=stats)
+        status = run_ask(request, output, stats=stats, batch=batch)
     if status:
         raise typer.Exit(status)
 
@@ -248,15 +263,23 @@ def serve(
                                body_timeout=body_timeout, keep_alive=keep_alive), output)
 
 
-def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None) -> tuple[list[str], list[str]]:
-    """`imp ask IMAGE... QUESTION`, or with -q/--questions-from every positional is an image. The
-    mistakes newcomers make (no image, no question, the two swapped) are usage errors that say so."""
+def _split_ask_args(args: list[str], questions: list[str], questions_from: str | None,
+                    images_from: str | None = None) -> tuple[list[str], list[str]]:
+    """`imp ask IMAGE... QUESTION`, or with -q/--questions-from every positional is an image;
+    with --images-from the positional images may be none. The mistakes newcomers make (no image,
+    no question, the two swapped) are usage errors that say so."""
     import shlex
 
+    if questions_from == "-" and ("-" in args or images_from == "-"):
+        raise click.UsageError("standard input (-) cannot hold both images and the questions")
     if questions or questions_from:
-        if questions_from == "-" and "-" in args:
-            raise click.UsageError("standard input (-) cannot hold both an image and the questions")
+        if not args and images_from is None:
+            raise click.UsageError("no image: give images before -q (or with --images-from FILE)")
         return args, questions
+    if images_from is not None:
+        if not args:
+            raise click.UsageError("no question: give it after the images (or with -q)")
+        return args[:-1], [args[-1]]
     if len(args) < 2:
         given = args[0] if args else ""
         if args and (_is_image(given) or _looks_like_a_file(given)):
@@ -273,10 +296,11 @@ def _split_ask_args(args: list[str], questions: list[str], questions_from: str |
 
 
 def _is_image(arg: str) -> bool:
-    """An argument that can only be meant as an image: standard input, a URL or an existing file."""
+    """An argument that can only be meant as an image: standard input, a URL, an existing file or
+    a folder (its images)."""
     import os
 
-    return arg == "-" or arg.lower().startswith(("http://", "https://")) or os.path.isfile(arg)
+    return arg == "-" or arg.lower().startswith(("http://", "https://")) or os.path.exists(arg)
 
 
 def _looks_like_a_file(arg: str) -> bool:
@@ -312,6 +336,23 @@ def conversion_record(result) -> dict:
     out.update(d)
     out["total_ms"] = round(out.pop("seconds") * 1000, 1)
     return out
+
+
+def _batch_options(images_from, glob, output_file, resume, fsync, max_errors, shard, jobs, progress):
+    """The batch options, checked before any model work: a value that cannot be used is a usage
+    error (exit 2)."""
+    from .batch import BatchOptions, parse_shard
+
+    if resume and output_file is None:
+        raise click.UsageError("--resume needs --output FILE (the file to continue)")
+    if output_file == "-":
+        raise click.UsageError("--output takes a file: leave it out to write the records (--json) to standard output")
+    try:
+        shard_value = parse_shard(shard) if shard is not None else None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return BatchOptions(images_from=images_from, glob=glob, output=output_file, resume=resume, fsync=fsync,
+                        max_errors=max_errors, shard=shard_value, jobs=jobs, progress=progress.value)
 
 
 @app.command()

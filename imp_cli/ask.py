@@ -25,7 +25,8 @@ class Request:
     ctx: int = 4096
     verbose: bool = False
     ignore_eos: bool = False
-    cache: bool = True
+    cache: bool = True  # read the prompt cache (--no-cache / --cache off: False)
+    cache_write: bool | None = None  # write it: None = as the command decides (a batch reads only)
     repack: str = "auto"  # weight repacking: auto (imp tune's choice) | on | off
     flash_attn: str = "auto"
     choices: list[str] | None = None  # --choices: score these instead of generating
@@ -66,73 +67,128 @@ def check_images_exist(sources: list[str]) -> None:
             raise ImpError(f"cannot read image '{source}': it is a directory")
 
 
-def run_ask(req: Request, output: Output, stats: bool = False) -> int:
+def run_ask(req: Request, output: Output, stats: bool = False, batch=None) -> int:
     """Answer each question about each image in turn. One model load serves every pair; each
     image is loaded when its turn comes (memory stays that of one image), and the questions
-    after the first about an image evaluate only their own tokens. Returns the exit status: 1
-    if a constrained answer could not be completed."""
-    from .engine import Sampling
-    from .images import load_image
-    from .prompts import build_prompt
-    from .record import build as build_record
-    from .session import Session, context_for, default_cache, open_pair
+    after the first about an image evaluate only their own tokens. Several images (or a folder,
+    --images-from, --output: `batch`, a batch.BatchOptions) go through imp_cli/batch.py, where
+    one bad image is one error record. Returns the exit status: 1 if a constrained answer could
+    not be completed (or, in a batch, an image failed)."""
+    from .batch import BatchOptions, is_batch
 
-    if req.choices:
-        from .constrain import decide
     for q in req.questions:
         if not q.strip():
             raise ImpError("the question is empty")
+    batch = batch or BatchOptions()
+    if is_batch(req, batch):
+        from .batch import run_batch
+
+        return run_batch(req, batch, output, stats=stats)
+    return _run_single(req, output, stats)
+
+
+def _run_single(req: Request, output: Output, stats: bool) -> int:
+    """One image (and one or more questions): its answers stream to stdout as generated; a bad
+    image is one error line and exit 1, before the model loads."""
+    from .images import load_image
+    from .session import Session, default_cache, open_pair
+
     check_images_exist(req.images)
-    first = load_image(req.images[0])  # a bad first image fails before the model loads
+    image = load_image(req.images[0])  # a bad image fails before the model loads
     pair = open_pair(req.model, req.mmproj, output)
-    texts = ["".join(build_prompt(pair.prompt_family, q, system=req.system)) for q in req.questions]
-    answer_room = max(len(c.encode("utf-8")) + 2 for c in req.choices) if req.choices else req.max_tokens
-    n_ctx = context_for(pair, texts, answer_room, req.ctx)
-    sampling = Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos,
-                        grammar=req.constraint.grammar if req.constraint else "")
+    show = not output.json_mode
     status = 0
-    several = len(req.images) * len(req.questions) > 1
-    with Session(pair, threads=req.threads, ctx=n_ctx, verbose=req.verbose,
-                 cache=default_cache(output, req.cache), note=output.note,
+    with Session(pair, threads=req.threads, ctx=context_size(pair, req), verbose=req.verbose,
+                 cache=default_cache(output, req.cache, write=req.cache_write is not False), note=output.note,
                  repack=req.repack, flash_attn=req.flash_attn) as session:
-        n = 0
-        for i, source in enumerate(req.images):
-            image = first if i == 0 else load_image(source)
-            staged = session.stage(image)
-            del image
-            for question in req.questions:
-                if several and not output.json_mode:  # headers as `head` prints them
-                    title = source if len(req.questions) == 1 else f"{source} | {question}"
-                    output.answer(("\n" if n else "") + f"==> {title} <==\n")
-                n += 1
-                if req.choices:
-                    result = decide(session, staged, question, req.choices, req.system)
-                    if not output.json_mode:
-                        output.answer(result.text)
-                else:
-                    result = _answer(session, staged, question, req, sampling, output)
-                value, extra = result.text, {}
-                if req.choices:
-                    extra = {"choices": result.probabilities}
-                elif req.constraint is not None:
-                    value = _finish_constrained(result, req.constraint, output)
-                    status = status if value is not None else 1
-                if output.json_mode:
-                    output.record(build_record(result, question=question, pair=pair, image=staged,
-                                               tuning=session.engine.tuning, sampling=sampling,
-                                               max_tokens=req.max_tokens, answer=value,
-                                               choices=extra.get("choices")))
-                elif value is not None:  # an unfinished constrained answer printed nothing
-                    output.answer("\n")
-                if result.finish_reason == "context":
-                    output.warn("the answer was cut off: the context is full (raise --ctx)")
-                if stats:
-                    title = "timings" + (f" ({source}: {question})" if several else "")
-                    output.table(title, {k: v for k, v in result.timings.items() if v is not None})
+        staged = session.stage(image)
+        del image
+        sampling = sampling_of(req)
+        for n, question in enumerate(req.questions):
+            if show and len(req.questions) > 1:  # headers as `head` prints them
+                output.answer(("\n" if n else "") + f"==> {staged.source} | {question} <==\n")
+            record, result, ok = answer_question(session, staged, question, req, sampling, output, show)
+            status = status if ok else 1
+            if output.json_mode:
+                output.record(record)
+            if stats:
+                title = "timings" + (f" ({staged.source}: {question})" if len(req.questions) > 1 else "")
+                output.table(title, {k: v for k, v in result.timings.items() if v is not None})
     return status
 
 
-def _finish_constrained(result, constraint, output):
+# -- the per-(image, question) step: `imp ask`, its batches, their worker processes and Ray -----------
+def sampling_of(req: Request):
+    from .engine import Sampling
+
+    return Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos,
+                    grammar=req.constraint.grammar if req.constraint else "")
+
+
+def context_size(pair, req: Request) -> int:
+    """The KV cache for the longest prompt + answer of this request (session.context_for)."""
+    from .prompts import build_prompt
+    from .session import context_for
+
+    texts = ["".join(build_prompt(pair.prompt_family, q, system=req.system)) for q in req.questions]
+    answer_room = max(len(c.encode("utf-8")) + 2 for c in req.choices) if req.choices else req.max_tokens
+    return context_for(pair, texts, answer_room, req.ctx)
+
+
+def run_fields(pair, tuning, req: Request) -> dict:
+    """What every record of this run says about the model and how it answered (record.py's
+    fields): `--resume` counts an earlier answer as done only if these are the same (see
+    batch.same_run)."""
+    from .record import model_info, sampling_info
+
+    seed = req.seed if req.temperature > 0 and not req.choices else None
+    return {"model": model_info(pair), "sampling": sampling_info(sampling_of(req), req.max_tokens, seed),
+            "settings": {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)}}
+
+
+def make_record(session, question: str, staged, value, extra: dict, result, req: Request, sampling) -> dict:
+    """The --json record of one answer (also a line of --output FILE and a Ray row's record):
+    record.build, the one record builder."""
+    from .record import from_session
+
+    return from_session(session, result, question=question, image=staged, sampling=sampling,
+                        max_tokens=req.max_tokens, answer=value, choices=extra.get("choices"))
+
+
+def error_record(source: str, question: str, message: str, fields: dict, sha256: str | None = None) -> dict:
+    """The line of an (image, question) a batch could not answer: the image could not be read,
+    decoded or fetched. Not an answer record (no `answer`): `error` says why; `--resume` tries
+    it again."""
+    return {"error": message, "question": question, "image": {"source": source, "sha256": sha256},
+            "model": fields["model"], "sampling": fields["sampling"], "settings": fields["settings"]}
+
+
+def answer_question(session, staged, question: str, req: Request, sampling, output: Output,
+                    show: bool) -> tuple[dict, object, bool]:
+    """One (image, question): the answer (streamed to stdout as generated when `show`), its
+    record, the result, and False if a constrained answer could not be completed."""
+    if req.choices:
+        from .constrain import decide
+
+        result = decide(session, staged, question, req.choices, req.system)
+        if show:
+            output.answer(result.text)
+    else:
+        result = _answer(session, staged, question, req, sampling, output, show)
+    value, extra, ok = result.text, {}, True
+    if req.choices:
+        extra = {"choices": result.probabilities}
+    elif req.constraint is not None:
+        value = _finish_constrained(result, req.constraint, output, show)
+        ok = value is not None
+    if show and value is not None:  # an unfinished constrained answer printed nothing
+        output.answer("\n")
+    if result.finish_reason == "context":
+        output.warn("the answer was cut off: the context is full (raise --ctx)")
+    return make_record(session, question, staged, value, extra, result, req, sampling), result, ok
+
+
+def _finish_constrained(result, constraint, output, show: bool):
     """A constrained answer is printed only once complete: the parsed value, or None (and a
     warning) when it stopped before the grammar was satisfied."""
     if result.finish_reason != "stop":
@@ -142,19 +198,19 @@ def _finish_constrained(result, constraint, output):
                         f"the answer could not be completed ({result.finish_reason}): not printed")
         return None
     value = constraint.parse(result.text)
-    if not output.json_mode:
+    if show:
         output.answer(result.text)
     return value
 
 
-def _answer(session, staged, question, req: Request, sampling, output):
+def _answer(session, staged, question, req: Request, sampling, output, show: bool):
     stream = session.answer(staged, question, system=req.system, sampling=sampling, max_tokens=req.max_tokens)
     try:
         for piece in stream:
-            if not output.json_mode and req.constraint is None:  # constrained: printed once complete
+            if show and req.constraint is None:  # constrained: printed once complete
                 output.answer(piece)
     except KeyboardInterrupt:
-        if stream.text and not output.json_mode and req.constraint is None:
+        if stream.text and show and req.constraint is None:
             output.answer("\n")  # end the partial answer's line
         raise
     return stream.result

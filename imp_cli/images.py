@@ -57,15 +57,27 @@ class LoadedImage:
 def load_image(source: str, *, stdin: BinaryIO | None = None, timeout: float = 30,
                max_bytes: int = MAX_BYTES) -> LoadedImage:
     """Read `source` (a path, '-' for stdin, or an http(s) URL), decode it fully, return RGB."""
+    return decode_source(source, read_source(source, stdin=stdin, timeout=timeout, max_bytes=max_bytes))
+
+
+def read_source(source: str, *, stdin: BinaryIO | None = None, timeout: float = 30,
+                max_bytes: int = MAX_BYTES) -> bytes:
+    """The bytes of `source` (a path, '-' for stdin, or an http(s) URL), not yet decoded."""
+    if source == "-":
+        return _read_stdin(stdin if stdin is not None else sys.stdin.buffer, max_bytes)
+    if source.lower().startswith(("http://", "https://")):
+        return _read_url(source, timeout, max_bytes)
+    return _read_file(source)
+
+
+def decode_source(source: str, data: bytes) -> LoadedImage:
+    """Bytes read by read_source -> the image, with errors naming the source as the user gave it."""
     if source == "-":
         what, image_what = "standard input", "image on standard input"
-        data = _read_stdin(stdin if stdin is not None else sys.stdin.buffer, max_bytes)
     elif source.lower().startswith(("http://", "https://")):
         what = image_what = f"image URL {source}"
-        data = _read_url(source, timeout, max_bytes)
     else:
         what, image_what = f"'{source}'", f"image '{source}'"
-        data = _read_file(source)
     return image_from_bytes(data, source, what, image_what)
 
 

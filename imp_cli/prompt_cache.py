@@ -71,8 +71,9 @@ class Loaded:
 
 class PromptCache:
     def __init__(self, folder: Path | None = None, budget: int | None = None,
-                 note: Callable[[str], None] = lambda message: None):
+                 note: Callable[[str], None] = lambda message: None, writable: bool = True):
         self.folder = Path(folder) if folder is not None else cache_dir()
+        self.writable = writable  # False: entries are read, none stored (a batch of many images)
         self.budget = budget_from_env() if budget is None else budget
         self.note = note  # shown with -v: why an entry was ignored, a write that failed
         self._writer: threading.Thread | None = None
@@ -148,7 +149,9 @@ class PromptCache:
 
     def store(self, key: str, header: dict, payload) -> bool:
         """Atomically write one entry; a failure (full disk, read-only folder) costs only the
-        cache, never the answer."""
+        cache, never the answer. A read-only cache stores nothing."""
+        if not self.writable:
+            return False
         view = memoryview(payload).cast("B")
         if _HEAD.size + view.nbytes > self.budget:
             self.note(f"prompt cache: an entry of {view.nbytes / 1e6:.0f} MB exceeds the budget of "

@@ -263,7 +263,7 @@ class Session:
                 image_segment = engine.encode_image(prompt.staged.pixels, prompt.staged.key)
                 engine.evaluate([prompt.head, image_segment], logits=False)
                 evaluated += engine.timings.prompt_tokens
-                if key:
+                if key and self.cache.writable:  # a read-only cache (a batch's) skips the state copy too
                     self._save(key, prompt, n_prefix)
         elif prompt.image is not None and status == "miss":
             status = "hit"  # the prefix is still in memory from an earlier answer
@@ -395,13 +395,14 @@ def _answer_tokens(engine: Engine, context: str, context_tokens: list[int], answ
     return engine.tokenize(answer)
 
 
-def default_cache(output, use_cache: bool = True) -> PromptCache | None:
-    """The prompt cache in $IMP_HOME/cache unless --no-cache or IMP_CACHE=off."""
+def default_cache(output, use_cache: bool = True, write: bool = True) -> PromptCache | None:
+    """The prompt cache in $IMP_HOME/cache unless --no-cache or IMP_CACHE=off; `write` False:
+    entries are read, none written (a batch's default)."""
     from .prompt_cache import enabled_by_env
 
     if not use_cache or not enabled_by_env():
         return None
-    return PromptCache(note=output.note)
+    return PromptCache(note=output.note, writable=write)
 
 
 def open_pair(model: str | None, mmproj: str | None, output, *, pull: bool = True) -> ModelPair:
