@@ -95,19 +95,27 @@ def _target(name: str, value, op: str, limit: float) -> dict:
     return {"target": name, "value": value, "op": op, "limit": limit, "met": met}
 
 
-# `imp serve`'s log line per request: "POST /v1/chat/completions 200 775+32 tokens (0 reused) 21000 ms"
-_SERVE_LINE = re.compile(r"^POST \S+ (\d{3}) (\d+)\+(\d+) tokens \((\d+) reused\) (\d+) ms")
+# `imp serve`'s log line per request, as imp_cli.stats.log_fields writes it:
+#   "POST /v1/chat/completions 200 prompt 16 tokens (760 reused), answer 7 tokens (9.1 tok/s), ..., cache hit 900 ms"
+# and before it (older raw results): "POST /v1/chat/completions 200 775+32 tokens (0 reused) 21000 ms"
+_SERVE_LINE = re.compile(r"^POST \S+ (\d{3}) prompt (\d+) tokens \((\d+) reused\), answer (\d+) tokens.* (\d+) ms")
+_OLD_SERVE_LINE = re.compile(r"^POST \S+ (\d{3}) (\d+)\+(\d+) tokens \((\d+) reused\) (\d+) ms")
 
 
 def serve_log_requests(lines: list[str]) -> list[dict]:
-    """The completed requests in `imp serve`'s log, in the order it answered them."""
+    """The completed requests in `imp serve`'s log, in the order it answered them (prompt_tokens:
+    the whole prompt, reused ones included)."""
     out = []
     for line in lines:
-        m = _SERVE_LINE.match(line.strip())
-        if m:
+        if m := _SERVE_LINE.match(line.strip()):
+            status, evaluated, reused, completion, ms = (int(x) for x in m.groups())
+            prompt = evaluated + reused
+        elif m := _OLD_SERVE_LINE.match(line.strip()):
             status, prompt, completion, reused, ms = (int(x) for x in m.groups())
-            out.append({"status": status, "prompt_tokens": prompt, "completion_tokens": completion,
-                        "reused_tokens": reused, "ms": ms})
+        else:
+            continue
+        out.append({"status": status, "prompt_tokens": prompt, "completion_tokens": completion,
+                    "reused_tokens": reused, "ms": ms})
     return out
 
 

@@ -48,11 +48,13 @@ def worker_session(a: dict) -> dict:
     from imp_cli.images import load_image
     from imp_cli.modelfiles import read_pair
     from imp_cli.session import Sampling, Session
+    from imp_cli.tune import choose
 
     pair = read_pair(Path(a["text"]), Path(a["mmproj"]))
     t0 = time.perf_counter()
     out: dict = {"answers": []}
-    with Session(pair, threads=a["threads"], ctx=a.get("ctx", 4096), cache=None) as session:
+    tuning = choose(pair, a["threads"])  # as `imp ask` would run it here
+    with Session(pair, threads=a["threads"], ctx=a.get("ctx", 4096), cache=None, tuning=tuning) as session:
         out["session_open_ms"] = (time.perf_counter() - t0) * 1000
         staged = session.stage(load_image(a["image"]))
         for q in a["questions"]:

@@ -151,7 +151,8 @@ def ask(
     cache_read = not no_cache and cache_mode != CacheMode.off
     cache_write = {CacheMode.write: True, CacheMode.read: False}.get(cache_mode)
     with _errors(output):
-        from .ask import Request, read_questions, run_ask
+        from .ask import Request, read_questions
+        from .batch import run_ask
 
         if questions_from:
             asked += read_questions(questions_from)
@@ -385,10 +386,11 @@ def tune(
 ) -> None:
     """Measure weight repacking and flash attention on/off for this model and machine; keep the fastest."""
     with _command(json_mode=json_out, verbose=verbose) as output:
+        from .opening import open_pair
         from .tune import run_tune
 
         _threads(threads, output)
-        run_tune(model, mmproj, output, threads=threads, verbose=verbose, rounds=rounds)
+        run_tune(open_pair(model, mmproj, output, pull=False), output, threads=threads, verbose=verbose, rounds=rounds)
 
 
 models_app = typer.Typer(help="List, locate, import and remove models in the store.", no_args_is_help=True)

@@ -67,31 +67,20 @@ def check_images_exist(sources: list[str]) -> None:
             raise ImpError(f"cannot read image '{source}': it is a directory")
 
 
-def run_ask(req: Request, output: Output, stats: bool = False, batch=None) -> int:
-    """Answer each question about each image in turn. One model load serves every pair; each
-    image is loaded when its turn comes (memory stays that of one image), and the questions
-    after the first about an image evaluate only their own tokens. Several images (or a folder,
-    --images-from, --output: `batch`, a batch.BatchOptions) go through imp_cli/batch.py, where
-    one bad image is one error record. Returns the exit status: 1 if a constrained answer could
-    not be completed (or, in a batch, an image failed)."""
-    from .batch import BatchOptions, is_batch
-
+def check_questions(req: Request) -> None:
     for q in req.questions:
         if not q.strip():
             raise ImpError("the question is empty")
-    batch = batch or BatchOptions()
-    if is_batch(req, batch):
-        from .batch import run_batch
-
-        return run_batch(req, batch, output, stats=stats)
-    return _run_single(req, output, stats)
 
 
-def _run_single(req: Request, output: Output, stats: bool) -> int:
+def run_single(req: Request, output: Output, stats: bool) -> int:
     """One image (and one or more questions): its answers stream to stdout as generated; a bad
     image is one error line and exit 1, before the model loads."""
     from .images import load_image
-    from .session import Session, default_cache, open_pair
+    from .opening import open_pair
+    from .session import Session, default_cache
+    from .stats import summary
+    from .tune import choose
 
     check_images_exist(req.images)
     image = load_image(req.images[0])  # a bad image fails before the model loads
@@ -100,7 +89,7 @@ def _run_single(req: Request, output: Output, stats: bool) -> int:
     status = 0
     with Session(pair, threads=req.threads, ctx=context_size(pair, req), verbose=req.verbose,
                  cache=default_cache(output, req.cache, write=req.cache_write is not False), note=output.note,
-                 repack=req.repack, flash_attn=req.flash_attn) as session:
+                 tuning=choose(pair, req.threads, req.repack, req.flash_attn, output.note)) as session:
         staged = session.stage(image)
         del image
         sampling = sampling_of(req)
@@ -113,7 +102,7 @@ def _run_single(req: Request, output: Output, stats: bool) -> int:
                 output.record(record)
             if stats:
                 title = "timings" + (f" ({staged.source}: {question})" if len(req.questions) > 1 else "")
-                output.table(title, {k: v for k, v in result.timings.items() if v is not None})
+                output.table(title, summary(result.timings))
     return status
 
 

@@ -353,8 +353,10 @@ class Sink:
                 self.header(record["image"]["source"], record["question"])
                 self.output.answer((answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)) + "\n")
         if self.stats and not failed:
+            from .stats import from_record, summary
+
             self.output.table(f"timings ({record['image']['source']}: {record['question']})",
-                              {k: v for k, v in record["timings"].items() if v is not None})
+                              summary(from_record(record)))
 
 
 # -- the per-image step ----------------------------------------------------------------------------
@@ -365,12 +367,13 @@ class Answerer:
     def __init__(self, pair, req: Request, output: Output, *, cache_write: bool = False,
                  threads: int | None = None):
         from .session import Session, default_cache
+        from .tune import choose
 
         self.req, self.output = req, output
-        self.session = Session(pair, threads=req.threads if threads is None else threads,
-                               ctx=context_size(pair, req), verbose=req.verbose,
+        threads = req.threads if threads is None else threads
+        self.session = Session(pair, threads=threads, ctx=context_size(pair, req), verbose=req.verbose,
                                cache=default_cache(output, req.cache, write=cache_write), note=output.note,
-                               repack=req.repack, flash_attn=req.flash_attn)
+                               tuning=choose(pair, threads, req.repack, req.flash_attn, output.note))
         self.sampling = sampling_of(req)
         self.fields = run_fields(pair, self.session.engine.tuning, req)
 
@@ -597,10 +600,27 @@ def worker_threads(req: Request, jobs: int) -> int:
     return max(1, (req.threads or physical_cores()) // jobs)
 
 
+def run_ask(req: Request, output: Output, stats: bool = False, batch: BatchOptions | None = None) -> int:
+    """`imp ask`: answer each question about each image in turn. One model load serves every
+    pair; each image is loaded when its turn comes (memory stays that of one image), and the
+    questions after the first about an image evaluate only their own tokens. Several images (or a
+    folder, --images-from, --output: `batch`) go through run_batch, where one bad image is one
+    error record; one image through ask.run_single. Returns the exit status: 1 if a constrained
+    answer could not be completed (or, in a batch, an image failed). (Here, not in ask.py: ask.py
+    is below this module, which imports it.)"""
+    from .ask import check_questions, run_single
+
+    check_questions(req)
+    batch = batch or BatchOptions()
+    if is_batch(req, batch):
+        return run_batch(req, batch, output, stats=stats)
+    return run_single(req, output, stats)
+
+
 def run_batch(req: Request, opts: BatchOptions, output: Output, stats: bool = False) -> int:
     """Answer every (image, question) of a batch; returns the exit status (1 if any image failed,
     a constrained answer could not be completed, or --max-errors stopped the run)."""
-    from .session import open_pair
+    from .opening import open_pair
     from .tune import choose
 
     check_options(req, opts)

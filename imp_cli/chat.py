@@ -1,8 +1,9 @@
 """`imp chat`: a conversation about an image, in a terminal (a REPL) or from a pipe (a line, a turn).
 
-Each question is answered with the whole conversation in the model's template. The previous
-turns stay in the KV cache and earlier answers are fed back as the token ids the model generated
-(Turn.tokens), so a follow-up evaluates only its own tokens; the [system, image] prefix comes from
+Each question is answered with the whole conversation in the model's template, earlier answers
+re-rendered as text exactly as Imp's own conversation does. The previous turns stay in the KV
+cache (kept up to the first token where the generated ids differ from that re-rendering: most
+often none), so a follow-up evaluates only its own tokens; the [system, image] prefix comes from
 the prompt cache when the image was seen before.
 """
 
@@ -110,7 +111,7 @@ class Chat:
         if reason == "interrupted" and not text:
             return  # nothing said: as if not asked
         self.last = answer or self.last
-        # The ids as generated go back to the model with the next question (see render_conversation)
+        # The text goes back with the next question as Imp's conversation has it (see make_prompt)
         said = Said(Turn(question, text, tuple(answer.tokens) if answer else None), reason)
         self.said.append(said)
         self.context.append(said)
@@ -181,7 +182,9 @@ class Chat:
         if self.last is None:
             self.output.info("no answer yet")
             return
-        self.output.table("timings (last answer)", {k: v for k, v in self.last.timings.items() if v is not None})
+        from .stats import summary
+
+        self.output.table("timings (last answer)", summary(self.last.timings))
 
     def cmd_help(self, arg: str) -> None:
         self.output.info(COMMANDS_HELP)
@@ -306,7 +309,7 @@ def run_chat(opts: Request, output: Output) -> int:
     The conversation until the input ends or the user leaves; the exit code (piped input:
     1 if any line failed, each failure said on its own line)."""
     from .images import load_image
-    from .session import Session
+    from .opening import open_session
 
     interactive = sys.stdin.isatty()
     loaded = None
@@ -314,7 +317,7 @@ def run_chat(opts: Request, output: Output) -> int:
         loaded = load_image(opts.images[0])  # a bad image fails before the model loads
         if opts.images[0] == "-":
             interactive = _talk_on_terminal()
-    with Session.open(opts.model, opts.mmproj, output, use_cache=opts.cache, threads=opts.threads,
+    with open_session(opts.model, opts.mmproj, output, use_cache=opts.cache, threads=opts.threads,
                       ctx=opts.ctx, verbose=opts.verbose, note=output.note, repack=opts.repack,
                       flash_attn=opts.flash_attn) as session:
         chat = Chat(session, output, opts, interactive)

@@ -47,7 +47,7 @@ REFUSED = {
 
 
 def _bad(message: str, param: str, code: str = "invalid_value"):
-    from .serve import ApiError
+    from .api_errors import ApiError
 
     return ApiError(400, message, code=code, param=param)
 
@@ -101,7 +101,7 @@ def response_format(body: dict):
 
 def logprobs_option(body: dict, stream: bool) -> int:
     """-> -1 (none), or how many alternatives to give per token (0: the chosen token's only)."""
-    from .serve import _flag, _number
+    from .api_errors import _flag, _number
 
     wanted = _flag(body, "logprobs")
     top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)

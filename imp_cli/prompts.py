@@ -20,9 +20,9 @@ PHI2_SYSTEM = (
 class Turn:
     question: str
     answer: str
-    # The answer's token ids as the model generated them, when known: a conversation feeds these
-    # back rather than re-tokenizing the text, which can split it otherwise (then the KV cache
-    # would no longer match and the whole answer would be evaluated again).
+    # The answer's token ids as the model generated them, when known (a record of what was said).
+    # A follow-up's prompt never uses them: it re-renders `answer` as Imp's conversation does, and
+    # the KV cache keeps the generated ids only as far as they equal that prompt's.
     tokens: tuple[int, ...] | None = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,11 +15,7 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
          threads: int | None = None, tune: bool = False, name: str | None = None) -> store.Entry:
     """Install `spec` (unless it already is); with `tune`, measure llama.cpp's settings for it
     after a conversion (`imp tune`). A local checkpoint folder is converted and installed."""
-    from convert.hub import download, remote_size
-    from convert.pipeline import convert
-
     from .engine import physical_cores
-    from .modelfiles import read_pair
 
     threads = threads or physical_cores()  # 0 means one per physical core, as everywhere
     if Path(spec).expanduser().is_dir() and spec not in store.KNOWN_MODELS:  # a folder wins, as in imp convert
@@ -30,6 +27,28 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
     if existing and not force and existing.manifest["text"]["type"] == quant:
         output.info(f"{name} is already installed ({existing.folder})")
         return existing
+    # One conversion per model at a time: another pull of the same one waits, then uses it.
+    key = json.dumps([repo_id.lower(), revision or "", quant, mmproj_type])
+    with store.pull_lock(key, name, output.info) as waited:
+        if waited:
+            existing = installed(name, repo_id, revision)
+            if existing and existing.manifest["text"]["type"] == quant:
+                output.info(f"{name} was installed by the other pull ({existing.folder})")
+                return existing
+        entry = _convert_and_install(name, repo_id, revision, output, quant, mmproj_type, threads)
+    output.info(f"installed {name} ({entry.folder})")
+    if tune:
+        _tune(entry, output, threads)
+    return entry
+
+
+def _convert_and_install(name: str, repo_id: str, revision: str | None, output, quant: str, mmproj_type: str,
+                         threads: int | None) -> store.Entry:
+    from convert.hub import download, remote_size
+    from convert.pipeline import convert
+
+    from .modelfiles import read_pair
+
     output.info(f"pulling {name} from {repo_id}" + (f"@{revision}" if revision else ""))
     # The download needs the checkpoint's size (in the Hugging Face cache); conversion about 1.3x
     # more in the store (the F16 intermediate, then the final pair). Checked before and after.
@@ -45,11 +64,7 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
                          progress=output, threads=threads, name=name)
         text, mmproj = Path(result.text_path), Path(result.mmproj_path)
         read_pair(text, mmproj)  # verify the pair loads as the runtime will see it
-        entry = install.commit(text, mmproj, quant, mmproj_type, repo_id, source.commit, revision)
-    output.info(f"installed {name} ({entry.folder})")
-    if tune:
-        _tune(entry, output, threads or 0)
-    return entry
+        return install.commit(text, mmproj, quant, mmproj_type, repo_id, source.commit, revision)
 
 
 def pull_local(folder: Path, output, quant: str, mmproj_type: str, force: bool, threads: int, tune: bool,

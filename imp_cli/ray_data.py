@@ -45,7 +45,7 @@ class ImpPredictor:
         from .ask import Request
         from .batch import Answerer
         from .output import Output
-        from .session import open_pair
+        from .opening import open_pair
 
         if isinstance(questions, str):
             questions = [questions]

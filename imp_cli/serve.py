@@ -26,11 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import netguard
+from .api_errors import ApiError, _bad, _flag, _number
 from .errors import ImpError
 from .images import MAX_BYTES, MAX_DECODE_BYTES, ImageError
 from .limits import (Limits, LimitError, check_json_values, check_messages, check_parts, check_prompt_bytes,
                      check_stops, check_unicode, json_value_cap)
 from .prompts import Turn
+from .stats import log_fields
 from .stops import StopText  # noqa: F401 - tests and callers import it from here
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -82,17 +84,6 @@ class ServeOptions:
         return max(self.max_body_total or 3 * self.max_body, self.max_body)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
 # -- requests ----------------------------------------------------------------------------------
 @dataclass
 class ChatRequest:
@@ -109,31 +100,6 @@ class ChatRequest:
     include_usage: bool
     constraint: object = None  # response_format: a constrain.Constraint (openai_fields)
     logprobs: int = -1  # -1: none; else top_logprobs alternatives per token
-
-
-def _bad(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, code=code, param=param)
-
-
-def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False):
-    value = body.get(name)
-    if value is None:
-        return None
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise _bad(f"'{name}' must be {'an integer' if integer else 'a number'}", name, "invalid_type")
-    if not (lo <= value <= hi) or (not integer and not math.isfinite(value)):
-        raise _bad(f"'{name}' must be between {lo:g} and {hi:g}", name)
-    return value
-
-
-def _flag(body: dict, name: str, where: str | None = None) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _bad(f"'{where or name}' must be true or false", where or name, "invalid_type")
-    return value
 
 
 def _content(content, param: str, role: str, parts: list[int], limits: Limits) -> tuple[str, list[str]]:
@@ -275,6 +241,7 @@ class Outcome:
     cancelled: bool
     seed: int | None = None  # the seed the answer was sampled with (None: greedy)
     logprobs: dict | None = None  # OpenAI's logprobs object, when asked for
+    timings: dict = field(default_factory=dict)  # the answer's, for the log line (stats.log_fields)
 
 
 @dataclass
@@ -358,11 +325,11 @@ class Worker(threading.Thread):
         self.seconds_per_job = 5.0  # a running mean, for Retry-After
 
     def run(self) -> None:
-        from .session import Session
+        from .opening import open_session
 
         o = self.options
         try:
-            self.session = Session.open(o.model, o.mmproj, self.output, use_cache=o.cache, threads=o.threads,
+            self.session = open_session(o.model, o.mmproj, self.output, use_cache=o.cache, threads=o.threads,
                                         ctx=o.ctx, verbose=o.verbose, note=self.output.note, repack=o.repack,
                                         flash_attn=o.flash_attn)
             # a bound for refusing an oversized prompt before tokenizing it (limits.check_prompt_bytes)
@@ -437,7 +404,7 @@ class Worker(threading.Thread):
             shown = len(stopper_text(stream.text, r.stop))  # the answer as sent
             logprobs = logprobs_content(self.session.engine, a.logprobs or [], shown)
         return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set(), a.seed,
-                              logprobs)
+                              logprobs, a.timings)
 
 
 # -- the HTTP side -------------------------------------------------------------------------------
@@ -705,6 +672,7 @@ class Api:
     @staticmethod
     def _note(request, outcome: Outcome) -> None:
         request.state.usage = (outcome.prompt_tokens, outcome.completion_tokens, outcome.reused_tokens)
+        request.state.timings = outcome.timings
         if outcome.cancelled:
             request.state.note = "client gone"
 
@@ -809,7 +777,10 @@ class Guard:
             await self.app(scope, receive, sending)
         finally:
             usage = state.get("usage")
-            tokens = f"{usage[0]}+{usage[1]} tokens ({usage[2]} reused)" if usage else "-"
+            timings = state.get("timings")
+            tokens = (log_fields(timings) if timings else
+                      f"prompt {usage[0] - usage[2]} tokens ({usage[2]} reused), answer {usage[1]} tokens" if usage
+                      else "-")
             note = f" ({state['note']})" if state.get("note") else ""
             path = "".join(c if c.isprintable() else "?" for c in scope["path"])[:200]
             self.log(f"{scope['method']} {path} {status[0] or '-'} {tokens} "

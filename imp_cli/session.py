@@ -17,13 +17,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
-from .engine import Engine, ImageRef, Sampling, prompt_keys, with_seed
+from .engine import Engine, ImageRef, Sampling, Tuning, prompt_keys, with_seed
 from .errors import ImpError
 from .images import LoadedImage, label, preprocess
 from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
-from .tune import choose
 
 __all__ = ["Session", "Sampling", "Turn", "Staged", "Answer", "AnswerStream", "Scores", "PromptTooLong",
            "context_for"]
@@ -147,57 +146,20 @@ def prompt_texts(family: str, with_image: bool, question: str, history: Sequence
 def make_prompt(engine: Engine, staged: Staged | None, question: str, history: Sequence[Turn] = (),
                 system: str | None = None, image_turn: int = 0) -> Prompt:
     """The family's template around the image (in user turn `image_turn`); each side tokenized
-    on its own, as Imp does."""
+    on its own, as Imp does.
+
+    Earlier answers go back as Imp's own conversation has them: their (stripped) text
+    re-rendered in the template, e.g. Phi-2's `ASSISTANT: {answer}</s>`, and tokenized with the
+    rest, whatever ids the model generated (Turn.tokens plays no part here). The KV cache holds
+    the ids as generated; Engine.evaluate keeps them up to the first one that differs from these
+    and re-evaluates from there. Most answers re-tokenize to their own ids (a first token with
+    its blank, as Imp's answers have), so a follow-up then evaluates only its new tokens."""
     pair = engine.pair
-    before, after = render_conversation(pair.prompt_family, staged is not None, question, history, system,
-                                        image_turn)
-
-    def tokens(pieces: list, first: bool = False) -> list[int]:
-        """`first`: the prompt's start, which gets the BOS where the tokenizer adds one."""
-        return [t for i, p in enumerate(pieces)
-                for t in (engine.tokenize(p, first=first and i == 0) if isinstance(p, str) else p)]
-
+    before, after = prompt_texts(pair.prompt_family, staged is not None, question, history, system, image_turn)
     if staged is None:
-        return Prompt(tokens(before + after, first=True), None, [], None)
+        return Prompt(engine.tokenize(before + after, first=True), None, [], None)
     image = ImageRef(staged.key, pair.image_tokens)
-    return Prompt(tokens(before, first=True), image, tokens(after), staged)
-
-
-def render_conversation(family: str, with_image: bool, question: str, history: Sequence[Turn] = (),
-                        system: str | None = None, image_turn: int = 0) -> tuple[list, list]:
-    """prompt_texts as pieces, before and after the image: text to tokenize, or an earlier
-    answer's ids as the model generated them (Turn.tokens) in place of its text. The blanks a
-    template puts before an answer are then the model's own (its first token has them). The KV
-    cache thus holds exactly what was evaluated and generated, and a follow-up evaluates only its
-    new tokens. Works for any template that repeats earlier turns verbatim."""
-    history = list(history)
-    before, after = prompt_texts(family, with_image, question, history, system, image_turn)
-    text, cut = before + after, len(before)  # the conversation, and where the image sits in it
-    spans: list = []  # (start, end, the answer's ids or None for text)
-    done = 0  # characters of `text` already in spans
-    for k, turn in enumerate(history):
-        if turn.tokens is None:
-            continue
-        seen = with_image and k >= image_turn  # the image was in the prompt this turn answered
-        asked = "".join(prompt_texts(family, seen, turn.question, history[:k], system, image_turn if seen else 0))
-        start = text.find(turn.answer, len(asked))
-        end = start + len(turn.answer)
-        if (not text.startswith(asked) or start < 0 or text[len(asked):start].strip()
-                or len(asked) < cut < end):
-            continue  # this template does not repeat the turn verbatim: its text stands
-        spans += [(done, len(asked), None), (len(asked), end, list(turn.tokens))]
-        done = end
-    spans.append((done, len(text), None))
-    sides: tuple[list, list] = ([], [])
-    for a, b, ids in spans:
-        if ids is not None:
-            sides[a >= cut].append(ids)
-            continue
-        if a < cut:
-            sides[0].append(text[a:min(b, cut)])
-        if b > cut:
-            sides[1].append(text[max(a, cut):b])
-    return sides
+    return Prompt(engine.tokenize(before, first=True), image, engine.tokenize(after), staged)
 
 
 def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int) -> int:
@@ -209,8 +171,9 @@ def context_for(pair: ModelPair, texts: Sequence[str], max_tokens: int, ctx: int
 
 class Session:
     def __init__(self, pair: ModelPair, *, threads: int = 0, ctx: int = 4096, verbose: bool = False,
-                 cache: PromptCache | None = None, note=lambda message: None,
-                 repack: str = "auto", flash_attn: str = "auto"):
+                 cache: PromptCache | None = None, note=lambda message: None, tuning: Tuning = Tuning()):
+        """`tuning`: llama.cpp's settings for this pair here; the caller chooses them (opening.py:
+        `imp tune`'s measurement or the CPU family's default), as it resolves and pulls the model."""
         self.pair = pair
         self.cache = cache
         self.note = note
@@ -220,16 +183,7 @@ class Session:
         if cache is not None:
             self._identity = Future()
             threading.Thread(target=self._identify, daemon=True).start()
-        # repack / flash attention: "auto" (as `imp tune` measured, else the CPU family's default), "on", "off"
-        tuning = choose(pair, threads, repack, flash_attn, note)
         self.engine = Engine(pair, n_ctx=ctx, threads=threads, verbose=verbose, tuning=tuning)
-
-    @classmethod
-    def open(cls, model: str | None, mmproj: str | None, output, *, pull: bool = True,
-             use_cache: bool = True, **kw) -> "Session":
-        """Resolve --model, pull it first if it is a known model not installed yet (when `pull`),
-        check the pair, and load it."""
-        return cls(open_pair(model, mmproj, output, pull=pull), cache=default_cache(output, use_cache), **kw)
 
     # -- inputs ---------------------------------------------------------------------------------
     def stage(self, image: LoadedImage) -> Staged:
@@ -403,28 +357,3 @@ def default_cache(output, use_cache: bool = True, write: bool = True) -> PromptC
     if not use_cache or not enabled_by_env():
         return None
     return PromptCache(note=output.note, writable=write)
-
-
-def open_pair(model: str | None, mmproj: str | None, output, *, pull: bool = True) -> ModelPair:
-    """--model (a path, a store name, a known name or repo id) -> a checked pair; pulls a known
-    model that is not installed yet when `pull`, else says what to run."""
-    from pathlib import Path
-
-    from convert.hub import offline
-
-    from .modelfiles import read_pair
-    from .resolve import pullable_offline, resolve
-
-    found = resolve(model, mmproj)
-    if found.kind == "pull":
-        if not pull:
-            raise ImpError(f"model {found.spec} is not installed: run `imp pull {found.spec}`")
-        if offline() and not pullable_offline(found):
-            raise ImpError(f"model {found.spec} is not installed and HF_HUB_OFFLINE is set: "
-                           f"run `imp pull {found.spec}` when online")
-        from .pull import pull as run_pull
-
-        output.info(f"model {found.spec} is not installed yet: pulling it first")
-        entry = run_pull(found.spec, output)
-        return read_pair(entry.text_path, Path(mmproj).expanduser() if mmproj else entry.mmproj_path)
-    return read_pair(found.text, found.mmproj)

@@ -4,10 +4,16 @@ Layout: $IMP_HOME/models/<name>/{<name>-<QUANT>.gguf, <name>-mmproj-F16.gguf, ma
 A model appears only once complete: it is built in a hidden staging folder beside its final
 place and renamed in; an interrupted pull leaves at most a staging folder, which the next pull
 removes. Names are checked so that nothing outside the store is read or deleted through one.
+
+Concurrent pulls of one model (same source, revision and types) convert it once: `pull_lock`
+is an OS file lock (flock) in models/.locks; the others wait for it and then use the result. The
+kernel releases the lock when its holder dies, however it dies, so no stale lock is left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from .errors import ImpError
 
@@ -194,6 +201,40 @@ class Install:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pull_lock(key: str, what: str, say: Callable[[str], None]) -> Iterator[bool]:
+    """Hold the lock for `key` (a model's source, revision and types) while converting it.
+
+    Yields whether another process held it first (then this one waited for it: the model may
+    now be installed). The holder's pid is written in the lock file for the waiting message.
+    The lock file stays (removing it would race with a process about to lock it); closing the
+    descriptor, or the process ending, releases the lock. A Ctrl-C while waiting interrupts the
+    wait only: the holder goes on."""
+    folder = models_dir() / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.sha256(key.encode("utf-8")).hexdigest()[:32] + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waited = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(50):  # the holder writes its pid just after it locks
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                if holder:
+                    break
+                time.sleep(0.01)
+            say(f"waiting for another imp pull of {what} (pid {holder or '?'})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield waited
+    finally:
+        os.close(fd)
 
 
 def _remove_stale_staging(root: Path) -> None:

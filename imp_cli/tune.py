@@ -298,12 +298,9 @@ def tune_pair(pair: ModelPair, output, threads: int = 0, verbose: bool = False,
     return TuneResult(key, chosen, results, path, work, estimate, rounds)
 
 
-def run_tune(model: str | None, mmproj: str | None, output, threads: int = 0, verbose: bool = False,
-             rounds: int = 1) -> None:
-    """`imp tune`: measure, store, print the table (or one JSON object)."""
-    from .session import open_pair
-
-    pair = open_pair(model, mmproj, output, pull=False)
+def run_tune(pair: ModelPair, output, threads: int = 0, verbose: bool = False, rounds: int = 1) -> None:
+    """`imp tune` on an opened pair (opening.open_pair): measure, store, print the table (or one
+    JSON object)."""
     result = tune_pair(pair, output, threads=threads, verbose=verbose, rounds=rounds)
     if output.json_mode:
         output.record(result.as_dict())

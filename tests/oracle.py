@@ -97,12 +97,6 @@ TURNS = {
     "phi3": "{question}<|end|>\n<|assistant|>\n{answer}<|end|>\n<|user|>\n",
     "qwen2": "{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n",
 }
-# What follows an answer in a conversation: the end of its turn and the next question's.
-NEXT_TURN = {
-    "phi2": "</s>USER: {question} ASSISTANT:",
-    "phi3": "<|end|>\n<|user|>\n{question}<|end|>\n<|assistant|>\n",
-    "qwen2": "<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
-}
 STOPS = {"phi2": ("</s>", "<|endoftext|>"), "phi3": ("<|end|>", "<|endoftext|>", "<|assistant|>"),
          "qwen2": ("<|im_end|>", "<|endoftext|>")}
 FAMILY_OF = {"imp": "phi2", "imp_phi3": "phi3", "imp_qwen2": "qwen2"}
@@ -359,27 +353,32 @@ class Oracle:
     @torch.no_grad()
     def chat_greedy(self, image: Image.Image | None, questions: list[str], n_tokens: int,
                     system: str | None = None) -> list[list[int]]:
-        """A conversation's greedy answers, turn by turn: each answer goes back as the token ids
-        the model generated, where Imp's template puts the answer, then the end of the turn and
-        the next one (NEXT_TURN), e.g. Phi-2's
-        `{system} USER: <image>\\n{q1} ASSISTANT:{a1 ids}</s>USER: {q2} ASSISTANT:` (the blank
-        before an answer is the model's own: its first token carries it). Every turn is run from
-        scratch over the whole conversation. Without an image (None) the first turn is the
-        template without `<image>\\n`, tokenized in one piece."""
-        if image is None:
-            first = TEMPLATES[self.family].replace("<image>\n", "").format(
-                system=DEFAULT_SYSTEM if system is None else system, question=questions[0])
-            embeds = self._embed(self.tokenizer.encode(first, add_special_tokens=self.add_special).ids)
-        else:
-            embeds = self._prompt_embeds(image, questions[0], system)
+        """A conversation's greedy answers, turn by turn, as Imp's own conversation runs it: each
+        answer is decoded, stripped, and goes back as text where the template puts it (TURNS),
+        e.g. Phi-2's `{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`, and
+        the whole prompt is tokenized again (tokenizer_image_token) whatever ids the model had
+        generated. Every turn is run from scratch. Without an image (None) the template without
+        `<image>\n`, tokenized in one piece."""
         answers: list[list[int]] = []
+        history: list[tuple[str, str]] = []
         for question in questions:
-            if answers:
-                turn = self.tokenizer.encode(NEXT_TURN[self.family].format(question=question),
-                                             add_special_tokens=False).ids
-                embeds = torch.cat([embeds, self._embed(answers[-1] + turn)])
-            answers.append(self._greedy_from(embeds, n_tokens))
+            ids = self._greedy_from(self._conversation_embeds(image, question, system, tuple(history)), n_tokens)
+            answers.append(ids)
+            history.append((question, self.tokenizer.decode(ids, skip_special_tokens=True).strip()))
         return answers
+
+    def conversation_ids(self, question: str, history: tuple = (), system: str | None = None) -> list[int]:
+        """Imp's prompt without an image (the template without `<image>\n`), in one piece."""
+        earlier = "".join(TURNS[self.family].format(question=q, answer=a) for q, a in history)
+        prompt = TEMPLATES[self.family].replace("<image>\n", "").format(
+            system=DEFAULT_SYSTEM if system is None else system, question=earlier + question)
+        return self.tokenizer.encode(prompt, add_special_tokens=self.add_special).ids
+
+    def _conversation_embeds(self, image: Image.Image | None, question: str, system: str | None,
+                             history: tuple) -> torch.Tensor:
+        if image is None:
+            return self._embed(self.conversation_ids(question, history, system))
+        return self._prompt_embeds(image, question, system, history)
 
     def answer_text(self, image: Image.Image, question: str, n_tokens: int, system: str | None = None,
                     history: tuple = ()) -> str:

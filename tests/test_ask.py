@@ -14,6 +14,7 @@ gets exactly that (decoded here by the test, not by imp_cli) and does Imp's prep
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -370,9 +371,16 @@ def test_stats_go_to_stderr_only(imp_bin, converted, photo, env):
     p = run_imp("ask", photo, QUESTION, "--model", text, "-n", N_TOKENS, "--stats", env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout == plain + "\n"
-    assert "timings" in p.stderr
-    for key in ("image_encode_ms", "prompt_tokens", "generated_tokens", "finish_reason"):
-        assert key in p.stderr
+    lines = p.stderr.splitlines()
+    assert lines[0] == "timings"
+    labels = [m[1] for m in re.finditer(r"^  (\S.*?) {2,}\S", p.stderr, re.M)]
+    assert {"load", "prompt", "answer", "cache", "finish"} <= set(labels)
+    assert "image encode" not in labels  # the first run saved [system, image]: restored, not encoded
+    assert re.search(r"^  cache +hit \(read in \d+\.\d ms\)$", p.stderr, re.M)
+    assert re.search(r"^  prompt +\d+ tokens in \d+\.\d{3} s = \d+\.\d tok/s, \d+ reused from the cache$",
+                     p.stderr, re.M)
+    assert len(labels) == len(lines) - 1  # every line a label and its value
+    assert re.search(r"^  answer +\d+ tokens in \d+\.\d{3} s = \d+\.\d tok/s$", p.stderr, re.M)
 
 
 def test_sampling_is_reproducible_with_a_seed(imp_bin, converted, photo, env):

@@ -421,8 +421,13 @@ def test_progress_lines_on_a_pipe_never_on_stdout(model, env, tmp_path):
     env = {**env, "IMP_PROGRESS_SECONDS": "0.2"}
     with list_on_stdin("-q", Q1, "--model", model[0], "-n", N, "--json", env=env) as (proc, done):
         send(proc, images[0])
-        line = proc.stderr.readline().decode()  # the run waits for more of the list meanwhile
-        assert line.startswith("imp ask: ") and "images" in line and "errors" in line, line
+        # the run answers it, then waits for more of the list: meanwhile a line every 0.2 s, the
+        # first ones possibly from before the answer ("0 images"), then "1 image" until more comes
+        lines = [proc.stderr.readline().decode() for _ in range(3)]
+        while not lines[-1].startswith("imp ask: 1 image,"):
+            assert len(lines) < 200 and lines[-1].startswith("imp ask: 0 images,"), lines
+            lines.append(proc.stderr.readline().decode())
+        assert lines[-1].rstrip().endswith("0 errors"), lines
         send(proc, images[1])
     assert proc.returncode == 0, done["stderr"]
     stdout, stderr = done["stdout"], done["stderr"]

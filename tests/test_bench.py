@@ -176,10 +176,13 @@ def test_serve_log_lines_parse_and_others_are_ignored(bench_modules):
     _, report = bench_modules
     lines = ["imp serve: m on http://127.0.0.1:1234/v1 (max queue 16)", "GET /v1/models 200 - 0 ms",
              "POST /v1/chat/completions 200 775+32 tokens (0 reused) 21000 ms",
-             "POST /v1/chat/completions 503 - 1 ms", "POST /v1/chat/completions 200 16+7 tokens (760 reused) 900 ms"]
+             "POST /v1/chat/completions 503 - 1 ms", "POST /v1/chat/completions 200 16+7 tokens (760 reused) 900 ms",
+             "POST /v1/chat/completions 200 prompt 16 tokens (760 reused), answer 8 tokens (9.1 tok/s), "
+             "time to first token 610.0 ms, cache hit 900 ms (client gone)"]
     assert report.serve_log_requests(lines) == [
         {"status": 200, "prompt_tokens": 775, "completion_tokens": 32, "reused_tokens": 0, "ms": 21000},
-        {"status": 200, "prompt_tokens": 16, "completion_tokens": 7, "reused_tokens": 760, "ms": 900}]
+        {"status": 200, "prompt_tokens": 16, "completion_tokens": 7, "reused_tokens": 760, "ms": 900},
+        {"status": 200, "prompt_tokens": 776, "completion_tokens": 8, "reused_tokens": 760, "ms": 900}]
 
 
 def test_tuned_step_runs_tune_then_ask_with_its_choice(bench_modules, converted, photo, tmp_path):

@@ -2,8 +2,11 @@
 
 - Multi-turn parity: a three-turn greedy conversation equals the transformers reference run turn by
   turn (each answer fed back where Imp's template puts it), token for token, for both layouts.
-- A follow-up evaluates only its new tokens: the earlier turns stay in the KV cache, because
-  answers go back as the ids the model generated (re-tokenizing the text can split it otherwise).
+- A follow-up's prompt is Imp's own, token for token: earlier answers go back as their stripped
+  text, re-rendered in the template and tokenized with the rest. The earlier turns stay in the
+  KV cache: the ids the model generated are kept up to the first that differs from that
+  re-rendering, and only the rest is evaluated (test_follow_ups.py: answers that start without a
+  blank).
 - Piped input: one line one turn, a blank line after each answer, --json, the commands, context
   overflow, bad input that does not end the conversation.
 - A pseudo-terminal (pexpect): prompt, streaming, /image, /reset, Ctrl-C, Ctrl-D, no traceback.
@@ -20,8 +23,8 @@ import pytest
 from test_ask import _torch_one_thread, as_imp_sees_it, ask_ok, env  # noqa: F401  (fixtures)
 from helpers import run_imp
 
-# On these weights the first answer's text re-tokenizes differently from the ids the model
-# generated (checked below), so the conversation tells feeding back ids from re-tokenizing text.
+# On these weights an answer's text re-tokenizes differently from the ids the model generated
+# (checked below), so the conversation tells Imp's re-rendered text from feeding back the ids.
 QUESTIONS = ["Describe the image in detail.", "Is there a tree in the picture?", "What is this?"]
 N_TOKENS = 24
 
@@ -54,6 +57,19 @@ def chat_piped(imp_bin, image, model, lines: list[str], *extra, env) -> subproce
 
 
 # ------------------------------------------------------------------------- parity, KV reuse
+def kv_after(prompt_ids: list[int], answer_ids: list, n_tokens: int = N_TOKENS) -> list:
+    """What the KV cache holds after an answer: the prompt and the generated ids that were
+    evaluated (all of them after a stop; not the last one when the answer hit the limit)."""
+    return list(prompt_ids) + list(answer_ids[:-1] if len(answer_ids) == n_tokens else answer_ids)
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 @pytest.mark.parametrize("layout", ["new", "old"])
 def test_conversation_equals_oracle_and_reuses_the_cache(converted, oracle_for, photo, layout):
     from imp_cli.images import load_image
@@ -64,12 +80,17 @@ def test_conversation_equals_oracle_and_reuses_the_cache(converted, oracle_for, 
     expected = oracle.chat_greedy(as_imp_sees_it(photo), QUESTIONS, N_TOKENS)
 
     history: list[Turn] = []
-    answers = []
+    answers, prompts = [], []
     with open_session(text, mmproj) as session:
         staged = session.stage(load_image(str(photo)))
         for question in QUESTIONS:
+            prompt = session.prompt(staged, question, history)
+            # Imp's prompt, token for token: the earlier answers as their text
+            assert (prompt.head, prompt.tail) == oracle.prompt_ids(question, history=tuple((t.question, t.answer)
+                                                                                           for t in history))
             answer = session.answer(staged, question, history, sampling=Sampling(), max_tokens=N_TOKENS).collect()
             answers.append(answer)
+            prompts.append(prompt)
             history.append(Turn(question, answer.text, tuple(answer.tokens)))
         retokenized = [session.engine.tokenize(" " + a.text) for a in answers]
 
@@ -77,21 +98,23 @@ def test_conversation_equals_oracle_and_reuses_the_cache(converted, oracle_for, 
     for a, ids in zip(answers, expected):
         assert a.text == oracle.tokenizer.decode(ids, skip_special_tokens=True).strip()
         assert len(ids) == N_TOKENS and a.finish_reason == "length"  # full answers: the comparison means something
-    assert any(r != a.tokens for r, a in zip(retokenized, answers))  # the case the ids are kept for
+    assert any(r != a.tokens for r, a in zip(retokenized, answers))  # the case the text and the ids differ
 
-    # Turn 1 evaluates everything (no prompt cache here); each follow-up only the previous
-    # answer's last token (generated, never evaluated: the answer hit the limit there) and its own.
+    # Turn 1 evaluates everything (no prompt cache here). Each follow-up keeps the prompt before
+    # and the generated ids as far as they equal the re-rendered text's, and evaluates the rest.
     assert answers[0].reused_tokens == 0 and answers[0].timings["prompt_tokens"] == answers[0].prompt_tokens
-    for before, after, question in zip(answers, answers[1:], QUESTIONS[1:]):
-        assert after.reused_tokens == before.prompt_tokens + len(before.tokens) - 1
-        new_turn = oracle.tokenizer.encode(f"</s>USER: {question} ASSISTANT:", add_special_tokens=False).ids
-        assert after.timings["prompt_tokens"] == 1 + len(new_turn)
-        assert after.prompt_tokens == before.prompt_tokens + len(before.tokens) + len(new_turn)
+    image_tokens = prompts[0].image.n_tokens
+    for k in range(1, len(QUESTIONS)):
+        before, after = answers[k - 1], answers[k]
+        kept = common_prefix(kv_after(prompts[k - 1].tail, before.tokens), prompts[k].tail)
+        assert kept >= len(prompts[k - 1].tail)  # at least the whole earlier prompt
+        assert after.reused_tokens == len(prompts[k].head) + image_tokens + kept
+        assert after.timings["prompt_tokens"] == after.prompt_tokens - after.reused_tokens
 
 
-def test_answers_go_back_as_generated(converted, photo):
-    """An earlier answer's ids stand where the template puts its text; ids that are the text's
-    own tokenization give exactly the text-rendered prompt."""
+def test_follow_up_prompt_is_the_answer_text(converted, photo):
+    """An earlier answer goes back as its text, whatever ids the model generated for it (Imp's
+    conversation re-renders the text): the ids only decide what the KV cache can keep."""
     from imp_cli.images import load_image
     from imp_cli.prompts import PHI2_SYSTEM
     from imp_cli.session import Turn
@@ -103,23 +126,17 @@ def test_answers_go_back_as_generated(converted, photo):
         staged = session.stage(load_image(str(photo)))
         as_text = session.prompt(staged, q2, [Turn(q1, answer)])
         assert as_text.tail == tok(f"\n{q1} ASSISTANT: {answer}</s>USER: {q2} ASSISTANT:")
-        canonical = session.prompt(staged, q2, [Turn(q1, answer, tuple(tok(" " + answer)))])
-        assert (canonical.head, canonical.tail) == (as_text.head, as_text.tail)
+        odd = tuple(tok("T") + tok("he cat sat on the mat.") + tok("  "))  # no blank, another split
+        with_ids = session.prompt(staged, q2, [Turn(q1, answer, odd)])
+        assert (with_ids.head, with_ids.tail) == (as_text.head, as_text.tail)
 
-        odd = tuple(tok(" T") + tok("he cat sat on the mat.") + tok("  "))  # same text, other split
-        assert odd != tuple(tok(" " + answer))
-        spliced = session.prompt(staged, q2, [Turn(q1, answer, odd)])
-        assert spliced.tail == tok(f"\n{q1} ASSISTANT:") + list(odd) + tok(f"</s>USER: {q2} ASSISTANT:")
-        assert spliced.head == as_text.head
-
-        # the image in the second user turn (as `imp serve` may put it): the ids before it
+        # the image in the second user turn (as `imp serve` may put it): the text before it
         later = session.prompt(staged, q2, [Turn(q1, answer, odd)], image_turn=1)
-        assert later.head == tok(f"{PHI2_SYSTEM} USER: {q1} ASSISTANT:") + list(odd) + tok("</s>USER: ")
+        assert later.head == tok(f"{PHI2_SYSTEM} USER: {q1} ASSISTANT: {answer}</s>USER: ")
         assert later.tail == tok(f"\n{q2} ASSISTANT:")
         # and without an image at all
         plain = session.prompt(None, q2, [Turn(q1, answer, odd)])
-        assert plain.head == (tok(f"{PHI2_SYSTEM} USER: {q1} ASSISTANT:") + list(odd)
-                              + tok(f"</s>USER: {q2} ASSISTANT:"))
+        assert plain.head == tok(f"{PHI2_SYSTEM} USER: {q1} ASSISTANT: {answer}</s>USER: {q2} ASSISTANT:")
 
 
 @pytest.mark.parametrize("layout", ["new", "old"])
@@ -144,7 +161,9 @@ def test_piped_conversation_equals_oracle(imp_bin, converted, oracle_for, photo,
     # found it (and the earlier turns) in memory.
     assert [r["cache"] for r in records] == ["hit", "hit", "hit"]
     assert records[0]["timings"]["image_encode_ms"] == 0
-    assert all(r["usage"]["evaluated_tokens"] < 16 for r in records)
+    assert records[0]["usage"]["evaluated_tokens"] < 16
+    # a follow-up evaluates at most the previous answer (where its ids and text differ) and its own turn
+    assert all(r["usage"]["evaluated_tokens"] < N_TOKENS + 16 for r in records)
 
 
 def test_conversation_without_an_image(imp_bin, converted, oracle_for, env):
@@ -158,8 +177,11 @@ def test_conversation_without_an_image(imp_bin, converted, oracle_for, env):
     assert [r["answer"] for r in records] == [oracle.tokenizer.decode(ids, skip_special_tokens=True).strip()
                                                for ids in expected]
     assert [(r["image"], r["cache"]) for r in records] == [(None, "off"), (None, "off")]
-    new_turn = oracle.tokenizer.encode(f"</s>USER: {QUESTIONS[1]} ASSISTANT:", add_special_tokens=False).ids
-    assert records[1]["usage"]["evaluated_tokens"] == 1 + len(new_turn)
+    # the follow-up evaluates its prompt from the first token that is not in the KV cache
+    first = oracle.conversation_ids(QUESTIONS[0])
+    second = oracle.conversation_ids(QUESTIONS[1], ((QUESTIONS[0], records[0]["answer"]),))
+    kept = common_prefix(kv_after(first, expected[0]), second)
+    assert records[1]["usage"]["evaluated_tokens"] == len(second) - kept
 
 
 def test_chat_after_ask_starts_from_the_prompt_cache(imp_bin, converted, photo, env):
@@ -217,14 +239,8 @@ def test_system_text_changes_the_conversation(imp_bin, converted, oracle_for, ph
     plain = oracle.chat_greedy(image, QUESTIONS, N_TOKENS)
     ids_2 = oracle.chat_greedy(image, QUESTIONS[:2], N_TOKENS)
     # turns 1-2 as answered under the default system text, then turn 3 under the new one
-    import torch
-
-    with torch.no_grad():
-        embeds = oracle._prompt_embeds(image, QUESTIONS[0], system)
-        for ids, q in zip(ids_2, QUESTIONS[1:]):
-            turn = oracle.tokenizer.encode(f"</s>USER: {q} ASSISTANT:", add_special_tokens=False).ids
-            embeds = torch.cat([embeds, oracle._embed(ids + turn)])
-        third = oracle._greedy_from(embeds, N_TOKENS)
+    said = tuple((q, oracle.tokenizer.decode(ids, skip_special_tokens=True).strip()) for q, ids in zip(QUESTIONS, ids_2))
+    third = oracle.greedy(image, QUESTIONS[2], N_TOKENS, system=system, history=said)
     expected = oracle.tokenizer.decode(third, skip_special_tokens=True).strip()
     assert third != plain[2]
 
@@ -369,9 +385,9 @@ def test_terminal_ctrl_c(imp_bin, long_context_model, photo, env):
     child.expect_exact("(stopped)")
     child.expect_exact(">>> ")
     child.sendline("/stats")
-    child.expect(r"generated_tokens +(\d+)")
+    child.expect(r"answer +(\d+) tokens")
     assert 0 < int(child.match.group(1)) < 100000
-    child.expect(r"finish_reason +interrupted")
+    child.expect(r"finish +interrupted")
     child.expect_exact(">>> ")
     child.sendline("/save " + str(Path(env["IMP_HOME"]) / "t.json"))
     child.expect_exact("saved 1 turn")

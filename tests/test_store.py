@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from importlib.metadata import version
@@ -56,8 +57,13 @@ class Ctx:
         """The CLI run by `code` (which patches something first), as `imp ARGS` would be run."""
         return run_python(code, *args, env=self.env, cwd=self.cwd)
 
-    def popen(self, *args: str) -> subprocess.Popen:
-        return start_imp(*args, env=self.env, cwd=self.cwd)
+    def popen(self, *args: str, code: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        """`imp ARGS` in the background; with `code`, the CLI as run by that Python code."""
+        env = {**self.env, **(env or {})}
+        if code is None:
+            return start_imp(*args, env=env, cwd=self.cwd)
+        return subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=self.cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def installed(self) -> list[str]:
         """Names in `imp models list --json`."""
@@ -532,8 +538,8 @@ def test_import_refuses_names_leading_outside(tmp_path, converted):
 class Running:
     """An `imp pull` in the background whose stderr is collected line by line."""
 
-    def __init__(self, ctx: Ctx, *args: str):
-        self.proc = ctx.popen("pull", *args)
+    def __init__(self, ctx: Ctx, *args: str, code: str | None = None, env: dict | None = None):
+        self.proc = ctx.popen("pull", *args, code=code, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self._reader.start()
@@ -550,8 +556,11 @@ class Running:
                 pytest.fail(f"timed out waiting for {what}")
             time.sleep(0.005)
 
+    def said(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
     def finish(self) -> tuple[int, str, str]:
-        rc = self.proc.wait(timeout=60)
+        rc = self.proc.wait(timeout=120)
         self._reader.join(timeout=10)
         return rc, self.proc.stdout.read(), "".join(self.lines)
 
@@ -589,21 +598,146 @@ def test_sigkill_mid_pull_installs_nothing_and_rerun_cleans_up(tmp_path, big_hub
     check_entry(folder, "imp-big-test", "Q8_0", BIG_REPO)
 
 
-@pytest.mark.parametrize("phase", ["write", "quantize"])
-def test_sigint_mid_pull_exits_130_and_cleans_up(tmp_path, big_hub, phase):
-    ctx = Ctx(tmp_path, hub=big_hub)
-    run = Running(ctx, BIG_REPO, "--quant", "Q8_0")
-    if phase == "write":  # the converter is writing GGUF files inside the staging folder
-        run.wait_for(lambda: any(any(s.glob("*")) for s in ctx.staging()), "files in the staging folder")
-    else:  # llama.cpp quantizes in a worker thread
-        run.wait_for(lambda: any("quantize" in line for line in run.lines), "the quantize phase")
-        time.sleep(0.1)
+# Python code that runs the CLI with llama.cpp's quantize call (in its worker thread) held: it says
+# so on stderr and waits for ever, so a signal the test sends lands in the quantize phase.
+_HELD_IN_QUANTIZE = """
+import sys, threading
+import convert.native
+from imp_cli.app import main
+
+def held(*args, **kwargs):
+    print("quantize call held", file=sys.stderr, flush=True)
+    threading.Event().wait()
+
+convert.native.quantize_model = held
+sys.argv = ["imp", *sys.argv[1:]]
+main()
+"""
+
+
+def assert_interrupted_cleanly(run: Running, ctx: Ctx) -> None:
+    """Ctrl-C now: exit 130, no traceback, nothing installed, no staging folder left."""
     run.proc.send_signal(signal.SIGINT)
     rc, out, err = run.finish()
     assert rc == 130, err
     assert out == "" and "Traceback" not in err
     assert ctx.staging() == [] and ctx.visible_folders() == []
     assert ctx.installed() == []
+
+
+def test_sigint_mid_write_exits_130_and_cleans_up(tmp_path, big_hub):
+    ctx = Ctx(tmp_path, hub=big_hub)
+    run = Running(ctx, BIG_REPO, "--quant", "Q8_0")
+    # the converter is writing GGUF files inside the staging folder (~100 MB: seconds)
+    run.wait_for(lambda: any(any(s.glob("*")) for s in ctx.staging()), "files in the staging folder")
+    assert_interrupted_cleanly(run, ctx)
+
+
+def test_sigint_mid_quantize_exits_130_and_cleans_up(tmp_path, hub):
+    """The interrupt lands while llama.cpp's quantize call runs (held there by the test, not
+    raced by a sleep): the main thread, waiting for the worker, stops at once and cleans up."""
+    ctx = Ctx(tmp_path, hub=hub["cache"])
+    run = Running(ctx, TINY_REPO, "--quant", "Q8_0", code=_HELD_IN_QUANTIZE)
+    run.wait_for(lambda: run.said("quantize call held"), "the quantize call")
+    assert ctx.staging()  # mid-pull: the staging folder is there
+    assert_interrupted_cleanly(run, ctx)
+
+
+# ------------------------------------------------------------------------------------ concurrent pulls
+
+# Python code that runs the CLI with the conversion counted (one line per conversion, the pid, in
+# $IMP_TEST_CONVERSIONS) and, when $IMP_TEST_HOLD names a file, held until that file exists.
+_COUNTED_PULL = """
+import os, sys, time
+from pathlib import Path
+import convert.pipeline
+from imp_cli.app import main
+
+real = convert.pipeline.convert
+
+def counted(*args, **kwargs):
+    with open(os.environ["IMP_TEST_CONVERSIONS"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    print("converting", file=sys.stderr, flush=True)
+    hold = os.environ.get("IMP_TEST_HOLD")
+    while hold and not Path(hold).exists():
+        time.sleep(0.01)
+    return real(*args, **kwargs)
+
+convert.pipeline.convert = counted
+sys.argv = ["imp", *sys.argv[1:]]
+main()
+"""
+
+
+def conversions(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def waiting_line(pid: int) -> str:
+    return f"waiting for another imp pull of imp-tiny-a (pid {pid})"
+
+
+def test_concurrent_pulls_convert_once(tmp_path, hub):
+    """Three `imp pull` of one model at once: one converts (the test holds it until the other
+    two wait), the two others wait for it and use its result; all three succeed."""
+    ctx = Ctx(tmp_path, hub=hub["cache"])
+    count, go = tmp_path / "conversions", tmp_path / "go"
+    env = {"IMP_TEST_CONVERSIONS": str(count), "IMP_TEST_HOLD": str(go)}
+    first = Running(ctx, TINY_REPO, "--no-tune", code=_COUNTED_PULL, env=env)
+    first.wait_for(lambda: first.said("converting"), "the first pull converting")
+    others = [Running(ctx, TINY_REPO, "--no-tune", code=_COUNTED_PULL, env=env) for _ in range(2)]
+    for other in others:
+        other.wait_for(lambda other=other: other.said(waiting_line(first.proc.pid)), "a second pull waiting")
+    go.touch()
+    results = [run.finish() for run in (first, *others)]
+    folder = ctx.models / "imp-tiny-a"
+    for rc, out, err in results:
+        assert rc == 0, err
+        assert out == f"{folder}\n"
+    assert conversions(count) == [first.proc.pid]
+    for _, _, err in results[1:]:
+        assert "was installed by the other pull" in err
+    assert ctx.installed() == ["imp-tiny-a"]
+    assert ctx.staging() == []
+    check_entry(folder, "imp-tiny-a", "Q4_K_M", TINY_REPO)
+
+
+def test_a_killed_holder_leaves_no_lock_and_a_waiter_takes_over(tmp_path, hub):
+    ctx = Ctx(tmp_path, hub=hub["cache"])
+    count = tmp_path / "conversions"
+    first = Running(ctx, TINY_REPO, "--no-tune", code=_COUNTED_PULL,
+                    env={"IMP_TEST_CONVERSIONS": str(count), "IMP_TEST_HOLD": str(tmp_path / "never")})
+    first.wait_for(lambda: first.said("converting"), "the first pull converting")
+    second = Running(ctx, TINY_REPO, "--no-tune", code=_COUNTED_PULL, env={"IMP_TEST_CONVERSIONS": str(count)})
+    second.wait_for(lambda: second.said(waiting_line(first.proc.pid)), "the second pull waiting")
+    first.proc.kill()
+    assert first.finish()[0] == -signal.SIGKILL
+    rc, out, err = second.finish()
+    assert rc == 0, err
+    folder = ctx.models / "imp-tiny-a"
+    assert out == f"{folder}\n"
+    assert conversions(count) == [first.proc.pid, second.proc.pid]  # the waiter converted it
+    assert ctx.installed() == ["imp-tiny-a"] and ctx.staging() == []  # the dead one's staging removed
+    check_entry(folder, "imp-tiny-a", "Q4_K_M", TINY_REPO)
+
+
+def test_ctrl_c_of_a_waiter_leaves_the_holder_alone(tmp_path, hub):
+    ctx = Ctx(tmp_path, hub=hub["cache"])
+    count, go = tmp_path / "conversions", tmp_path / "go"
+    env = {"IMP_TEST_CONVERSIONS": str(count), "IMP_TEST_HOLD": str(go)}
+    first = Running(ctx, TINY_REPO, "--no-tune", code=_COUNTED_PULL, env=env)
+    first.wait_for(lambda: first.said("converting"), "the first pull converting")
+    second = Running(ctx, TINY_REPO, "--no-tune", code=_COUNTED_PULL, env=env)
+    second.wait_for(lambda: second.said(waiting_line(first.proc.pid)), "the second pull waiting")
+    second.proc.send_signal(signal.SIGINT)
+    rc, out, err = second.finish()
+    assert rc == 130 and out == "" and "Traceback" not in err
+    go.touch()
+    rc, out, err = first.finish()
+    assert rc == 0, err
+    assert conversions(count) == [first.proc.pid]
+    assert ctx.installed() == ["imp-tiny-a"]
 
 
 _SIGINT_AFTER_STAGING = """

@@ -383,7 +383,15 @@ def test_needed_files_match_the_factory_checkpoint(tmp_path):
     assert b.vision_config_from == f"{tower_folder_name(TINY)}/config.json"
     for kind in ("text_path", "mmproj_path"):
         assert gguf_content(Path(getattr(a, kind))) == gguf_content(Path(getattr(b, kind)))
-    assert planned_tensors(TINY, "old")  # the factory's own plan agrees on the layout
+    # the factory wrote exactly the tensors it plans for the old layout (names and shapes)
+    from safetensors import safe_open
+
+    stored = {}
+    for shard in ck.glob("*.safetensors"):
+        with safe_open(str(shard), framework="np") as f:
+            stored.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    assert stored == planned_tensors(TINY, "old")
+    assert "transformer.h.0.mixer.Wqkv.weight" in stored  # the old layout's fused q|k|v
 
 
 # -------------------------------------------------------------------------- offline Hub source

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from ..checkpoint import Checkpoint
 from ..errors import ConvertError
+from . import phi2, phi3, qwen2  # noqa: F401  (each registers itself)
 from .base import TextFamily
-
-_FAMILIES: list[type[TextFamily]] = []
-
-
-def register(cls: type[TextFamily]) -> type[TextFamily]:
-    _FAMILIES.append(cls)
-    return cls
+from .registry import FAMILIES as _FAMILIES
+from .registry import register  # noqa: F401  (for new family modules' convenience)
 
 
 def detect(ckpt: Checkpoint) -> TextFamily:
@@ -40,5 +36,3 @@ def detect(ckpt: Checkpoint) -> TextFamily:
         + ")"
     )
 
-
-from . import phi2, phi3, qwen2  # noqa: E402,F401  (each registers itself)

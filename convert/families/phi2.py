@@ -15,7 +15,7 @@ from gguf import GGUFWriter
 from ..errors import ConvertError
 from ..gguf_out import TensorSpec, weight_type
 from ..vocab import read_bpe_vocab
-from . import register
+from .registry import register
 from .base import TextFamily
 
 # Phi-2's sizes, for configs that leave them to configuration_imp.py's defaults; the context is

@@ -10,7 +10,7 @@ from __future__ import annotations
 from gguf import MODEL_ARCH, GGUFWriter
 
 from ..vocab_spm import read_spm_vocab
-from . import register
+from .registry import register
 from .llama_like import LAYER, T, LlamaLike
 
 

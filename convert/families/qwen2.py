@@ -9,7 +9,7 @@ from __future__ import annotations
 from gguf import MODEL_ARCH, GGUFWriter
 
 from ..vocab import read_bpe_vocab
-from . import register
+from .registry import register
 from .llama_like import LAYER, T, LlamaLike
 
 
