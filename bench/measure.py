@@ -105,7 +105,9 @@ def _rss_anon(pid: int) -> int:
 
 def run_measured(cmd: list[str], env: dict | None = None, poll_s: float = 0.05) -> dict:
     """Run cmd to completion (after a bounded wait for a quiet machine). Returns rc, wall_s,
-    first_output_s (launch to the first non-blank byte on stdout, read as it arrives), peak_rss
+    first_output_s (launch to the first non-blank byte on stdout, read as it arrives), cpu_s (the
+    child's user + system CPU time: on a busy machine, with one thread, closer to what the
+    wall time would be on an idle one than the wall time is), peak_rss
     (the kernel's rusage of exactly this child), peak_anon (sampled), stdout, stderr, and
     foreign_cpu: the share of all CPUs that other processes used meanwhile."""
     load = QUIET.wait(" ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd[:3])))
@@ -144,6 +146,7 @@ def run_measured(cmd: list[str], env: dict | None = None, poll_s: float = 0.05) 
     stderr = err_f.read().decode("utf-8", "replace")
     err_f.close()
     return {"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "first_output_s": first[0] if first else None,
+            "cpu_s": ru.ru_utime + ru.ru_stime,
             "peak_rss": ru.ru_maxrss * 1024, "peak_anon": peak_anon,
             "stdout": b"".join(chunks).decode("utf-8", "replace"), "stderr": stderr,
             "load_before": load if load is None else round(load, 2),
@@ -237,7 +240,7 @@ def imp_ask(text: Path, mmproj: Path, image: Path, question: str, tokens: int, t
     r = run_measured(cmd, env=imp_env(home))
     if r["rc"] != 0:
         return {"error": _tail(r["stderr"])}
-    row = {k: r[k] for k in ("wall_s", "first_output_s", "peak_rss", "peak_anon", "foreign_cpu", "load_before")}
+    row = {k: r[k] for k in ("wall_s", "first_output_s", "cpu_s", "peak_rss", "peak_anon", "foreign_cpu", "load_before")}
     if as_json:
         record = json.loads(r["stdout"].strip().splitlines()[-1])
         usage = record["usage"]  # the record's counts, under the names the report reads them by

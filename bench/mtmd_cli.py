@@ -120,7 +120,7 @@ def run(binary: Path, text: Path, mmproj: Path, image: Path, prompt: str, tokens
     dec = [int(x) for x in _DECODE.findall(err)]
     return {
         "wall_s": r["wall_s"], "first_output_s": r["first_output_s"], "peak_rss": r["peak_rss"],
-        "foreign_cpu": r["foreign_cpu"],
+        "foreign_cpu": r["foreign_cpu"], "cpu_s": r.get("cpu_s"),
         "load_ms": float(last(_LOAD)) if last(_LOAD) else None,
         "image_encode_ms": sum(enc) if enc else None,
         "image_decode_ms": sum(dec) if dec else None,

@@ -10,7 +10,8 @@ the 3B (phi2) and for the 384-px Imp-v1.5-4B (phi3) and Imp-v1.5-2B (qwen2) (--f
   - cold/warm: the first question about an image in a new `imp ask` process with an empty prompt
     cache, then a second question about it in another new process (the prefix from the cache):
     launch to first answer byte, the --json timings, the cache entry's size and write/read times;
-  - native: llama-mtmd-cli on the same GGUF pair and image, with its defaults;
+  - native: llama-mtmd-cli on the same GGUF pair and image, with its defaults (its runs alternate
+    with imp's cold/warm runs);
   - session: two questions in one process through the Session API;
 and on the 384-px model:
   - serve: `imp serve` (issue 10): a second question's time to first token against the first's,
@@ -98,31 +99,32 @@ def bench_size(size: int, a, threads: int, image: Path, skip: set, native: Path 
                  # the wall time and peak RSS of the conversion that made the cached GGUFs
                  "conversion": synthetic.conversion(a.quant, size, a.cache, family)}
     key = model_key(size, family)
+    # imp's cold/warm runs and llama-mtmd-cli's alternate (run i of each, then run i + 1): on a
+    # shared machine both sides then meet the same neighbours
+    home = a.homes / f"imp-home-{key}"  # the prompt cache of these runs only (and no tuning.json)
+    native_runs: list = []
     if "cold_warm" not in skip:
-        home = a.cache / f"imp-home-{key}"  # the prompt cache of these runs only
         shutil.rmtree(home, ignore_errors=True)
         out["cold_warm"] = []
-        for i in range(a.runs):
+    if "mtmd_cli" not in skip:
+        out["mtmd_cli"] = {"error": native_error} if native is None else {"binary": str(native), "runs": native_runs}
+    for i in range(a.runs):
+        if "cold_warm" not in skip:
             log(f"{key}: cold/warm, run {i + 1}/{a.runs}")
             out["cold_warm"].append(measure.cold_warm(text, mmproj, image, QUESTIONS, a.tokens, threads, home,
                                                       tuple(shlex.split(a.imp_args))))
+        if "mtmd_cli" not in skip and native is not None:
+            log(f"{key}: llama-mtmd-cli, run {i + 1}/{a.runs}")
+            r = mtmd_cli.run(native, text, mmproj, image, QUESTIONS[0], a.tokens, threads,
+                             template=mtmd_cli.FAMILY_TEMPLATES[family])
+            log(f"  {r.get('error') or 'first byte %.2f s, wall %.1f s' % (r['first_output_s'] or -1, r['wall_s'])}")
+            native_runs.append(r)
+    if "cold_warm" not in skip:
         entry = max((r["json"]["cache_after_cold"]["bytes"] for r in out["cold_warm"]), default=0)
         if entry:
             log(f"{key}: prompt-cache write/read of a {entry / 1e6:.0f} MB entry")
             out["cache_io"] = run_worker("cache_io", {"bytes": entry, "folder": str(home / "io"), "runs": a.runs})
         shutil.rmtree(home, ignore_errors=True)
-    if "mtmd_cli" not in skip:
-        if native is None:
-            out["mtmd_cli"] = {"error": native_error}
-        else:
-            runs = []
-            for i in range(a.runs):
-                log(f"{key}: llama-mtmd-cli, run {i + 1}/{a.runs}")
-                r = mtmd_cli.run(native, text, mmproj, image, QUESTIONS[0], a.tokens, threads,
-                                 template=mtmd_cli.FAMILY_TEMPLATES[family])
-                log(f"  {r.get('error') or 'first byte %.2f s, wall %.1f s' % (r['first_output_s'] or -1, r['wall_s'])}")
-                runs.append(r)
-            out["mtmd_cli"] = {"binary": str(native), "runs": runs}
     if "session" not in skip:
         log(f"{key}: two questions in one Session")
         out["session"] = run_worker("session", {"text": str(text), "mmproj": str(mmproj), "image": str(image),
@@ -137,12 +139,12 @@ def bench_serve(p: dict, a, threads: int, image: Path) -> dict:
     others = [test_image(a.cache / f"bench-image-{i}.png", seed=100 + i) for i in range(SERVE_CLIENTS)]
     try:
         return measure.serve_figures(p[a.quant], p["mmproj"], [image, *others], QUESTIONS, a.tokens, threads,
-                                     a.cache / "imp-home-serve", SERVE_QUESTIONS)
+                                     a.homes / "imp-home-serve", SERVE_QUESTIONS)
     except (OSError, RuntimeError) as e:
         log(f"serve failed: {e}")
         return {"error": str(e)}
     finally:
-        shutil.rmtree(a.cache / "imp-home-serve", ignore_errors=True)
+        shutil.rmtree(a.homes / "imp-home-serve", ignore_errors=True)
 
 
 def bench_tuned(p: dict, a, threads: int, image: Path, native: Path | None) -> dict:
@@ -150,7 +152,7 @@ def bench_tuned(p: dict, a, threads: int, image: Path, native: Path | None) -> d
     in --imp-args), then a cold `imp ask` with what it chose (plain for the wall clock, --json for
     the phases) against llama-mtmd-cli's defaults on the same files."""
     text, mmproj = p[a.quant], p["mmproj"]
-    home = a.cache / "imp-home-tuned"
+    home = a.homes / "imp-home-tuned"
     shutil.rmtree(home, ignore_errors=True)
     out: dict = {"imp_args": a.imp_args, "tune": None, "imp": [], "native": []}
     extra = tuple(shlex.split(a.imp_args))
@@ -191,10 +193,14 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=16, help="tokens per answer in the batch step (default 16)")
     ap.add_argument("--batch-work", type=Path, help="scratch folder of the batch step (default: CACHE/batch)")
     ap.add_argument("--cache", type=Path, default=BENCH / "cache")
+    ap.add_argument("--homes", type=Path, default=None,
+                    help="folder for the measured processes' IMP_HOMEs (default: --cache; give your own when "
+                         "several people share one --cache)")
     ap.add_argument("--quiet-wait", type=float, default=30.0,
                     help="before each measurement, wait up to this many seconds for other processes to go idle")
     a = ap.parse_args()
     a.cache = a.cache.resolve()  # the measured processes run from the repository root
+    a.homes = (a.homes or a.cache).resolve()
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if skip - set(STEPS):
         ap.error(f"unknown step(s) to skip: {', '.join(sorted(skip - set(STEPS)))}")

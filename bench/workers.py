@@ -147,7 +147,7 @@ def worker_llava(a: dict) -> dict:
         out["calls"].append({
             "includes_mtmd_init": i == 0,  # the handler loads the projector on its first call
             "image_encode_ms": sum(enc) if enc else None,
-            "first_token_ms": (stamps[0] - t1) * 1000 if stamps else None,
+            "ttft_ms": (stamps[0] - t1) * 1000 if stamps else None,
             "generated_chunks": len(stamps),
             "generation_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 else None,
         })
@@ -178,7 +178,7 @@ def worker_transformers(a: dict) -> dict:
         t3 = time.perf_counter()
         oracle.greedy(image, a["question"], n, stop_at_eos=False)
         t4 = time.perf_counter()
-        out["runs"].append({"image_encode_ms": (t2 - t1) * 1000, "first_token_ms": (t3 - t2) * 1000,
+        out["runs"].append({"image_encode_ms": (t2 - t1) * 1000, "ttft_ms": (t3 - t2) * 1000,
                             "generation_tokens_per_s": (n - 1) / ((t4 - t3) - (t3 - t2))})
     return out
 

@@ -52,6 +52,14 @@ class NativeLog:
 
             self._callback = callback
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        if "llama_cpp.mtmd_cpp" in sys.modules:  # else install_vision() does it when mtmd is first used
+            self.install_vision()
+
+    def install_vision(self) -> None:
+        """Route libmtmd's log too (after install(); importing mtmd_cpp loads libmtmd, which a
+        text-only or prompt-cache-hit run never needs)."""
+        if self._callback is None:
+            return
         try:
             from llama_cpp import mtmd_cpp
 

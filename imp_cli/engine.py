@@ -14,7 +14,7 @@ import ctypes
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 
@@ -69,19 +69,23 @@ class Timings:
     prompt_ms: float = 0.0
     reused_tokens: int = 0
     cache_read_ms: float = 0.0  # the prompt cache: restoring a prefix's KV state from disk
-    cache_save_ms: float = 0.0  # copying a prefix's KV state out (the disk write is off-line)
+    # copying a prefix's KV state out for the prompt cache, when that happened during this request
+    # (it is deferred until the prefix's cells would be dropped: a later image, or the session's end)
+    cache_save_ms: float = 0.0
     scored_tokens: int = 0  # decoded to score continuations (score_continuations)
     generated_tokens: int = 0
     generation_ms: float = 0.0
-    first_token_ms: float = 0.0
+    ttft_ms: float = 0.0  # request start (start_request) to the first answer token, in-process
     finish_reason: str = ""
+    _started: float = field(default_factory=time.perf_counter, repr=False)  # perf_counter at start_request
+    _first_sample_ms: float = field(default=0.0, repr=False)  # within generation: the first token's sampling
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         d["prompt_tokens_per_s"] = round(self.prompt_tokens / self.prompt_ms * 1000, 2) if self.prompt_ms else None
-        # the first token's time is prompt eval; rate over the tokens after it
+        # the first token comes from the prompt's logits; the rate is over the tokens after it
         steps = self.generated_tokens - 1
-        gen = self.generation_ms - self.first_token_ms
+        gen = self.generation_ms - self._first_sample_ms
         d["generation_tokens_per_s"] = round(steps / gen * 1000, 2) if steps > 0 and gen > 0 else None
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in d.items()}
 
@@ -133,12 +137,57 @@ class Tuning:
 _backend_ready = False
 
 
+def llama_bindings():
+    """The `llama_cpp` module for what imp calls: llama-cpp-python's ctypes bindings (its
+    `llama_cpp.llama_cpp` names, as `import llama_cpp` offers them) without running the package's
+    `__init__`, which also imports its high-level `Llama` class and with it jinja2, diskcache
+    and sqlite3 (a sixth of a warm answer's imports; none is used here). The rest of the package
+    is imported on first use of a name that is not a binding (`llama_cpp.Llama`), and
+    `import llama_cpp` anywhere later gets this same module; submodules (`llama_cpp.mtmd_cpp`)
+    import as usual. If the package is imported already, that is the module."""
+    import importlib
+    import importlib.util
+    import re
+    import sys
+
+    module = sys.modules.get("llama_cpp")
+    if module is not None:
+        return module
+    spec = importlib.util.find_spec("llama_cpp")
+    module = importlib.util.module_from_spec(spec)  # the package (its __path__), __init__ not run
+    sys.modules["llama_cpp"] = module
+    try:
+        low = importlib.import_module("llama_cpp.llama_cpp")
+    except BaseException:
+        del sys.modules["llama_cpp"]
+        raise
+    module.__dict__.update({k: v for k, v in vars(low).items() if not k.startswith("_")})
+    found = re.search(r"""^__version__\s*=\s*["']([^"']+)""", Path(spec.origin).read_text(encoding="utf-8"), re.M)
+    module.__version__ = found[1] if found else "unknown"
+
+    submodules = {p.stem for p in Path(spec.origin).parent.iterdir() if p.suffix == ".py" or p.is_dir()}
+
+    def rest(name: str):  # PEP 562: the package's other names (`from .llama import *`), when asked for
+        if name.startswith("__") or name in submodules:  # `from llama_cpp import mtmd_cpp` asks first
+            raise AttributeError(name)
+        high = importlib.import_module("llama_cpp.llama")
+        module.__dict__.update({k: v for k, v in vars(high).items() if not k.startswith("_") and k not in module.__dict__})
+        if native_log._callback is not None:  # its import set llama-cpp-python's own log callback
+            native_log.install(native_log.verbose)
+        if name in module.__dict__:
+            return module.__dict__[name]
+        raise AttributeError(f"module 'llama_cpp' has no attribute {name!r}")
+
+    module.__getattr__ = rest
+    return module
+
+
 class Engine:
     _interrupt = None  # the ctypes callback while set_interrupt() is in force (kept alive here)
 
     def __init__(self, pair: ModelPair, n_ctx: int = 4096, threads: int = 0, verbose: bool = False,
                  n_batch: int = 512, tuning: Tuning = Tuning()):
-        import llama_cpp as lc
+        lc = llama_bindings()
 
         global _backend_ready
         t0 = time.perf_counter()  # load time: the text model, not the Python import
@@ -162,6 +211,7 @@ class Engine:
         self.generated_logprobs: list = []
         self._images: list[ImageEmbedding] = []
         self._candidates = None  # the sampler's token array, allocated on the first sample
+        self._pending_state = None  # (n, keys, save): a prefix's KV copy put off (keep_prefix_state)
         if not _backend_ready:
             lc.llama_backend_init()
             _backend_ready = True
@@ -194,6 +244,7 @@ class Engine:
     def _load_vision(self) -> None:
         from llama_cpp import mtmd_cpp
 
+        native_log.install_vision()  # mtmd's own log, routed like llama.cpp's (only now: a hit never loads it)
         t0 = time.perf_counter()
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = False
@@ -209,7 +260,8 @@ class Engine:
         self.timings.vision_load_ms += (time.perf_counter() - t0) * 1000
 
     def start_request(self) -> None:
-        """Fresh per-answer timings (the load time stays: it was paid once)."""
+        """Fresh per-answer timings (the load time stays: it was paid once); `ttft_ms` counts
+        from here."""
         self.timings = Timings(load_ms=self.timings.load_ms)
 
     # -- text -----------------------------------------------------------------------------------
@@ -338,6 +390,11 @@ class Engine:
         return common_prefix(self._cached, prompt_keys(segments))
 
     def _truncate(self, keep: int) -> None:
+        if self._pending_state is not None and keep < self._pending_state[0]:
+            self.flush_prefix_state()  # its cells are about to go: copy them out first
+        self._drop_after(keep)
+
+    def _drop_after(self, keep: int) -> None:
         mem = self._llama_cpp.llama_get_memory(self._ctx)
         self._llama_cpp.llama_memory_seq_rm(mem, 0, keep, -1)
         self._cached = self._cached[:keep]
@@ -349,6 +406,36 @@ class Engine:
         p = self.context_params  # flash attention stores the V cache untransposed: part of the layout
         return {"llama_cpp": self._llama_cpp.__version__, "type_k": int(p.type_k), "type_v": int(p.type_v),
                 "flash_attn": int(p.flash_attn_type), "n_embd": self.pair.n_embd}
+
+    def keep_prefix_state(self, n: int, save: Callable[[np.ndarray | None, str], None]) -> None:
+        """Copy the KV state of the first `n` positions (all the cache holds now) out later, off
+        the answer's path: `save(state, "")` is called just before anything would drop those
+        cells (a prompt with another prefix, a restore) or at flush_prefix_state(), with the
+        positions after `n` dropped first. What is evaluated after a prefix never changes its
+        cells, so that copy is the very bytes a copy made now would be (tests/test_fast.py
+        checks it) and the answer streams 0.5 s sooner (the copy of a 384-px prefix).
+        `save(None, why)` if llama.cpp could not copy it."""
+        self.flush_prefix_state()  # an earlier prefix still waiting goes first
+        self._pending_state = (n, list(self._cached[:n]), save)
+
+    def flush_prefix_state(self) -> None:
+        """Make the copy keep_prefix_state() put off, now (the session's end calls this)."""
+        pending, self._pending_state = self._pending_state, None
+        if pending is None or not self._ctx:
+            return
+        n, keys, save = pending
+        if self._cached[:n] != keys:  # cannot happen: _truncate flushes before dropping them
+            save(None, "the prefix left the KV cache before it was copied")
+            return
+        t0 = time.perf_counter()
+        self._drop_after(n)  # the answer's positions go; the prefix's cells stay as they were
+        try:
+            state = self.save_state()
+        except EngineError as e:
+            save(None, str(e))
+            return
+        self.timings.cache_save_ms += (time.perf_counter() - t0) * 1000
+        save(state, "")
 
     def save_state(self) -> np.ndarray:
         """The KV cells of sequence 0 (what the cache holds now) as a byte array."""
@@ -491,7 +578,9 @@ class Engine:
                     break
                 t.generated_tokens += 1
                 if t.generated_tokens == 1:
-                    t.first_token_ms = (time.perf_counter() - t0) * 1000
+                    now = time.perf_counter()
+                    t._first_sample_ms = (now - t0) * 1000
+                    t.ttft_ms = (now - t._started) * 1000
                 if lc.llama_vocab_is_eog(self._vocab, token) and not sampling.ignore_eos:
                     t.finish_reason = "stop"
                     break
@@ -563,6 +652,7 @@ class Engine:
             img._chunk = 0
 
     def close(self) -> None:
+        self._pending_state = None  # a copy not flushed is not made
         for img in self._images:
             self._free_image(img)
         self._images = []

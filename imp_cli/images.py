@@ -9,14 +9,10 @@ import hashlib
 import io
 import os
 import re
-import socket
 import sys
 import threading
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
-from http.client import HTTPException
 from typing import BinaryIO
 
 import numpy as np
@@ -207,6 +203,11 @@ def _read_stdin(stream: BinaryIO, max_bytes: int) -> bytes:
 
 
 def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
+    import socket  # here, not at the top: ~60 ms of imports (ssl, email) a local file never uses
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
+
     request = urllib.request.Request(url, headers={"User-Agent": "imp"})
     too_large = ImageError(f"image URL {url} is larger than {_fmt_bytes(max_bytes)}")
     try:

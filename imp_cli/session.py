@@ -5,7 +5,8 @@ A prompt is [system text, image, question (+ the conversation so far)], rendered
 family's template (prompts.py) and tokenized on each side of the image as Imp does. The
 [system, image] prefix is reused from the KV cache when it is already there (same process), else
 restored from the prompt cache on disk (the vision tower is then not even loaded), else encoded
-and evaluated, and saved to the cache in the background while the answer streams.
+and evaluated, and saved to the cache after the answer (its KV state is copied out when the prefix
+is about to leave the KV cache or the session closes, not before the first answer token).
 """
 
 from __future__ import annotations
@@ -238,19 +239,31 @@ class Session:
         loaded = self.cache.load(key, self.engine.kv_layout())
         if loaded is None:
             return False
-        if not self.engine.restore_state(loaded.payload, prompt_keys(prompt.prefix())):
+        try:
+            restored = self.engine.restore_state(loaded.payload, prompt_keys(prompt.prefix()))
+        finally:
+            loaded.close()
+        if not restored:
             self.cache.discard(key, "llama.cpp refused the saved state")
             return False
         self.engine.timings.cache_read_ms = (time.perf_counter() - t0) * 1000
         return True
 
     def _save(self, key: str, prompt: Prompt, n_prefix: int) -> None:
-        t0 = time.perf_counter()
-        state = self.engine.save_state()
-        self.engine.timings.cache_save_ms = (time.perf_counter() - t0) * 1000
+        """The entry for this prefix, written once its KV state is copied out: not now, in front
+        of the answer, but when the prefix is about to leave the KV cache or at close()
+        (Engine.keep_prefix_state); the write itself then runs in the background."""
         header = {"layout": self.engine.kv_layout(), "prefix_tokens": n_prefix,
                   "model": self.pair.name, "image": label(prompt.staged.source)}
-        self.cache.store_async(key, header, state)
+        cache = self.cache
+
+        def store(state, error: str) -> None:
+            if state is None:
+                self.note(f"prompt cache: not saving the prefix ({error}); answer unaffected")
+            else:
+                cache.store_async(key, header, state)
+
+        self.engine.keep_prefix_state(n_prefix, store)
 
     # -- answers --------------------------------------------------------------------------------
     def answer(self, image: Staged | None, question: str, history: Sequence[Turn] = (),
@@ -329,6 +342,7 @@ class Session:
 
     def close(self) -> None:
         if self.cache is not None:
+            self.engine.flush_prefix_state()  # the last prefix's entry, copied after its answer
             self.cache.wait()  # a pending entry is written before the process ends
         self.engine.close()
 

@@ -1,8 +1,9 @@
 """Weight repacking and flash attention, chosen per machine by measurement (`imp tune`).
 
-llama.cpp's defaults are not the fastest everywhere: on a 2-core AVX2 EPYC, repacking the weights
-at load (`use_extra_bufts`) costs 1.6 s of load, 1 GB of RSS and a quarter of the prompt-eval speed,
-and flash attention slows generation at depth by a third (DESIGN.md section 6); other CPUs may
+llama.cpp's defaults are not the fastest everywhere: on 2-core AVX2 and AVX-512 EPYCs, repacking
+the weights at load (`use_extra_bufts`) costs load time, 1 GB of RSS and a fifth to a third of the
+prompt-eval speed, and flash attention slows generation at depth (DESIGN.md sections 6 and 8), so
+without a measurement x86 runs with both off (family_default has the figures); other CPUs may
 gain from both. `imp tune` measures the four combinations on the installed model and stores the
 fastest in $IMP_HOME/tuning.json, keyed by what the result depends on: CPU model and SIMD flags,
 thread count, llama-cpp-python version and the model's tensor type. `choose()` is the one place
@@ -64,14 +65,11 @@ def cpu() -> dict:
 
 
 def llama_cpp_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """llama-cpp-python's version (from the module: importlib.metadata would cost a warm answer
+    ~30 ms of imports)."""
+    from .engine import llama_bindings
 
-    try:
-        return version("llama_cpp_python")
-    except PackageNotFoundError:  # pragma: no cover - an unusual install
-        import llama_cpp
-
-        return llama_cpp.__version__
+    return llama_bindings().__version__
 
 
 def tuning_key(pair: ModelPair, threads: int = 0) -> dict:
@@ -79,14 +77,43 @@ def tuning_key(pair: ModelPair, threads: int = 0) -> dict:
             "tensor_type": pair.text_type}
 
 
+_X86 = {"x86_64", "amd64", "x86", "i386", "i686"}
+# the K-quants and float types (measured), and Q8_0: no x86 repacked kernels for it (see below)
+_MEASURED_TYPES = re.compile(r"^(Q[2-6]_K(_[SML])?|F16|BF16|F32|Q8_0)$")
+
+
 def family_default(key: dict) -> tuple[Tuning, str]:
-    """The settings to use without a measurement, and why."""
+    """The settings to use without a measurement by `imp tune`, and why. The rule comes from
+    these measurements (full-size synthetic Imp-3B, Q4_K_M text + F16 mmproj, 384 px; whole
+    processes; re-measure with `make bench` and `imp tune`, and change the table with the rule):
+
+    | date | CPU, 2 cores | prompt eval, repack on -> off | cold `imp ask`, repack on -> off |
+    |---|---|---|---|
+    | 2026-12-01 | AMD EPYC, AVX2 | llama-bench pp775 19.8 -> 25.0 tok/s | 51-56 -> 46 s; load 4.5 -> 1.1 s; peak RSS 4.16 -> 3.08 GB |
+    | 2026-12-01 | AMD EPYC (Zen 5), AVX-512 | `imp tune` 44.0 -> 76.6 tok/s | `imp tune`'s estimate 24.4 -> 16.6 s |
+    | 2026-12-05 | AMD EPYC (Zen 4 class), AVX-512 VNNI | llama-bench pp512 48.5 -> 72.5 tok/s | 28.8 s (1.01x llama-mtmd-cli) -> 23.1 s (0.81x); 4.30 -> 3.25 GB |
+    | 2026-12-05 | AMD EPYC, AVX2, busy (others took ~70-88%) | llama-mtmd-cli (on) vs imp (off): the same per token | load 5.7 -> 2.2 s; peak RSS 4.82 -> 3.41 GB; CPU time 0.88x (docs/performance.md) |
+
+    Flash attention on those boxes: generation at a depth of 700-775 tokens 4.5 vs 7.3 tok/s
+    (AVX2, llama-bench tg32) and 8.2 vs 10.4 tok/s (AVX-512, `imp tune`) with it on vs off; its
+    faster prompt eval does not make up for that in a cold answer. `imp tune` chose repack off
+    and flash attention off on every x86 box it ran on. So on x86-64 with AVX2 (with or without
+    AVX-512): both off for the K-quants and float types we ship (Q4_K_M, F16), and for Q8_0, which
+    the llama.cpp in llama-cpp-python 0.3.36 does not repack on x86 at all (ggml-cpu/repack.cpp
+    has ARM and RISC-V kernels for it), so that only flash attention matters there. Not measured,
+    hence llama-cpp-python's defaults (repack on, flash attention off): Q4_0 and IQ4_NL (repacked
+    on x86 by other kernels), x86 without AVX2, and every other architecture. The architecture
+    comes from the key's `arch` (platform.machine()): an emulated CPU can show the host's
+    /proc/cpuinfo flags."""
     flags = set(key.get("flags", "").split())
-    if "avx2" in flags and "avx512f" not in flags:
-        # measured on a 2-core AVX2 EPYC (DESIGN.md section 6): prompt eval +26% and load 0.2 s
-        # instead of 2 s without repacking; generation at depth 7.3 vs 4.5 tok/s without flash attention
-        return Tuning(repack=False, flash_attn=False), "the measured defaults for x86 AVX2 without AVX-512"
-    return Tuning(), "llama-cpp-python's defaults (this CPU family has not been measured)"
+    arch = key.get("arch", "").lower()
+    x86 = arch in _X86 if arch else "avx2" in flags
+    ttype = key.get("tensor_type")
+    if x86 and "avx2" in flags and (ttype is None or _MEASURED_TYPES.match(ttype)):
+        simd = "AVX-512" if "avx512f" in flags else "AVX2"
+        return (Tuning(repack=False, flash_attn=False),
+                f"the measured defaults for x86 with {simd} (repack off, flash attention off)")
+    return Tuning(), "llama-cpp-python's defaults (not measured for this CPU family and model type)"
 
 
 # -- the tuning file -------------------------------------------------------------------------

@@ -62,6 +62,9 @@ def test_cold_then_warm_in_new_processes(bench_modules, converted, photo, tmp_pa
     assert d["entry_bytes"]["median"] == out["json"]["cache_after_cold"]["bytes"]
     assert d["warm_over_cold"]["median"] == pytest.approx(
         out["plain"]["warm"]["first_output_s"] / out["plain"]["cold"]["first_output_s"])
+    # both figures of the first answer token: launch to first byte (outside), ttft_ms (inside)
+    assert d["warm_ttft_ms"]["median"] == out["json"]["warm"]["timings"]["ttft_ms"] > 0
+    assert "launch to first answer byte" in md and "(`ttft_ms`" in md
     assert "llama-mtmd-cli not available: not built in tests" in md
     assert (tmp_path / "latest.md").read_text() == md
 
@@ -194,7 +197,7 @@ def test_tuned_step_runs_tune_then_ask_with_its_choice(bench_modules, converted,
     import run
 
     text, mmproj = converted()
-    a = argparse.Namespace(quant="F16", cache=tmp_path, imp_args="", tune_rounds=1, runs=1, tokens=4)
+    a = argparse.Namespace(quant="F16", cache=tmp_path, homes=tmp_path, imp_args="", tune_rounds=1, runs=1, tokens=4)
     out = run.bench_tuned({"F16": text, "mmproj": mmproj}, a, 1, photo, None)
     assert "error" not in out["tune"] and len(out["tune"]["measurements"]) == 4
     assert "error" not in out["imp"][0]["plain"] and out["imp"][0]["json"]["cache"] == "miss"

@@ -152,14 +152,16 @@ def test_second_question_in_process_reuses_memory_not_disk(model, photo, tmp_pat
     with _session(*model, tmp_path) as s:
         staged = s.stage(load_image(str(photo)))
         a = s.answer(staged, QUESTION, max_tokens=4).collect()
-        s.cache.wait()  # the entry for [system, image] is written ...
-        (entry,) = sorted(tmp_path.glob("*.kv"))
-        entry.unlink()  # ... and gone: a second question can only find the prefix in memory
+        s.cache.wait()
+        # the entry for [system, image] is not written yet (its KV copy waits until the prefix
+        # leaves the KV cache or the session ends, issue 23): a second question can only find
+        # the prefix in memory
+        assert sorted(tmp_path.glob("*.kv")) == []
         b = s.answer(staged, Q2, max_tokens=4).collect()
         assert a.cache == "miss" and b.cache == "hit"
         assert b.timings["cache_read_ms"] == 0  # nothing read back from disk
         assert b.reused_tokens >= 16
-    assert sorted(tmp_path.glob("*.kv")) == []  # and it saved nothing again
+    assert len(sorted(tmp_path.glob("*.kv"))) == 1  # written once, at close, not again for the hit
 
 
 # ---------------------------------------------------------------------------- damaged entries

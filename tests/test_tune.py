@@ -204,14 +204,43 @@ def test_an_entry_for_another_machine_is_not_used(home, f16_pair):
 
 
 def test_family_defaults():
+    """Issue 23: x86-64 with AVX2, with or without AVX-512, runs the K-quants and float types with
+    repacking and flash attention off (the evidence is in family_default's docstring); what was
+    not measured keeps llama-cpp-python's defaults; the architecture decides, not the flags."""
     from imp_cli.engine import Tuning
     from imp_cli.tune import family_default
 
-    avx2 = {"flags": "avx avx2 f16c fma sse4_2"}
-    avx512 = {"flags": "avx avx2 avx512f avx512bw f16c fma"}
-    assert family_default(avx2)[0] == Tuning(repack=False, flash_attn=False)
-    assert family_default(avx512)[0] == Tuning(repack=True, flash_attn=False)
-    assert family_default({"flags": "asimd i8mm"})[0] == Tuning(repack=True, flash_attn=False)
+    off, stock = Tuning(repack=False, flash_attn=False), Tuning(repack=True, flash_attn=False)
+    avx2 = {"arch": "x86_64", "flags": "avx avx2 f16c fma sse4_2"}
+    avx512 = {"arch": "x86_64", "flags": "avx avx2 avx512f avx512bw avx512_vnni f16c fma"}
+    for cpu in (avx2, avx512, {"flags": avx512["flags"]}, {**avx2, "arch": "AMD64"}):
+        for ttype in ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F16", "BF16", "Q8_0", None):
+            key = {**cpu, **({"tensor_type": ttype} if ttype else {})}
+            assert family_default(key)[0] == off, key
+    assert "x86 with AVX-512" in family_default({**avx512, "tensor_type": "Q4_K_M"})[1]
+    assert "x86 with AVX2" in family_default({**avx2, "tensor_type": "F16"})[1]
+    for key in ({**avx512, "tensor_type": "IQ4_NL"}, {**avx2, "tensor_type": "Q4_0"},  # other kernels
+                {"arch": "x86_64", "flags": "avx f16c sse4_2", "tensor_type": "Q4_K_M"},  # no AVX2
+                {"arch": "aarch64", "flags": "asimd i8mm dotprod", "tensor_type": "Q4_K_M"},
+                {"arch": "aarch64", "flags": avx2["flags"], "tensor_type": "Q4_K_M"},  # x86 text, emulated ARM
+                {"flags": "asimd i8mm"}):
+        assert family_default(key) == (stock, "llama-cpp-python's defaults (not measured for this CPU family "
+                                              "and model type)"), key
+
+
+def test_without_a_tuning_file_x86_runs_the_measured_defaults_and_imp_tune_overrides(home, f16_pair, monkeypatch):
+    from imp_cli import tune
+    from imp_cli.engine import Tuning
+
+    monkeypatch.setattr(tune, "cpu", lambda: {"cpu": "AMD EPYC 9B14", "arch": "x86_64",
+                                               "flags": "avx avx2 avx512f avx512_vnni f16c fma"})
+    notes: list[str] = []
+    assert tune.choose(f16_pair, 2, note=notes.append) == Tuning(repack=False, flash_attn=False)
+    assert notes[0].startswith("no tuning for this machine and model: using the measured defaults for x86 with "
+                               "AVX-512 (repack off, flash attention off); run `imp tune")
+    tune.save(tune.tuning_key(f16_pair, 2), Tuning(repack=True, flash_attn=True), [], tune.tuning_path())
+    assert tune.choose(f16_pair, 2) == Tuning(repack=True, flash_attn=True)  # a measurement wins
+    assert tune.choose(f16_pair, 2, repack="off") == Tuning(repack=False, flash_attn=True)
 
 
 def test_overrides_win_over_the_file(home, f16_pair):
