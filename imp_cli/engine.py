@@ -29,6 +29,10 @@ class EngineError(ImpError):
     pass
 
 
+class Interrupted(EngineError):
+    """Prompt evaluation stopped because the interrupt check said so (Engine.set_interrupt)."""
+
+
 # -- data types ------------------------------------------------------------------------------
 @dataclass
 class Sampling:
@@ -180,6 +184,8 @@ def llama_bindings():
 
 
 class Engine:
+    _interrupt = None  # the ctypes callback while set_interrupt() is in force (kept alive here)
+
     def __init__(self, pair: ModelPair, n_ctx: int = 4096, threads: int = 0, verbose: bool = False,
                  n_batch: int = 512, tuning: Tuning = Tuning()):
         lc = llama_bindings()
@@ -288,6 +294,16 @@ class Engine:
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def max_token_bytes(self) -> int:
+        """The most bytes one token of the vocabulary stands for, special tokens as written
+        (tokenize parses them): a text of n bytes is at least n / this many tokens."""
+        lc, buf = self._llama_cpp, ctypes.create_string_buffer(256)
+        longest = 1
+        for token in range(self.n_vocab):
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            longest = max(longest, -n if n < 0 else n)  # negative: the piece's size, too big for buf
+        return longest
 
     # -- images ---------------------------------------------------------------------------------
     def encode_image(self, pixels: np.ndarray, key: str) -> ImageEmbedding:
@@ -447,12 +463,29 @@ class Engine:
         self._cached = list(keys)
         return True
 
+    def set_interrupt(self, check=None) -> None:
+        """While `check` is set, llama.cpp asks it between the steps of every evaluation (ggml's
+        abort callback: a fraction of a second apart even in a 512-token batch); once it answers
+        True the evaluation stops with Interrupted, and the KV cache holds only what it held
+        before (the next evaluate() drops any part-written positions). `imp serve` sets it for a
+        prompt's evaluation, so that a client that leaves frees the engine at once (issue 21).
+        None removes it (generation then pays no callback per step)."""
+        lc = self._llama_cpp
+        if check is None:
+            self._interrupt = None
+            lc.llama_set_abort_callback(self._ctx, lc.ggml_abort_callback(), None)  # NULL: none
+            return
+        self._interrupt = lc.ggml_abort_callback(lambda _data: bool(check()))
+        lc.llama_set_abort_callback(self._ctx, self._interrupt, None)
+
     def _decode_tokens(self, tokens: list[int]) -> None:
         lc = self._llama_cpp
         for start in range(0, len(tokens), self.n_batch):
             part = tokens[start:start + self.n_batch]
             arr = (lc.llama_token * len(part))(*part)
             rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(arr, len(part)))
+            if rc == 2 and self._interrupt is not None:
+                raise Interrupted("prompt evaluation interrupted")
             if rc != 0:
                 raise EngineError(f"llama_decode failed (code {rc}): {native_log.last_error()}")
 
@@ -465,6 +498,8 @@ class Engine:
             n_past, 0, self.n_batch, ctypes.byref(new_n_past),
             m.mtmd_helper_post_decode_callback(), None,  # a typed NULL: None is rejected
         )
+        if rc != 0 and self._interrupt is not None:
+            raise Interrupted("image evaluation interrupted")
         if rc != 0:
             raise EngineError(f"decoding the image embeddings failed (code {rc}): {native_log.last_error()}")
 

@@ -21,6 +21,19 @@ from PIL import Image, ImageOps
 from .errors import ImpError
 
 MAX_BYTES = 50 * 1024 * 1024
+# What a decode may hold in memory, in bytes: width x height x (bytes per pixel of the decoded mode
+# + its 8-bit RGB copy), checked on the header before any pixel is decompressed. Pillow's own
+# guard counts pixels, and a 223 KB 16-bit PNG cost 1.7 GB (issue 21). 256 MiB: a 67-megapixel
+# RGB photo; IMP_MAX_IMAGE_MEMORY (bytes) or `imp serve --max-image-memory` changes it.
+MAX_DECODE_BYTES = 256 * 1024 * 1024
+# The formats imp decodes: what cameras, phones, browsers and screenshot tools write, each read by
+# an in-process library (libjpeg, zlib, libwebp, libtiff) or pure Python. Never EPS/PS/PDF (Pillow
+# runs Ghostscript for those) nor the long tail of rare formats (more parser code, no user).
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+# data: URL media types, for those formats (the bytes decide the format; a label is only checked)
+MEDIA_TYPES = {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/x-png", "image/apng", "image/webp",
+               "image/gif", "image/bmp", "image/x-bmp", "image/x-ms-bmp", "image/tiff", "image/tif"}
 PAD_COLOR = (127, 127, 127)  # Imp pads with int(255 * image_mean) = int(127.5) per channel
 ASPECTS = ("square", "pad")  # the values of Imp's config `image_aspect_ratio`
 
@@ -64,14 +77,26 @@ def decode_source(source: str, data: bytes) -> LoadedImage:
     return image_from_bytes(data, source, what, image_what)
 
 
-def image_from_bytes(data: bytes, source: str, what: str, image_what: str) -> LoadedImage:
+def image_from_bytes(data: bytes, source: str, what: str, image_what: str,
+                     budget: int | None = None) -> LoadedImage:
     """Decode and validate image bytes from anywhere (a file, a URL, a data: URL): the one path
-    every image takes. `what`/`image_what` name it in errors ("'x.png'", "image 'x.png'")."""
-    image = _decode(data, what, image_what)
+    every image takes. `what`/`image_what` name it in errors ("'x.png'", "image 'x.png'");
+    `budget`: the decode's memory in bytes (default MAX_DECODE_BYTES or IMP_MAX_IMAGE_MEMORY)."""
+    image = _decode(data, what, image_what, decode_budget() if budget is None else budget)
     return LoadedImage(image, source, image.size, hashlib.sha256(data).hexdigest())
 
 
-def load_data_url(url: str, *, max_bytes: int = MAX_BYTES) -> LoadedImage:
+def decode_budget() -> int:
+    value = os.environ.get("IMP_MAX_IMAGE_MEMORY", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ImageError(f"IMP_MAX_IMAGE_MEMORY must be a number of bytes, not {value[:40]!r}") from None
+    return MAX_DECODE_BYTES
+
+
+def load_data_url(url: str, *, max_bytes: int = MAX_BYTES, budget: int | None = None) -> LoadedImage:
     """A `data:image/...;base64,...` URL (what OpenAI-style clients send) -> the decoded image."""
     import base64
     import binascii
@@ -80,8 +105,12 @@ def load_data_url(url: str, *, max_bytes: int = MAX_BYTES) -> LoadedImage:
     media = header[len("data:"):].split(";")
     if not header.lower().startswith("data:") or not comma or media[-1].strip().lower() != "base64":
         raise ImageError("the image URL is not a base64 data: URL (expected data:image/...;base64,...)")
-    if not media[0].strip().lower().startswith("image/"):
-        raise ImageError(f"the data: URL holds {media[0].strip() or 'no media type'}, not an image")
+    kind = media[0].strip().lower()
+    if kind not in MEDIA_TYPES:
+        # the label is the client's text: shown only bounded and printable (it also names the
+        # image in the prompt cache's entry headers)
+        shown = "".join(c if c.isprintable() else "?" for c in kind[:40]) + ("…" if len(kind) > 40 else "")
+        raise ImageError(f"the data: URL holds {shown or 'no media type'!s}, not an image imp reads ({FORMAT_NAMES})")
     payload = "".join(payload.split())  # some clients wrap base64 lines
     if len(payload) // 4 * 3 > max_bytes:
         raise ImageError(f"the data: URL image is larger than {_fmt_bytes(max_bytes)}")
@@ -91,8 +120,8 @@ def load_data_url(url: str, *, max_bytes: int = MAX_BYTES) -> LoadedImage:
         raise ImageError("the data: URL is not valid base64") from None
     if not data:
         raise ImageError("the data: URL holds no image data")
-    source = f"data:{media[0].strip().lower()} ({len(data):,} bytes)"
-    return image_from_bytes(data, source, "the data: URL", "the data: URL image")
+    source = f"data:{kind} ({len(data):,} bytes)"
+    return image_from_bytes(data, source, "the data: URL", "the data: URL image", budget)
 
 
 def preprocess(image: Image.Image, *, size: int, aspect: str) -> np.ndarray:
@@ -112,6 +141,35 @@ def preprocess(image: Image.Image, *, size: int, aspect: str) -> np.ndarray:
             image = canvas
     # A squash, not a crop: the SigLIP processor resizes straight to size x size.
     return np.array(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def redact(url: str, limit: int = 200) -> str:
+    """A URL as it may be shown or recorded: scheme, host, port and path only (query strings
+    and fragments often carry access tokens; user:password too), bounded and printable."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        shown = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}{parts.path}"
+    except ValueError:
+        shown = url.split("?", 1)[0].split("#", 1)[0]
+    shown = "".join(c if c.isprintable() and not c.isspace() else "?" for c in shown)
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
+
+
+def label(source: str, limit: int = 200) -> str:
+    """An image's source as a file may record it (the prompt cache's entry header): URLs
+    redacted, any text bounded and printable."""
+    if source.lower().startswith(("http://", "https://")):
+        return redact(source, limit)
+    shown = "".join(c if c.isprintable() else "?" for c in source)
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
+
+
+def _fmt_mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _fmt_bytes(n: int) -> str:
@@ -175,24 +233,50 @@ def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
     return data
 
 
-def _decode(data: bytes, what: str, image_what: str) -> Image.Image:
-    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make both an error. The check
-    # runs on the header, before any pixel is decompressed.
+def _pixel_bytes(mode: str) -> int:
+    """Bytes per pixel of a decoded image of this mode, as Pillow stores it."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4  # RGB is stored in 4 bytes too; I and F are 32-bit
+
+
+def decode_bytes(size: tuple[int, int], mode: str) -> int:
+    """What decoding an image of this size and mode holds at its peak: the decoded pixels, an 8-bit
+    copy for 16-bit and float modes, and the RGB image (4 bytes per pixel) made from them."""
+    w, h = size
+    extra = 0 if mode == "RGB" else 4 + (1 if mode.startswith("I") or mode == "F" else 0)
+    return w * h * (_pixel_bytes(mode) + extra)
+
+
+def _decode(data: bytes, what: str, image_what: str, budget: int = MAX_DECODE_BYTES) -> Image.Image:
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; make both an error. That check
+    # and the memory budget run on the header, before any pixel is decompressed.
     native: list[str] = []
     with _DECODE_LOCK, warnings.catch_warnings(), _decoder_chatter(native, data.startswith(_TIFF_MAGIC)):
         warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": noise to the user
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))  # multi-frame formats open on the first frame
-            image.load()  # decode now, so a truncated file fails here (LOAD_TRUNCATED_IMAGES off)
-            image = ImageOps.exif_transpose(image)
-            error = None
+            # only the allowed formats' plugins ever see the bytes (multi-frame formats open on the first frame)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            need = decode_bytes(image.size, image.mode)
+            if need > budget:
+                w, h = image.size
+                error = (f"{image_what} is too large to decode: {w:,} x {h:,} pixels of mode {image.mode} need "
+                         f"{_fmt_mb(need)} ({_pixel_bytes(image.mode)} bytes per pixel"
+                         f"{'' if image.mode == 'RGB' else ' + its RGB copy'}); limit {_fmt_mb(budget)}")
+            else:
+                image.load()  # decode now, so a truncated file fails here (LOAD_TRUNCATED_IMAGES off)
+                image = ImageOps.exif_transpose(image)
+                error = None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
-            detail = f"{int(m[1]):,} pixels; limit {int(m[2]):,}" if m else str(e)
+            m = re.search(r"\((\d+) pixels\)", str(e))
+            # the limit enforced is MAX_IMAGE_PIXELS (Pillow's error names twice that: its warning's range is ours too)
+            detail = f"{int(m[1]):,} pixels; limit {Image.MAX_IMAGE_PIXELS:,}" if m else str(e)
             error = f"{image_what} is too large ({detail})"
         except Image.UnidentifiedImageError:
-            error = f"{what} is not an image Pillow can read"
+            error = f"{what} is not an image imp reads ({FORMAT_NAMES})"
         except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
             error = e
     if isinstance(error, BaseException):
@@ -260,16 +344,46 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I"):
         # 16-bit data ('I;16*', or 'I' as Pillow may open 16-bit PNGs): Pillow's convert clips
         # at 255 instead of scaling, so map 0..65535 to 0..255 ourselves (rounded).
-        a = np.asarray(image).astype(np.int64).clip(0, 65535)
-        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+        def scale16(a):
+            a = a.astype(np.int64).clip(0, 65535)
+            return (a * 255 + 32767) // 65535
+
+        return _rows_to_l(image, scale16).convert("RGB")
     if image.mode == "F":
         # Float images are usually either 0..1 or 0..255; Pillow would clip 0..1 to near-black.
-        a = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        if a.size and a.min() >= 0 and a.max() <= 1:
-            a = a * 255
-        return Image.fromarray(np.round(a.clip(0, 255)).astype(np.uint8), "L").convert("RGB")
+        lo, hi = np.inf, -np.inf
+        for a in _row_blocks(image):
+            if a.size:
+                a = np.nan_to_num(a.astype(np.float64))
+                lo, hi = min(lo, a.min()), max(hi, a.max())
+        unit = lo >= 0 and hi <= 1
+
+        def scale_float(a):
+            a = np.nan_to_num(a.astype(np.float64))
+            return np.round((a * 255 if unit else a).clip(0, 255))
+
+        return _rows_to_l(image, scale_float).convert("RGB")
     if image.mode == "RGB":
         return image
     with warnings.catch_warnings():  # e.g. Pillow's note about palette transparency as bytes
         warnings.simplefilter("ignore", UserWarning)
         return image.convert("RGB")
+
+
+def _row_blocks(image: Image.Image, pixels: int = 1 << 20):
+    """The image's pixels as numpy arrays of whole rows, about `pixels` at a time: converting a
+    16-bit or float image never holds a 64-bit copy of all of it."""
+    w, h = image.size
+    step = max(1, pixels // max(w, 1))
+    for y in range(0, h, step):
+        yield np.asarray(image.crop((0, y, w, min(h, y + step))))
+
+
+def _rows_to_l(image: Image.Image, scale) -> Image.Image:
+    w, h = image.size
+    out = np.empty((h, w), np.uint8)
+    y = 0
+    for a in _row_blocks(image):
+        out[y:y + a.shape[0]] = scale(a).astype(np.uint8)
+        y += a.shape[0]
+    return Image.fromarray(out, "L")

@@ -1,11 +1,15 @@
 """Fetch an image URL on behalf of a client (`imp serve --allow-remote-images`) without
-server-side request forgery.
+server-side request forgery, and within one overall deadline.
 
 The host is resolved once; every address it resolves to must be public (no loopback, private,
 link-local, multicast, reserved or unspecified address, also when wrapped in IPv6), and the
 connection is made to that checked address, so a second DNS answer cannot swap it for an inside
 one (DNS rebinding). Redirects are followed by hand, each hop checked the same way. TLS still
 verifies the certificate against the host name.
+
+The deadline covers the whole fetch (every hop's connect, request, headers and body): a host
+trickling a byte every few seconds would pass any per-read timeout forever (issue 21). A watchdog
+shuts the socket down when the deadline passes, so a blocked read returns at once.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
+import time
 import urllib.parse
 from typing import Callable
 
-from .images import ImageError
+from .images import ImageError, redact
 
 MAX_REDIRECTS = 5
+DEADLINE = 20.0  # seconds for a whole fetch (imp serve --remote-timeout)
 REDIRECTS = (301, 302, 303, 307, 308)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -63,28 +70,44 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def fetch_public(url: str, *, timeout: float = 30, max_bytes: int,
-                 allow: Callable[[Address], bool] = is_public,
+def fetch_public(url: str, *, timeout: float = DEADLINE, max_bytes: int,
+                 allow: Callable[[Address], bool] | None = None,
                  resolver: Callable[[str, int], list[Address]] = resolve) -> bytes:
     """GET `url` (http or https) if it and every redirect lead to allowed addresses; the body,
-    at most max_bytes. Any refusal or failure is an ImageError naming the URL."""
-    original = url
+    at most max_bytes, all of it within `timeout` seconds. Any refusal or failure is an
+    ImageError naming the URL (without its query string)."""
+    allow = allow or is_public  # looked up now: a test may trust loopback by patching is_public
+    shown = redact(url)
+    deadline = time.monotonic() + timeout
+    late = ImageError(f"image URL {shown} took longer than {timeout:g} s (imp serve --remote-timeout)")
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or not parts.hostname:
-            raise ImageError(f"image URL {original}: only http(s) URLs with a host can be fetched")
         try:
+            parts = urllib.parse.urlsplit(url)
+            scheme = parts.scheme.lower()
+            hostname = parts.hostname
             port = parts.port or (443 if scheme == "https" else 80)
-            addresses = resolver(parts.hostname, port)
-        except ValueError:
-            raise ImageError(f"image URL {original}: bad port") from None
-        except OSError as e:
-            raise ImageError(f"cannot fetch image URL {original}: cannot resolve {parts.hostname} ({e})") from None
+        except ValueError as e:  # "http://[::1/x", a port out of range, ...
+            raise ImageError(f"image URL {shown} is malformed ({e})") from None
+        if scheme not in ("http", "https") or not hostname:
+            raise ImageError(f"image URL {shown}: only http(s) URLs with a host can be fetched")
+        try:
+            addresses = _within(deadline, resolver, hostname, port)
+        except TimeoutError:
+            raise late from None
+        except ValueError:  # "http://[evil]:1/x": not an address, nor a name
+            raise ImageError(f"image URL {shown}: bad host {redact(hostname, 60)}") from None
+        except (OSError, UnicodeError) as e:
+            raise ImageError(f"cannot fetch image URL {shown}: cannot resolve {redact(hostname, 60)} ({e})") from None
         if not addresses or not all(allow(ip) for ip in addresses):
-            raise ImageError(f"image URL {original}: {parts.hostname} is not a public address; refused")
+            raise ImageError(f"image URL {shown}: {redact(hostname, 60)} is not a public address; refused")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise late
         cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
-        conn = cls(parts.hostname, port, addresses[0], timeout)
+        conn = cls(hostname, port, addresses[0], left)
+        watchdog = threading.Timer(left, _cut, (conn,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", path, headers={"User-Agent": "imp", "Accept": "image/*"})
@@ -93,18 +116,64 @@ def fetch_public(url: str, *, timeout: float = 30, max_bytes: int,
                 url = urllib.parse.urljoin(url, response.getheader("Location"))
                 continue
             if response.status != 200:
-                raise ImageError(f"image URL {original} returned HTTP {response.status}")
+                raise ImageError(f"image URL {shown} returned HTTP {response.status}")
             length = response.getheader("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
-                raise ImageError(f"image URL {original} is larger than {max_bytes:,} bytes")
-            data = response.read(max_bytes + 1)
-        except (OSError, http.client.HTTPException) as e:
-            raise ImageError(f"cannot fetch image URL {original}: {e or type(e).__name__}") from None
+                raise ImageError(f"image URL {shown} is larger than {max_bytes:,} bytes")
+            chunks, got = [], 0
+            while got <= max_bytes:  # one byte over the limit is enough to know
+                chunk = response.read1(min(1 << 16, max_bytes + 1 - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+                if time.monotonic() > deadline:
+                    raise late
+            data = b"".join(chunks)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            if time.monotonic() >= deadline:
+                raise late from None
+            raise ImageError(f"cannot fetch image URL {shown}: {e or type(e).__name__}") from None
         finally:
+            watchdog.cancel()
             conn.close()
+        if time.monotonic() > deadline:
+            raise late
         if len(data) > max_bytes:
-            raise ImageError(f"image URL {original} is larger than {max_bytes:,} bytes")
+            raise ImageError(f"image URL {shown} is larger than {max_bytes:,} bytes")
         if not data:
-            raise ImageError(f"image URL {original} returned no data")
+            raise ImageError(f"image URL {shown} returned no data")
         return data
-    raise ImageError(f"image URL {original}: more than {MAX_REDIRECTS} redirects")
+    raise ImageError(f"image URL {shown}: more than {MAX_REDIRECTS} redirects")
+
+
+def _within(deadline: float, fn, *args):
+    """fn(*args) in a helper thread, given up (TimeoutError) at the deadline: a name lookup has
+    no timeout of its own (the thread then ends when the system resolver gives up)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="imp-resolve", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not box:
+        raise TimeoutError
+    ok, value = box[0]
+    if ok:
+        return value
+    raise value
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """The deadline passed: wake the fetch's blocked read (it then fails and says so)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

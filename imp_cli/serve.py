@@ -25,15 +25,22 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from . import netguard
 from .api_errors import ApiError, _bad, _flag, _number
 from .errors import ImpError
-from .images import MAX_BYTES, ImageError
+from .images import MAX_BYTES, MAX_DECODE_BYTES, ImageError
+from .limits import (Limits, LimitError, check_json_values, check_messages, check_parts, check_prompt_bytes,
+                     check_stops, check_unicode, json_value_cap)
 from .prompts import Turn
 from .stats import log_fields
+from .stops import StopText  # noqa: F401 - tests and callers import it from here
 
 ROLES = ("system", "developer", "user", "assistant")
-MAX_STOPS = 4  # as OpenAI
 RETRY_AFTER_MAX = 300
+REMOTE_DEADLINE = 20.0  # seconds for a whole remote image fetch (remote.DEADLINE; not imported: remote needs ssl)
+FETCH_SLOTS = 4  # remote fetches at once: apart from the decode slots, so a slow host never holds those
+DECODE_SLOTS = 2
+PARSE_SLOTS = 2  # large bodies parsed at once (off the event loop)
 
 
 @dataclass
@@ -60,6 +67,22 @@ class ServeOptions:
     repack: str = "auto"  # weight repacking / flash attention: auto (imp tune's choice) | on | off
     flash_attn: str = "auto"
     ui: bool = True  # the web page at GET / (imp_cli/web); --no-ui turns it off
+    # issue 21: limits, each a 400/408/503 that names it (README: the limits table)
+    max_messages: int = Limits.max_messages
+    max_parts: int = Limits.max_parts
+    max_body_total: int = 0  # request bodies held at once; 0: 3 x max_body
+    max_connections: int = netguard.MAX_CONNECTIONS
+    header_timeout: float = netguard.HEADER_TIMEOUT
+    body_timeout: float = netguard.BODY_TIMEOUT
+    keep_alive: float = netguard.KEEP_ALIVE
+    remote_timeout: float = REMOTE_DEADLINE
+    max_image_memory: int = MAX_DECODE_BYTES
+
+    def limits(self) -> Limits:
+        return Limits(max_messages=self.max_messages, max_parts=self.max_parts)
+
+    def body_total(self) -> int:
+        return max(self.max_body_total or 3 * self.max_body, self.max_body)
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -80,14 +103,16 @@ class ChatRequest:
     logprobs: int = -1  # -1: none; else top_logprobs alternatives per token
 
 
-def _content(content, param: str, role: str) -> tuple[str, list[str]]:
-    """A message's content -> (its text, its image URLs)."""
+def _content(content, param: str, role: str, parts: list[int], limits: Limits) -> tuple[str, list[str]]:
+    """A message's content -> (its text, its image URLs). `parts`: [content parts counted so far]."""
     if isinstance(content, str):
         return content, []
     if content is None and role == "assistant":
         return "", []
     if not isinstance(content, list):
         raise _bad(f"'{param}' must be a string or a list of content parts", param, "invalid_type")
+    parts[0] += len(content)
+    _checked(check_parts, parts[0], param, limits)
     texts, images = [], []
     for j, part in enumerate(content):
         where = f"{param}[{j}]"
@@ -112,8 +137,18 @@ def _content(content, param: str, role: str) -> tuple[str, list[str]]:
     return "\n".join(texts), images
 
 
-def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) -> ChatRequest:
-    """The body of POST /v1/chat/completions -> what the Session needs, or an ApiError 400."""
+def _checked(check, *args) -> None:
+    """Run one of limits.py's checks; its refusal is a 400 naming the limit."""
+    try:
+        check(*args)
+    except LimitError as e:
+        raise _bad(e.message, e.param, e.code) from None
+
+
+def parse_chat(body: dict, default_max_tokens: int, default_temperature: float,
+               limits: Limits = Limits()) -> ChatRequest:
+    """The body of POST /v1/chat/completions -> what the Session needs, or an ApiError 400.
+    Linear in the body's size (issue 21): the server runs it off the event loop."""
     from .engine import Sampling
 
     model = body.get("model")
@@ -126,9 +161,13 @@ def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) 
         raise _bad("'messages' is required", "messages", "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages", "invalid_type")
+    _checked(check_messages, messages, limits)
 
     system: list[str] = []
-    turns: list[list] = []  # [role, text]: user and assistant alternate (consecutive ones merged)
+    # [role, [texts]]: user and assistant alternate; consecutive ones are merged, joined once at
+    # the end (a join per message was quadratic: 400,000 messages froze the server for 190 s)
+    turns: list[list] = []
+    parts = [0]
     image_url, image_turn = None, 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -139,16 +178,16 @@ def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) 
             raise _bad(f"'{where}.role' must be one of {', '.join(ROLES)}", f"{where}.role")
         if "content" not in m:
             raise _bad(f"'{where}.content' is required", f"{where}.content", "missing_required_parameter")
-        text, images = _content(m["content"], f"{where}.content", role)
+        text, images = _content(m["content"], f"{where}.content", role, parts, limits)
         if role in ("system", "developer"):
             if images:
                 raise _bad(f"'{where}': a system message cannot hold an image", where)
             system.append(text)
             continue
         if turns and turns[-1][0] == role:
-            turns[-1][1] += "\n" + text
+            turns[-1][1].append(text)
         else:
-            turns.append([role, text])
+            turns.append([role, [text]])
         if images:
             if image_url is not None or len(images) > 1:
                 raise _bad("Imp takes one image per conversation; this one has more", where, "too_many_images")
@@ -157,6 +196,9 @@ def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) 
         raise _bad("the conversation must start with a user message (after any system messages)", "messages")
     if turns[-1][0] != "user":
         raise _bad("the last message must be a user message", "messages")
+    for turn in turns:
+        turn[1] = "\n".join(turn[1])
+    _checked(check_unicode, [t[1] for t in turns] + system)
     history = [Turn(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
 
     stream = _flag(body, "stream")
@@ -178,8 +220,9 @@ def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) 
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop)):
         raise _bad("'stop' must be a string or a list of strings", "stop", "invalid_type")
-    if stop is not None and len(stop) > MAX_STOPS:
-        raise _bad(f"'stop' takes at most {MAX_STOPS} strings", "stop")
+    if stop is not None:
+        _checked(check_stops, stop)
+        _checked(check_unicode, stop, "stop")
     sampling = Sampling(
         temperature=default_temperature if temperature is None else float(temperature),
         top_p=1.0 if top_p is None else float(top_p), top_k=top_k or 0,
@@ -187,30 +230,6 @@ def parse_chat(body: dict, default_max_tokens: int, default_temperature: float) 
     return ChatRequest(model, turns[-1][1], history, "\n".join(system) if system else None, image_url,
                        image_turn, sampling, max_tokens or default_max_tokens, [s for s in stop or [] if s],
                        stream, include_usage)
-
-
-class StopText:
-    """Cuts the answer before the first stop string; text that may be the start of one is held
-    back until the next piece decides."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.held = stops, ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        if not self.stops:
-            return piece, False
-        text = self.held + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return text[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
 
 
 # -- the engine side -----------------------------------------------------------------------------
@@ -303,6 +322,7 @@ class Worker(threading.Thread):
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.session = None
+        self.max_token_bytes = 0
         self.seconds_per_job = 5.0  # a running mean, for Retry-After
 
     def run(self) -> None:
@@ -313,6 +333,8 @@ class Worker(threading.Thread):
             self.session = open_session(o.model, o.mmproj, self.output, use_cache=o.cache, threads=o.threads,
                                         ctx=o.ctx, verbose=o.verbose, note=self.output.note, repack=o.repack,
                                         flash_attn=o.flash_attn)
+            # a bound for refusing an oversized prompt before tokenizing it (limits.check_prompt_bytes)
+            self.max_token_bytes = self.session.engine.max_token_bytes()
         except BaseException as e:  # reported by the main thread
             self.error = e
             return
@@ -336,18 +358,25 @@ class Worker(threading.Thread):
     def answer(self, job: Job) -> tuple[str, object]:
         """Stream the answer's text to the job; returns its final event ("end" or "error"),
         which run() posts once the engine is free."""
+        from .engine import Interrupted
         from .session import PromptTooLong
 
         r = job.request
         if job.cancel.is_set():  # the client left while it waited
             return "end", Outcome("stop", 0, 0, 0, True)
+        engine = self.session.engine
+        engine.set_interrupt(job.cancel.is_set)  # a client that leaves during the prefill frees the engine at once
         try:
             stream = self.session.answer(job.staged, r.question, r.history, r.system, r.sampling, r.max_tokens,
                                          image_turn=r.image_turn)
+        except Interrupted:
+            return "end", Outcome("stop", 0, 0, 0, True)
         except PromptTooLong as e:
             return "error", ApiError(400, str(e), code="context_length_exceeded", param="messages")
         except ImpError as e:
             return "error", ApiError(500, str(e), "server_error")
+        finally:
+            engine.set_interrupt(None)
         job.post("start")
         stopper = StopText(r.stop)
         pieces = iter(stream)
@@ -383,31 +412,56 @@ class Worker(threading.Thread):
 def _json(obj, status: int = 200, headers: dict | None = None):
     from starlette.responses import Response
 
-    return Response(json.dumps(obj, ensure_ascii=False), status, headers, media_type="application/json")
+    try:
+        content = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a client's text: JSON's \u escapes carry it
+        content = json.dumps(obj).encode("ascii")
+    return Response(content, status, headers, media_type="application/json")
 
 
-async def _read_body(request, limit: int) -> bytes:
-    """The body, at most `limit` bytes, else 413. An oversized body is read on (discarded, up to
-    as much again) before answering, so that the client reads our 413 instead of a reset."""
+async def _read_body(request, limit: int, budget: netguard.BodyBudget | None = None, timeout: float | None = None,
+                     held: list[int] | None = None) -> bytes:
+    """The body, at most `limit` bytes, else 413; all of it within `timeout` seconds, else 408.
+    An oversized body is read on (discarded, up to as much again) before answering, so that the
+    client reads our 413 instead of a reset. The bytes held are taken from `budget` as they come
+    (all at once for a declared length) and counted in held[0]; the caller gives them back."""
+    import anyio
     from starlette.requests import ClientDisconnect
 
+    held = held if held is not None else [0]
     too_large = ApiError(413, f"the request body is larger than {limit:,} bytes (see imp serve --max-body)",
                          code="request_too_large")
+
+    def take(n: int) -> None:
+        if budget is not None and n > held[0]:
+            if not budget.take(n - held[0]):
+                raise ApiError(503, f"the server holds {budget.held:,} bytes of request bodies already (imp serve "
+                                    "--max-body-total): retry later", "server_error", "server_busy",
+                               headers={"Retry-After": "1"})
+            held[0] = n
+
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > 2 * limit):
         if not declared.isdigit():
             raise _bad("bad Content-Length header")
         raise too_large  # not worth reading: answer now, uvicorn closes the connection
+    if declared is not None:
+        take(min(int(declared), limit))
     body, received = bytearray(), 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received <= limit:
-                body += chunk
-            elif received > 2 * limit:
-                break
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received <= limit:
+                    take(received)
+                    body += chunk
+                elif received > 2 * limit:
+                    break
     except ClientDisconnect:
         raise _bad("the client disconnected while sending the body") from None
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (imp serve --body-timeout)",
+                       code="request_timeout") from None
     if received > limit:
         raise too_large
     return bytes(body)
@@ -421,7 +475,9 @@ class Api:
         self.pair = worker.session.pair
         self.model_id = model_id(options.model, options.mmproj, self.pair)
         self.created = int(self.pair.text_path.stat().st_mtime)
-        self._decoders = None  # a small thread pool for image decoding (made on the loop)
+        self.limits = options.limits()
+        self.bodies = netguard.BodyBudget(options.body_total())
+        self._limiters: dict[str, object] = {}  # small thread pools (made on the loop)
 
     def app(self):
         from starlette.applications import Starlette
@@ -474,8 +530,37 @@ class Api:
 
     def _check_model(self, name: str) -> None:
         if name != self.model_id:
-            raise ApiError(404, f"the model '{name}' does not exist: this server runs '{self.model_id}'",
+            shown = "".join(c if c.isprintable() else "?" for c in name[:100]) + ("…" if len(name) > 100 else "")
+            raise ApiError(404, f"the model '{shown}' does not exist: this server runs '{self.model_id}'",
                            code="model_not_found", param="model")
+
+    def _limiter(self, name: str, slots: int):
+        import anyio
+
+        if name not in self._limiters:
+            self._limiters[name] = anyio.CapacityLimiter(slots)
+        return self._limiters[name]
+
+    def _parse(self, body: bytes) -> ChatRequest:
+        """In a worker thread (issue 21: a 29 MB body of 400,000 messages froze the event loop for
+        190 s): JSON, the request's checks, and the prompt's length against the context."""
+        n_ctx, token_bytes = self.worker.session.engine.n_ctx, self.worker.max_token_bytes
+        _checked(check_json_values, body, json_value_cap(self.limits, n_ctx, token_bytes))
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
+            raise _bad(f"the body is not valid JSON ({str(e)[:200]})", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise _bad("the body must be a JSON object", code="invalid_json")
+        r = parse_chat(data, self.options.max_tokens, self.options.temperature, self.limits)
+        from .openai_fields import accepts_model, apply_defaults
+
+        if not accepts_model(r.model, self.model_id, self.pair, self.options.model, self.options.mmproj):
+            self._check_model(r.model)
+        apply_defaults(r, data, self.options)
+        texts = [r.question, r.system or ""] + [t for turn in r.history for t in (turn.question, turn.answer)]
+        _checked(check_prompt_bytes, sum(len(t.encode("utf-8")) for t in texts), n_ctx, token_bytes)
+        return r
 
     def _queue_full(self) -> ApiError:
         wait = self.worker.seconds_per_job * (self.scheduler.waiting() + 1)
@@ -484,21 +569,17 @@ class Api:
                         "server_error", "queue_full", headers={"Retry-After": str(seconds)})
 
     async def chat(self, request):
+        import anyio
+
         if self.scheduler.full():
             raise self._queue_full()  # before reading a body we would not serve
-        body = await _read_body(request, self.options.max_body)
+        held = [0]  # bytes of self.bodies this request holds, until its body is parsed
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
-            raise _bad(f"the body is not valid JSON ({str(e)[:200]})", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise _bad("the body must be a JSON object", code="invalid_json")
-        r = parse_chat(data, self.options.max_tokens, self.options.temperature)
-        from .openai_fields import accepts_model, apply_defaults
-
-        if not accepts_model(r.model, self.model_id, self.pair, self.options.model, self.options.mmproj):
-            self._check_model(r.model)
-        apply_defaults(r, data, self.options)
+            body = await _read_body(request, self.options.max_body, self.bodies, self.options.body_timeout, held)
+            r = await anyio.to_thread.run_sync(self._parse, body, limiter=self._limiter("parse", PARSE_SLOTS))
+            del body
+        finally:
+            self.bodies.give(held[0])
         staged = await self._stage(r.image_url) if r.image_url is not None else None
 
         job = Job(r, staged, asyncio.get_running_loop())
@@ -603,33 +684,45 @@ class Api:
             request.state.note = "client gone"
 
     async def _stage(self, url: str):
+        """Decode (and for http(s), first fetch) the image in small thread pools: fetches have
+        their own slots, so hosts that answer slowly never hold the decode slots that data:
+        images need (issue 21: two trickling hosts stalled every image request for 90 s)."""
         import anyio
 
-        if self._decoders is None:
-            self._decoders = anyio.CapacityLimiter(2)
+        decoders = self._limiter("decode", DECODE_SLOTS)
         try:
-            return await anyio.to_thread.run_sync(self._load, url, limiter=self._decoders)
-        except ImageError as e:
-            raise _bad(str(e), "messages", "invalid_image") from None
-
-    def _load(self, url: str):
-        from .images import image_from_bytes, load_data_url
-        from .session import stage_image
-
-        limit = self.options.max_body
-        if url[:5].lower() == "data:":
-            image = load_data_url(url, max_bytes=limit)
-        elif url.lower().startswith(("http://", "https://")):
+            if url[:5].lower() == "data:":
+                return await anyio.to_thread.run_sync(self._load_data, url, limiter=decoders)
+            if not url.lower().startswith(("http://", "https://")):
+                raise ImageError("the image URL must be a data:image/...;base64 URL (or http(s) with "
+                                 "--allow-remote-images)")
             if not self.options.allow_remote_images:
                 raise ImageError("image URLs other than data: URLs are refused (start imp serve with "
                                  "--allow-remote-images to fetch http(s) URLs)")
-            from .remote import fetch_public
+            data = await anyio.to_thread.run_sync(self._fetch, url, limiter=self._limiter("fetch", FETCH_SLOTS))
+            return await anyio.to_thread.run_sync(self._load_fetched, url, data, limiter=decoders)
+        except ImageError as e:
+            raise _bad(str(e), "messages", "invalid_image") from None
 
-            data = fetch_public(url, max_bytes=limit)
-            image = image_from_bytes(data, url, f"image URL {url}", f"image URL {url}")
-        else:
-            raise ImageError("the image URL must be a data:image/...;base64 URL (or http(s) with --allow-remote-images)")
-        return stage_image(self.pair, image)
+    def _load_data(self, url: str):
+        from .images import load_data_url
+        from .session import stage_image
+
+        return stage_image(self.pair, load_data_url(url, max_bytes=self.options.max_body,
+                                                    budget=self.options.max_image_memory))
+
+    def _fetch(self, url: str) -> bytes:
+        from .remote import fetch_public
+
+        return fetch_public(url, max_bytes=self.options.max_body, timeout=self.options.remote_timeout)
+
+    def _load_fetched(self, url: str, data: bytes):
+        from .images import image_from_bytes, redact
+        from .session import stage_image
+
+        shown = redact(url)  # the source recorded (prompt cache) and shown: no query string or fragment
+        return stage_image(self.pair, image_from_bytes(data, shown, f"image URL {shown}", f"image URL {shown}",
+                                                       self.options.max_image_memory))
 
 
 def stopper_text(text: str, stops: list[str]) -> str:
@@ -753,8 +846,15 @@ def run_serve(options: ServeOptions, output) -> None:
                  f"(max queue {options.max_queue}{', API key required' if options.api_key else ''})"
                  + (f"; web page: http://{shown}:{port}/" if options.ui else ""))
 
+        # Connection limits (issue 21; netguard.py says what each is): uvicorn's keep-alive
+        # timeout, header size cap and concurrency cap, and our h11 protocol with a header
+        # timeout and a connection cap (uvicorn has neither).
+        protocol = netguard.guarded_h11(options.header_timeout, options.max_connections,
+                                        lambda why: options.verbose and output.info(f"connection dropped: {why}"))
         config = uvicorn.Config(api.app(), log_level="info" if options.verbose else "warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=10, server_header=False)
+                                lifespan="off", timeout_graceful_shutdown=10, server_header=False, http=protocol,
+                                timeout_keep_alive=options.keep_alive, limit_concurrency=options.max_connections + 1,
+                                h11_max_incomplete_event_size=netguard.MAX_HEADER_BYTES)
         server = _server_class()(config, scheduler, lambda: output.info(ready))
         server.run(sockets=[sock])
     finally:

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 from .engine import Engine, ImageRef, Sampling, Tuning, prompt_keys, with_seed
 from .errors import ImpError
-from .images import LoadedImage, preprocess
+from .images import LoadedImage, label, preprocess
 from .modelfiles import ModelPair
 from .prompt_cache import PromptCache, entry_key, file_identity
 from .prompts import Turn, build_prompt
@@ -254,7 +254,7 @@ class Session:
         of the answer, but when the prefix is about to leave the KV cache or at close()
         (Engine.keep_prefix_state); the write itself then runs in the background."""
         header = {"layout": self.engine.kv_layout(), "prefix_tokens": n_prefix,
-                  "model": self.pair.name, "image": prompt.staged.source}
+                  "model": self.pair.name, "image": label(prompt.staged.source)}
         cache = self.cache
 
         def store(state, error: str) -> None:
