@@ -34,6 +34,7 @@ test-arm: install
 # Results: bench/results/latest.md and a raw JSON. Options: BENCH_ARGS="--runs 1 --skip llava,...".
 bench: install
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/mtmd_cli_check.py
 	$(MAKE) soak
 
 # make soak: imp serve under several clients for >= 10 min and >= 1000 requests on the tiny model
