@@ -15,7 +15,7 @@ from .errors import ImpError
 
 TYPE_CHECKING = False  # not typing's: `import imp_cli` (every `imp` command) imports nothing more
 
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["load", "Model", "Chat", "Choice", "TextStream", "ImpError", "ArgumentError", "ImageInput"]
 
 _API = {"load", "Model", "Chat", "Choice", "TextStream", "ArgumentError", "ImageInput"}

@@ -262,7 +262,7 @@ def _checks_version() -> str:
     """What a remembered check depends on besides the files: this module's checks and imp."""
     import hashlib
 
-    from . import __version__
+    from .version import __version__
 
     return hashlib.sha256(Path(__file__).read_bytes() + __version__.encode()).hexdigest()[:16]
 

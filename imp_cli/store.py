@@ -181,7 +181,7 @@ class Install:
 
     def commit(self, text: Path, mmproj: Path, text_type: str, mmproj_type: str,
                source: str, revision: str | None, ref: str | None = None) -> Entry:
-        from . import __version__
+        from .version import __version__
 
         manifest = {
             "name": self.name, "source": source, "revision": revision, "ref": ref,
