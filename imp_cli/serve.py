@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from . import netguard
+from . import heap, netguard
 from .api_errors import ApiError, _bad, _flag, _number
 from .errors import ImpError
 from .images import MAX_BYTES, MAX_DECODE_BYTES, ImageError
@@ -340,6 +340,7 @@ class Worker(threading.Thread):
             return
         finally:
             self.ready.set()
+        trimmed = 0.0
         try:
             while (job := self.scheduler.take()) is not None:
                 t0 = time.perf_counter()
@@ -352,6 +353,11 @@ class Worker(threading.Thread):
                 self.scheduler.done()
                 job.post(*final)
                 self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (time.perf_counter() - t0)
+                # Freed memory back to the OS (heap.py), off every answer's path: only when nobody
+                # waits, and at most once a second (a trim walks the heap: a few ms).
+                if not self.scheduler.waiting() and time.monotonic() - trimmed >= 1.0:
+                    heap.trim()
+                    trimmed = time.monotonic()
         finally:
             self.session.close()
 
@@ -826,6 +832,7 @@ def run_serve(options: ServeOptions, output) -> None:
     return (exit 0)."""
     import uvicorn
 
+    heap.cap_arenas()  # before any thread of the server starts (heap.py says why)
     sock = _bind(options.host, options.port)
     if not _is_loopback(sock.getsockname()[0]) and not options.api_key:
         output.warn(f"listening on {options.host}, not a loopback address, without --api-key: "
