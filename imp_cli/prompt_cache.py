@@ -279,21 +279,24 @@ class PromptCache:
                     Path(e.path).unlink(missing_ok=True)
         except OSError:
             pass
+        # Plain strings, not Path objects: pathlib interns every name it parses, and a server
+        # storing entries all day would keep growing the interpreter's table of them.
         items = []
         for e in self.entries():
             try:
                 st = e.stat()
             except OSError:
                 continue
-            items.append((st.st_mtime, st.st_size, Path(e.path)))
+            items.append((st.st_mtime, st.st_size, e.path))
         total = sum(size for _, size, _ in items)
+        kept = os.fspath(keep) if keep is not None else None
         for _, size, path in sorted(items, key=lambda t: t[0]):
             if total <= self.budget:
                 break
-            if keep is not None and path == keep:
+            if path == kept:
                 continue
             try:
-                path.unlink()
+                os.unlink(path)
                 removed += 1
                 total -= size
             except OSError:
