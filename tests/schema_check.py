@@ -52,17 +52,11 @@ def errors(value, schema: dict, root: dict | None = None, path: str = "$") -> li
             if key in schema and not ok(schema[key]):
                 out.append(f"{path}: {value!r} fails {key} {schema[key]}")
     if isinstance(value, str):
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            out.append(f"{path}: shorter than {schema['minLength']}")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            out.append(f"{path}: longer than {schema['maxLength']}")
+        out += _length(value, schema, path, "Length", "shorter than {}", "longer than {}")
         if "pattern" in schema and not re.search(schema["pattern"], value):
             out.append(f"{path}: {value!r} does not match {schema['pattern']}")
     if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            out.append(f"{path}: fewer than {schema['minItems']} items")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            out.append(f"{path}: more than {schema['maxItems']} items")
+        out += _length(value, schema, path, "Items", "fewer than {} items", "more than {} items")
         if "items" in schema:
             for i, item in enumerate(value):
                 out += errors(item, schema["items"], root, f"{path}[{i}]")
@@ -91,6 +85,17 @@ def errors(value, schema: dict, root: dict | None = None, path: str = "$") -> li
             out.append(f"{path}: matches {len(passing)} of oneOf's {len(schema['oneOf'])} schemas, not exactly 1")
     if "anyOf" in schema and not any(not errors(value, s, root, path) for s in schema["anyOf"]):
         out.append(f"{path}: matches none of anyOf's schemas")
+    return out
+
+
+def _length(value, schema: dict, path: str, keyword: str, too_few: str, too_many: str) -> list[str]:
+    """minLength/maxLength (keyword "Length") or minItems/maxItems ("Items") on len(value)."""
+    out = []
+    low, high = schema.get("min" + keyword), schema.get("max" + keyword)
+    if low is not None and len(value) < low:
+        out.append(f"{path}: {too_few.format(low)}")
+    if high is not None and len(value) > high:
+        out.append(f"{path}: {too_many.format(high)}")
     return out
 
 
