@@ -12,12 +12,21 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 
 from factory import make_checkpoint  # noqa: E402
-from helpers import IMP  # noqa: E402
+from helpers import IMP, clean_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def imp_bin() -> str:
     return IMP
+
+
+@pytest.fixture(scope="module")
+def env(request, tmp_path_factory) -> dict:
+    """The environment of a user who set nothing (helpers.clean_env), one for a whole test module:
+    a server or a loaded model started by a module-scoped fixture and the module's tests then
+    share its store and prompt cache. A module whose tests each need a fresh one defines its
+    own function-scoped `env` (test_ask's)."""
+    return clean_env(tmp_path_factory.mktemp(request.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -30,16 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return clean_env(tmp_path_factory.mktemp("api"))
-
-
-@pytest.fixture(scope="module")
-def model(converted, env):
+def model(text, env):
     """The tiny model through the API, IMP_HOME (prompt cache) as the CLI runs in `env`."""
     import imp_cli
 
-    text, _ = converted("new", "float16", "square")
     with pytest.MonkeyPatch.context() as mp:
         for k in ("IMP_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE"):
             mp.setenv(k, env[k])

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import clean_env
 
 QUESTION = "What is in the image?"
 MAX_BODY = 12_000_000
@@ -166,11 +165,6 @@ def tiff_float_bomb(side: int) -> bytes:
 
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
        b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return clean_env(tmp_path_factory.mktemp("harden"))
 
 
 @pytest.fixture(scope="module")

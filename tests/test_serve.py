@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from helpers import clean_env
 from test_ask import _torch_one_thread, eager_to_stop  # noqa: F401 - fixtures: the oracle on one thread; a model that stops at once
 
 QUESTION = "What is in the image?"
@@ -114,11 +113,6 @@ def ask_cli(imp_bin: str, image: Path, question: str, text: Path, env: dict) -> 
                        capture_output=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     return p.stdout.decode()[:-1]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return clean_env(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

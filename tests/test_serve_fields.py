@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 
-from helpers import clean_env
 from schema_check import errors
 from test_serve import QUESTION, Server, as_imp_sees_it, data_url, raw, user
 
@@ -26,9 +25,8 @@ LOGPROB_TOL = 0.02
 
 
 @pytest.fixture(scope="module")
-def server(imp_bin, converted, tmp_path_factory):
+def server(imp_bin, converted, env):
     text, _ = converted("new", "float16", "square")
-    env = clean_env(tmp_path_factory.mktemp("serve-fields"))
     s = Server(imp_bin, text, env, "--cors-origin", ORIGIN, "--seed", "1234", "--top-k", "5",
                "--system", "Be brief.")
     yield s
