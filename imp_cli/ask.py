@@ -78,18 +78,14 @@ def run_single(req: Request, output: Output, stats: bool) -> int:
     image is one error line and exit 1, before the model loads."""
     from .images import load_image
     from .opening import open_pair
-    from .session import Session, default_cache
     from .stats import summary
-    from .tune import choose
 
     check_images_exist(req.images)
     image = load_image(req.images[0])  # a bad image fails before the model loads
     pair = open_pair(req.model, req.mmproj, output)
     show = not output.json_mode
     status = 0
-    with Session(pair, threads=req.threads, ctx=context_size(pair, req), verbose=req.verbose,
-                 cache=default_cache(output, req.cache, write=req.cache_write is not False), note=output.note,
-                 tuning=choose(pair, req.threads, req.repack, req.flash_attn, output.note)) as session:
+    with open_for(pair, req, output, cache_write=req.cache_write is not False) as session:
         staged = session.stage(image)
         del image
         sampling = sampling_of(req)
@@ -112,6 +108,16 @@ def sampling_of(req: Request):
 
     return Sampling(req.temperature, req.top_p, req.top_k, req.seed, req.ignore_eos,
                     grammar=req.constraint.grammar if req.constraint else "")
+
+
+def open_for(pair, req: Request, output: Output, *, threads: int | None = None, cache_write: bool = True):
+    """The Session that answers `req` with `pair` (`threads`: instead of req.threads, a --jobs
+    worker's share): its KV cache sized for the request, its settings and prompt cache as asked."""
+    from .opening import start_session
+
+    return start_session(pair, output, threads=req.threads if threads is None else threads,
+                         ctx=context_size(pair, req), verbose=req.verbose, use_cache=req.cache,
+                         cache_write=cache_write, repack=req.repack, flash_attn=req.flash_attn)
 
 
 def context_size(pair, req: Request) -> int:

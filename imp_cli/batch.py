@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .ask import Request, answer_question, context_size, error_record, run_fields, sampling_of
+from .ask import Request, answer_question, error_record, open_for, run_fields, sampling_of
 from .errors import ImpError
 from .images import ImageError, LoadedImage, decode_source, read_source
 from .output import Output
@@ -366,14 +366,8 @@ class Answerer:
 
     def __init__(self, pair, req: Request, output: Output, *, cache_write: bool = False,
                  threads: int | None = None):
-        from .session import Session, default_cache
-        from .tune import choose
-
         self.req, self.output = req, output
-        threads = req.threads if threads is None else threads
-        self.session = Session(pair, threads=threads, ctx=context_size(pair, req), verbose=req.verbose,
-                               cache=default_cache(output, req.cache, write=cache_write), note=output.note,
-                               tuning=choose(pair, threads, req.repack, req.flash_attn, output.note))
+        self.session = open_for(pair, req, output, threads=threads, cache_write=cache_write)
         self.sampling = sampling_of(req)
         self.fields = run_fields(pair, self.session.engine.tuning, req)
 
