@@ -131,14 +131,10 @@ def context_size(pair, req: Request) -> int:
 
 
 def run_fields(pair, tuning, req: Request) -> dict:
-    """What every record of this run says about the model and how it answered (record.py's
-    fields): `--resume` counts an earlier answer as done only if these are the same (see
-    batch.same_run)."""
-    from .record import model_info, sampling_info
+    """record.run_fields for every answer of this request (the seed given, if any)."""
+    from . import record
 
-    seed = req.seed if req.temperature > 0 and not req.choices else None
-    return {"model": model_info(pair), "sampling": sampling_info(sampling_of(req), req.max_tokens, seed),
-            "settings": {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)}}
+    return record.run_fields(pair, tuning, sampling_of(req), req.max_tokens, None if req.choices else req.seed)
 
 
 def make_record(session, question: str, staged, value, extra: dict, result, req: Request, sampling) -> dict:
@@ -148,14 +144,6 @@ def make_record(session, question: str, staged, value, extra: dict, result, req:
 
     return from_session(session, result, question=question, image=staged, sampling=sampling,
                         max_tokens=req.max_tokens, answer=value, choices=extra.get("choices"))
-
-
-def error_record(source: str, question: str, message: str, fields: dict, sha256: str | None = None) -> dict:
-    """The line of an (image, question) a batch could not answer: the image could not be read,
-    decoded or fetched. Not an answer record (no `answer`): `error` says why; `--resume` tries
-    it again."""
-    return {"error": message, "question": question, "image": {"source": source, "sha256": sha256},
-            "model": fields["model"], "sampling": fields["sampling"], "settings": fields["settings"]}
 
 
 def answer_question(session, staged, question: str, req: Request, sampling, output: Output,

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .ask import Request, answer_question, error_record, open_for, run_fields, sampling_of
+from .ask import Request, answer_question, open_for, run_fields, sampling_of
 from .errors import ImpError
 from .images import ImageError, LoadedImage, decode_source, read_source
 from .output import Output
+from .record import error_record
 
 # What a folder argument picks up (lower case; --glob replaces this filter): what Pillow reads.
 IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib",

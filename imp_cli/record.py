@@ -68,6 +68,26 @@ def sampling_info(sampling, max_tokens: int, seed: int | None) -> dict:
             "seed": None if greedy else seed, "max_tokens": max_tokens}
 
 
+def settings_info(tuning) -> dict:
+    return {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)}
+
+
+def run_fields(pair, tuning, sampling, max_tokens: int, seed: int | None) -> dict:
+    """What a record says about the model and how it answered (model, sampling, settings): the
+    same for every answer of a run with a given seed; `imp ask --resume` compares them
+    (batch.same_run). `seed`: the answer's (None: greedy, or scored choices)."""
+    return {"model": model_info(pair), "sampling": sampling_info(sampling, max_tokens, seed),
+            "settings": settings_info(tuning)}
+
+
+def error_record(source: str, question: str, message: str, fields: dict, sha256: str | None = None) -> dict:
+    """The line of an (image, question) a batch could not answer: the image could not be read,
+    decoded or fetched. Not an answer record (no `answer`): `error` says why; `--resume` tries
+    it again. `fields`: the run's run_fields."""
+    return {"error": message, "question": question, "image": {"source": source, "sha256": sha256},
+            "model": fields["model"], "sampling": fields["sampling"], "settings": fields["settings"]}
+
+
 _UNSET = object()
 
 
@@ -89,11 +109,12 @@ def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: i
     if turn is not None:
         record["turn"] = turn
     record.update(extra)
+    fields = run_fields(pair, tuning, sampling, max_tokens, None if choices is not None else seed)
     record.update({
-        "model": model_info(pair),
+        "model": fields["model"],
         "image": image_info(image),
-        "sampling": sampling_info(sampling, max_tokens, None if choices is not None else seed),
-        "settings": {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)},
+        "sampling": fields["sampling"],
+        "settings": fields["settings"],
         "finish_reason": result.finish_reason,
         "cache": result.cache,
         "usage": usage(result),
