@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ask import Request
+from .ask import Request, sampling_of
 from .errors import ImpError
 from .output import Output
 from .prompts import Turn
@@ -49,10 +49,8 @@ class Chat:
     """The conversation's state, and what each input line does to it."""
 
     def __init__(self, session, output: Output, opts: Request, interactive: bool):
-        from .engine import Sampling
-
         self.session, self.output, self.opts = session, output, opts
-        self.sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.seed, opts.ignore_eos)
+        self.sampling = sampling_of(opts)
         self.interactive = interactive  # a person at a terminal (Ctrl-C stops an answer, not the chat)
         self.stream_answers = not output.json_mode  # --json: one record per turn instead
         self.image = None  # session.Staged
@@ -135,13 +133,13 @@ class Chat:
         return context
 
     def _record(self, question: str, answer, text: str) -> None:
-        from .record import build
+        from .record import from_session
 
         if answer is None:  # interrupted before anything was generated: nothing to record
             return
-        self.output.record(build(answer, question=question, pair=self.session.pair, image=self.image,
-                                 tuning=self.session.engine.tuning, sampling=self.sampling,
-                                 max_tokens=self.opts.max_tokens, answer=text, turn=len(self.said)))
+        self.output.record(from_session(self.session, answer, question=question, image=self.image,
+                                        sampling=self.sampling, max_tokens=self.opts.max_tokens, answer=text,
+                                        turn=len(self.said)))
 
     # -- commands -------------------------------------------------------------------------------
     def cmd_image(self, arg: str) -> None:
