@@ -492,13 +492,8 @@ class Chat:
             return answer.text
 
     def _fitting(self, session, question: str, max_tokens: int) -> list:
-        turns = list(self._turns)
-        while turns:
-            prompt = session.prompt(self._staged, question, turns, self.system)
-            if prompt.n_tokens + max_tokens <= session.engine.n_ctx:
-                break
-            turns.pop(0)
-        return turns
+        keep = session.turns_that_fit(self._staged, question, self._turns, self.system, max_tokens)
+        return self._turns[len(self._turns) - keep:]
 
 
 # -- checks and conversions -----------------------------------------------------------------------

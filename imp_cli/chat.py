@@ -123,14 +123,9 @@ class Chat:
     def _fitting(self, question: str) -> list[Said]:
         """The most recent turns that leave room for an answer of --max-tokens after the prompt
         (all of them while they fit). The question alone not fitting is for the session to say."""
-        n_ctx = self.session.engine.n_ctx
-        context = list(self.context)
-        while context:
-            prompt = self.session.prompt(self.image, question, [s.turn for s in context], self.system)
-            if prompt.n_tokens + self.opts.max_tokens <= n_ctx:
-                break
-            context.pop(0)
-        return context
+        keep = self.session.turns_that_fit(self.image, question, [s.turn for s in self.context], self.system,
+                                           self.opts.max_tokens)
+        return self.context[len(self.context) - keep:]
 
     def _record(self, question: str, answer, text: str) -> None:
         from .record import from_session
