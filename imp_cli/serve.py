@@ -359,6 +359,7 @@ class Worker(threading.Thread):
         """Stream the answer's text to the job; returns its final event ("end" or "error"),
         which run() posts once the engine is free."""
         from .engine import Interrupted
+        from .record import completion_tokens
         from .session import PromptTooLong
 
         r = job.request
@@ -395,8 +396,7 @@ class Worker(threading.Thread):
         if not stopped and (rest := stopper.flush()):
             job.post("text", rest)
         a = stream.result
-        # The end-of-turn token that ended an answer is not part of it: not counted.
-        completion = a.completion_tokens - (1 if a.finish_reason == "stop" else 0)
+        completion = completion_tokens(a)  # as `imp ask --json` counts them (no end-of-turn token)
         finish = "length" if a.finish_reason in ("length", "context") else "stop"
         logprobs = None
         if r.logprobs >= 0:
