@@ -532,9 +532,9 @@ def _constraint(schema):
 
     text = schema if isinstance(schema, str) else json.dumps(schema)
     try:
-        return from_schema(text)
+        return from_schema(text, option="schema")
     except ConstraintError as e:
-        raise ArgumentError(str(e).replace("--json-schema", "schema")) from None
+        raise ArgumentError(str(e)) from None
     except TypeError as e:
         raise ArgumentError(f"schema is not JSON: {e}") from None
 
