@@ -17,7 +17,6 @@ closed). For answers in parallel, load one model per thread (each costs the mode
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -541,9 +540,7 @@ def _constraint(schema):
 
 def _load_image(image) -> "LoadedImage | None":
     """Any ImageInput -> the decoded image, through the same checks as the CLI's images."""
-    import sys
-
-    from .images import ImageError, LoadedImage, image_from_bytes, load_image
+    from .images import ImageError, LoadedImage, image_from_array, image_from_bytes, image_from_pil, load_image
 
     if image is None or isinstance(image, LoadedImage):
         return image
@@ -555,40 +552,12 @@ def _load_image(image) -> "LoadedImage | None":
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         return image_from_bytes(data, f"bytes ({len(data):,})", "the image bytes", "the image bytes")
-    pil = sys.modules.get("PIL.Image")
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(image, np.ndarray):
-        image = _from_array(image)
-    elif pil is None or not isinstance(image, pil.Image):
-        raise ImageError(f"an image must be a path, a URL, bytes, a PIL image or a numpy array, "
-                         f"not {type(image).__name__}")
-    return _from_pil(image)
-
-
-def _from_array(array) -> "PIL.Image.Image":
+    import numpy as np
     from PIL import Image
 
-    from .images import ImageError
-
-    if array.dtype.name != "uint8":
-        raise ImageError(f"a numpy image must be uint8 (0..255), not {array.dtype}")
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
-        raise ImageError(f"a numpy image must be height x width (x 3 or 4), not {'x'.join(map(str, array.shape))}")
-    return Image.fromarray(array.copy(order="C"))
-
-
-def _from_pil(image: "PIL.Image.Image") -> "LoadedImage":
-    from PIL import ImageOps
-
-    from .images import ImageError, LoadedImage, _to_rgb
-
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)  # as for a file (a no-op once applied)
-        rgb = _to_rgb(image)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"the PIL image cannot be used: {e}") from None
-    digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
-    return LoadedImage(rgb, f"{type(image).__name__} {rgb.size[0]}x{rgb.size[1]}", rgb.size, digest)
+    if isinstance(image, np.ndarray):
+        return image_from_array(image)
+    if isinstance(image, Image.Image):
+        return image_from_pil(image)
+    raise ImageError(f"an image must be a path, a URL, bytes, a PIL image or a numpy array, "
+                     f"not {type(image).__name__}")

@@ -86,6 +86,30 @@ def image_from_bytes(data: bytes, source: str, what: str, image_what: str,
     return LoadedImage(image, source, image.size, hashlib.sha256(data).hexdigest())
 
 
+def image_from_pil(image: Image.Image) -> LoadedImage:
+    """A PIL image a program holds (the Python API) -> as a file's would be: EXIF orientation
+    applied, 8-bit RGB. With no file bytes to hash, its key is the hash of its RGB pixels."""
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)  # as for a file (a no-op once applied)
+        rgb = _to_rgb(image)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"the PIL image cannot be used: {e}") from None
+    digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+    return LoadedImage(rgb, f"{type(image).__name__} {rgb.size[0]}x{rgb.size[1]}", rgb.size, digest)
+
+
+def image_from_array(array: np.ndarray) -> LoadedImage:
+    """A numpy image (height x width, or x 3 or 4 channels; uint8) -> image_from_pil's result."""
+    if array.dtype.name != "uint8":
+        raise ImageError(f"a numpy image must be uint8 (0..255), not {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
+        raise ImageError(f"a numpy image must be height x width (x 3 or 4), not {'x'.join(map(str, array.shape))}")
+    return image_from_pil(Image.fromarray(array.copy(order="C")))
+
+
 def decode_budget() -> int:
     value = os.environ.get("IMP_MAX_IMAGE_MEMORY", "").strip()
     if value:
