@@ -55,9 +55,8 @@ def read_questions(source: str, stdin=None) -> list[str]:
 
 
 def check_images_exist(sources: list[str]) -> None:
-    """Fail on a missing image file before any model work; images themselves load one by one."""
-    if sources.count("-") > 1:
-        raise ImpError("standard input (-) can be given as an image only once")
+    """Fail on a missing image file before any model work; images themselves load one by one.
+    (Several images are a batch: batch.check_options checks those.)"""
     for source in sources:
         if source == "-" or source.lower().startswith(("http://", "https://")):
             continue

@@ -571,8 +571,8 @@ class Outcome:
 
 
 def check_options(req: Request, opts: BatchOptions) -> None:
-    if opts.resume and opts.output is None:
-        raise ImpError("--resume needs --output FILE (the file to continue)")
+    """What the options mean together for this request (each option alone was checked as it
+    was parsed: app._batch_options, a usage error)."""
     if opts.images_from == "-" and "-" in req.images:
         raise ImpError("standard input (-) cannot hold both an image and the list of images")
     if req.images.count("-") > 1:
