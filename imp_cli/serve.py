@@ -33,7 +33,7 @@ from .limits import (Limits, LimitError, check_json_values, check_messages, chec
                      check_stops, check_unicode, json_value_cap)
 from .prompts import Turn
 from .stats import log_fields
-from .stops import StopText  # noqa: F401 - tests and callers import it from here
+from .stops import StopText
 
 ROLES = ("system", "developer", "user", "assistant")
 RETRY_AFTER_MAX = 300
@@ -382,6 +382,7 @@ class Worker(threading.Thread):
         stopper = StopText(r.stop)
         pieces = iter(stream)
         stopped = False
+        sent = 0  # characters of the answer as sent (cut before a stop string)
         try:
             for piece in pieces:
                 if job.cancel.is_set():
@@ -389,12 +390,14 @@ class Worker(threading.Thread):
                 text, stopped = stopper.feed(piece)
                 if text:
                     job.post("text", text)
+                    sent += len(text)
                 if stopped:
                     break
         finally:
             pieces.close()  # stops generation now if we left early; sets stream.result
         if not stopped and (rest := stopper.flush()):
             job.post("text", rest)
+            sent += len(rest)
         a = stream.result
         completion = completion_tokens(a)  # as `imp ask --json` counts them (no end-of-turn token)
         finish = "length" if a.finish_reason in ("length", "context") else "stop"
@@ -402,8 +405,7 @@ class Worker(threading.Thread):
         if r.logprobs >= 0:
             from .openai_fields import logprobs_content
 
-            shown = len(stopper_text(stream.text, r.stop))  # the answer as sent
-            logprobs = logprobs_content(self.session.engine, a.logprobs or [], shown)
+            logprobs = logprobs_content(self.session.engine, a.logprobs or [], sent)
         return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set(), a.seed,
                               logprobs, a.timings)
 
@@ -723,12 +725,6 @@ class Api:
         shown = redact(url)  # the source recorded (prompt cache) and shown: no query string or fragment
         return stage_image(self.pair, image_from_bytes(data, shown, f"image URL {shown}", f"image URL {shown}",
                                                        self.options.max_image_memory))
-
-
-def stopper_text(text: str, stops: list[str]) -> str:
-    """The answer as sent: cut before the first stop string."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[:min(hits)] if hits else text
 
 
 def model_id(spec: str | None, mmproj: str | None, pair) -> str:
