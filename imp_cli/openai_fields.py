@@ -139,13 +139,10 @@ def logprobs_content(engine, entries, text_len: int) -> dict:
     return {"content": content, "refusal": None}
 
 
-def model_names(spec: str | None, mmproj: str | None, pair, served: str) -> set[str]:
-    """The names a request's `model` may use besides resolving to the same file."""
-    return {served, pair.name, pair.text_path.stem}
-
-
-def accepts_model(name: str, served: str, pair, spec: str | None, mmproj: str | None) -> bool:
-    if name in model_names(spec, mmproj, pair, served):
+def accepts_model(name: str, served: str, pair) -> bool:
+    """A request's `model` names the served pair: its served id, the GGUF's own name, the file's
+    stem, or anything that resolves (as --model would) to the same text GGUF."""
+    if name in (served, pair.name, pair.text_path.stem):
         return True
     from .errors import ImpError
     from .resolve import resolve

@@ -557,7 +557,7 @@ class Api:
         r = parse_chat(data, self.options.max_tokens, self.options.temperature, self.limits)
         from .openai_fields import accepts_model, apply_defaults
 
-        if not accepts_model(r.model, self.model_id, self.pair, self.options.model, self.options.mmproj):
+        if not accepts_model(r.model, self.model_id, self.pair):
             self._check_model(r.model)
         apply_defaults(r, data, self.options)
         texts = [r.question, r.system or ""] + [t for turn in r.history for t in (turn.question, turn.answer)]
