@@ -561,18 +561,7 @@ class _errors:
         if isinstance(exc, BrokenPipeError):  # the reader went away (`| head`): stop quietly
             _silence_stdout()
             raise typer.Exit(141)
-        from convert.errors import ConvertError
-
-        from .errors import ImpError
-
-        if isinstance(exc, (ImpError, ConvertError)):
-            self.output.error(str(exc))
-        else:
-            if self.output.verbose:
-                import traceback
-
-                traceback.print_exception(kind, exc, tb, file=sys.stderr)
-            self.output.error(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+        self.output.failure(exc)
         raise typer.Exit(1)
 
 

@@ -352,14 +352,8 @@ def _turn(chat: Chat, line, output: Output) -> str:
         output.err.print()
         output.info("(stopped)")
         return "ok"
-    except ImpError as e:
-        output.error(str(e))
-    except Exception as e:  # a bug: said in one line (with -v, the traceback), and the chat goes on
-        if output.verbose:
-            import traceback
-
-            traceback.print_exc()
-        output.error(f"internal error: {type(e).__name__}: {e} (run with -v for details)")
+    except Exception as e:  # bad input, or a bug: one line (Output.failure), and the chat goes on
+        output.failure(e)
     return "failed"
 
 
