@@ -18,7 +18,6 @@ import json
 import re
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-
+from test_serve import Server as ServeProcess
 
 QUESTION = "What is in the image?"
 MAX_BODY = 12_000_000
@@ -49,32 +48,11 @@ main()
 
 
 # ---------------------------------------------------------------------------------------- helpers
-class Server:
+class Server(ServeProcess):
     """`imp serve` (through SERVE_TRUSTING_LOOPBACK) on a free port, with the limits under test."""
 
     def __init__(self, text: Path, env: dict, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_TRUSTING_LOOPBACK, "--model", str(text),
-                                      "--port", "0", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
-        self.model = text.stem
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            for raw in self.proc.stderr:
-                self.lines.append(raw.decode("utf-8", "replace"))
-                if "http://" in self.lines[-1]:
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        assert ready.wait(180), self.log()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", self.log())
-        assert m, self.log()
-        self.port = int(m[1])
-
-    def log(self) -> str:
-        return "".join(self.lines)
+        super().__init__(None, text, env, *args, command=[sys.executable, "-c", SERVE_TRUSTING_LOOPBACK])
 
     def peak_rss(self) -> int:
         """The server process's peak resident memory so far (VmHWM), bytes."""

@@ -34,10 +34,11 @@ MAX_BODY = 2_000_000
 
 # ---------------------------------------------------------------------------------------- helpers
 class Server:
-    """`imp serve` as a subprocess on a free port (--port 0: it prints the one it got)."""
+    """`imp serve` as a subprocess on a free port (--port 0: it prints the one it got).
+    `command`: what runs instead of `imp_bin serve` (test_harden's patched server)."""
 
-    def __init__(self, imp_bin: str, text: Path, env: dict, *args: str):
-        self.proc = subprocess.Popen([imp_bin, "serve", "--model", str(text), "--port", "0", *args],
+    def __init__(self, imp_bin: str | None, text: Path, env: dict, *args: str, command: list[str] | None = None):
+        self.proc = subprocess.Popen([*(command or [imp_bin, "serve"]), "--model", str(text), "--port", "0", *args],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.model = text.stem
         self.lines: list[str] = []
