@@ -25,7 +25,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_serve import Server as ServeProcess
+from test_serve import Server as ServeProcess, user
 
 QUESTION = "What is in the image?"
 MAX_BODY = 12_000_000
@@ -102,11 +102,6 @@ def read_response(sock: socket.socket) -> bytes:
 
 def data_url(data: bytes, media: str = "image/png") -> str:
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
-
-
-def user(text: str, image_url: str | None = None) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []
-    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
 def error_code(reply) -> str | None:
