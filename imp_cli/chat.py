@@ -201,12 +201,10 @@ class Chat:
 
 def write_atomically(path: str, text: str) -> None:
     """Written beside `path` under a temporary name, then renamed: never half a file."""
-    from convert.atomic import Staging
+    from convert.atomic import write_text
 
     try:
-        with Staging() as staging:
-            staging.path_for(Path(path)).write_text(text, encoding="utf-8")
-            staging.commit()
+        write_text(Path(path), text)
     except OSError as e:
         raise ImpError(f"cannot write '{path}': {e.strerror or e}") from None
 

@@ -304,7 +304,8 @@ def _remembered(stamps) -> dict | None:
 def _remember(stamps, pair: ModelPair) -> None:
     """Best effort: a failure to write costs only the check next time."""
     import json
-    import os
+
+    from convert.atomic import write_text
 
     key, files = stamps
     pairs = _load_pairs()
@@ -314,16 +315,11 @@ def _remember(stamps, pair: ModelPair) -> None:
     while len(pairs) > _MAX_PAIRS:
         pairs.pop(next(iter(pairs)))
     path = _pairs_path()
-    tmp = path.with_name(f".{PAIRS_FILE}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"checks": _checks_version(), "pairs": pairs}), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"checks": _checks_version(), "pairs": pairs}))
     except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        pass
 
 
 def check_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
