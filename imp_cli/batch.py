@@ -730,11 +730,8 @@ def _worker_main(config: dict, tasks, results) -> None:
     try:
         pair = read_pair(Path(config["text"]), Path(config["mmproj"]))
         answerer = Answerer(pair, config["req"], output, cache_write=config["cache_write"], threads=config["threads"])
-    except ImpError as e:
-        results.put(("fatal", str(e)))
-        return
     except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
-        results.put(("fatal", f"internal error in a worker: {type(e).__name__}: {e}"))
+        results.put(_fatal(e))
         return
     with answerer:
         while True:
@@ -744,14 +741,17 @@ def _worker_main(config: dict, tasks, results) -> None:
             source, data, sha, questions = task
             try:
                 got = list(answerer.answer(source, data, sha256=sha, questions=questions))
-            except ImpError as e:
-                results.put(("fatal", str(e)))
-                return
             except BaseException as e:  # noqa: BLE001
-                results.put(("fatal", f"internal error in a worker: {type(e).__name__}: {e}"))
+                results.put(_fatal(e))
                 return
             results.put(("records", (source, got)))
     results.put(("exit", None))
+
+
+def _fatal(e: BaseException) -> tuple[str, str]:
+    """A worker's error as the message that ends the run: an ImpError as it is, anything else
+    as an internal error."""
+    return "fatal", str(e) if isinstance(e, ImpError) else f"internal error in a worker: {type(e).__name__}: {e}"
 
 
 def _run_workers(pair, req, opts, output, items, sink, progress, outcome, threads, cache_write, fields) -> None:
