@@ -89,9 +89,13 @@ class CpuInfo:
 
     def arm_level(self) -> str:
         """"i8mm", "dotprod" or "neon" (ARM only, else "")."""
-        if not self.is_arm:
-            return ""
-        return "i8mm" if self.i8mm else "dotprod" if self.dotprod else "neon"
+        return arm_level(self.features) if self.is_arm else ""
+
+
+def arm_level(features) -> str:
+    """The ARM feature level ggml picks its kernels by: "i8mm", "dotprod" (asimddp) or "neon",
+    from a set of /proc/cpuinfo feature names (a CpuInfo's, or a tuning key's flags)."""
+    return "i8mm" if "i8mm" in features else "dotprod" if "asimddp" in features else "neon"
 
 
 def machine(raw: str | None = None) -> str:
