@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
+from helpers import assert_ok, run_imp
 from test_ask import _torch_one_thread, eager_to_stop  # noqa: F401 - fixtures: the oracle on one thread; a model that stops at once
 
 QUESTION = "What is in the image?"
@@ -109,11 +110,9 @@ def user(question: str, image_url: str | None = None) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
 
 
-def ask_cli(imp_bin: str, image: Path, question: str, text: Path, env: dict) -> str:
-    p = subprocess.run([imp_bin, "ask", str(image), question, "--model", str(text), "-n", str(N_TOKENS)],
-                       capture_output=True, env=env, timeout=120)
-    assert p.returncode == 0, p.stderr
-    return p.stdout.decode()[:-1]
+def ask_cli(image: Path, question: str, text: Path, env: dict) -> str:
+    """`imp ask`'s answer (helpers.run_imp: the suite's one way to run the command)."""
+    return assert_ok(run_imp("ask", image, question, "--model", text, "-n", N_TOKENS, env=env)).stdout[:-1]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +167,7 @@ def test_answers_equal_imp_ask_and_oracle(servers, converted, oracle_for, expect
     assert reply.choices[0].message.content == want
     assert reply.choices[0].message.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
-    assert ask_cli(imp_bin, photo, QUESTION, text, env) == want
+    assert ask_cli(photo, QUESTION, text, env) == want
     finish = "length" if len(ids) == N_TOKENS else "stop"
     assert reply.choices[0].finish_reason == finish
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish

@@ -172,7 +172,7 @@ def test_streamed_answer_equals_imp_ask_and_follow_up_equals_oracle(page, server
     assert page.locator("#preview").get_attribute("src").startswith("blob:")
     first = ask(page, QUESTION)
     text, _ = converted("new", "float16", "square")
-    want = ask_cli(imp_bin, photo, QUESTION, text, env)
+    want = ask_cli(photo, QUESTION, text, env)
     assert len(want.split()) >= 5
     assert first["answer"] == want
     assert re.fullmatch(r"\d+ tokens? · [\d.]+ tokens/s", first["stats"]), first["stats"]
