@@ -63,6 +63,25 @@ def converted(checkpoint, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def session(converted):
+    """A Session on the tiny model (new layout, float16, square; one thread, no prompt cache),
+    for a module's tests that call it directly."""
+    from imp_cli.modelfiles import read_pair
+    from imp_cli.session import Session
+
+    with Session(read_pair(*converted("new", "float16", "square")), threads=1, ctx=1024) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def staged(session, photo):
+    """`photo` as that Session sees it."""
+    from imp_cli.images import load_image
+
+    return session.stage(load_image(str(photo)))
+
+
 @pytest.fixture(scope="session")
 def oracle_for(checkpoint):
     """oracle_for(layout, dtype, aspect) -> the transformers reference on the same weights."""

@@ -79,22 +79,6 @@ def reference(oracle_for, photo) -> np.ndarray:
     return oracle_for("new", "float16", "square").first_logits(as_imp_sees_it(photo), QUESTION)
 
 
-@pytest.fixture(scope="module")
-def session(converted):
-    from imp_cli.modelfiles import read_pair
-    from imp_cli.session import Session
-
-    with Session(read_pair(*converted("new", "float16", "square")), threads=1, ctx=512) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def staged(session, photo):
-    from imp_cli.images import load_image
-
-    return session.stage(load_image(str(photo)))
-
-
 def first_tokens(session, staged, n: int = N_SEEDS, **options) -> list[int]:
     """The first answer token for seeds 0..n-1, each a whole Session.answer (prompt reused)."""
     from imp_cli.session import Sampling
