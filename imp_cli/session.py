@@ -68,7 +68,7 @@ class Answer:
     cache: str  # hit | miss | off
     reused_tokens: int
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # as generated, an end-of-turn token included (record.completion_tokens: without)
     tokens: list[int] = field(default_factory=list)  # the answer's ids as generated (no stop token)
     seed: int | None = None  # the seed it was sampled with (None: greedy); give it back to reproduce it
     logprobs: list | None = None  # with Sampling.logprobs >= 0: Engine.generated_logprobs
