@@ -5,13 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from factory import make_checkpoint  # noqa: E402
+from factory import make_checkpoint, make_photo  # noqa: E402
 from helpers import IMP, clean_env  # noqa: E402
 
 
@@ -100,14 +98,8 @@ def oracle_for(checkpoint):
 
 @pytest.fixture(scope="session")
 def photo(tmp_path_factory) -> Path:
-    """A small non-square photo-like PNG (smooth gradients plus noise)."""
-    rng = np.random.default_rng(7)
-    y, x = np.mgrid[0:72, 0:104]
-    base = np.stack([x * 2, y * 3, (x + y) * 1.5], axis=-1)
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("img") / "photo.png"
-    Image.fromarray(pixels).save(path)
-    return path
+    """A small non-square photo-like PNG (factory.make_photo)."""
+    return make_photo(tmp_path_factory.mktemp("img") / "photo.png")
 
 
 @pytest.fixture(scope="session")
