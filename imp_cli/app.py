@@ -325,7 +325,7 @@ def _threads(threads: int, output) -> int:
 
 
 def _physical_cores() -> int:
-    from .engine import physical_cores
+    from .cpuinfo import physical_cores
 
     return physical_cores()
 

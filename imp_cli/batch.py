@@ -590,7 +590,7 @@ def worker_threads(req: Request, jobs: int) -> int:
     """Each of `jobs` workers' share of --threads (0: the physical cores)."""
     if jobs <= 1:
         return req.threads
-    from .engine import physical_cores
+    from .cpuinfo import physical_cores
 
     return max(1, (req.threads or physical_cores()) // jobs)
 

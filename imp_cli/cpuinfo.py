@@ -187,6 +187,19 @@ def hwcaps() -> frozenset[str]:
                      for bit, name in table.items() if word >> bit & 1)
 
 
+def physical_cores(path: str = "/proc/cpuinfo") -> int:
+    """Physical cores (llama.cpp is slower with SMT siblings): the distinct (physical id, core id)
+    pairs of the processor blocks; the logical CPUs where the text has none (ARM, not Linux)."""
+    import os
+
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    cores = {(b["physical id"], b["core id"]) for b in _blocks(text) if "physical id" in b and "core id" in b}
+    return len(cores) or os.cpu_count() or 1
+
+
 @functools.lru_cache(maxsize=1)
 def read(path: str = "/proc/cpuinfo") -> CpuInfo:
     """This machine's CPU (cached: it does not change while imp runs). On aarch64 with a cpuinfo

@@ -15,7 +15,7 @@ def pull(spec: str, output, quant: str = "Q4_K_M", mmproj_type: str = "F16", for
          threads: int | None = None, tune: bool = False, name: str | None = None) -> store.Entry:
     """Install `spec` (unless it already is); with `tune`, measure llama.cpp's settings for it
     after a conversion (`imp tune`). A local checkpoint folder is converted and installed."""
-    from .engine import physical_cores
+    from .cpuinfo import physical_cores
 
     threads = threads or physical_cores()  # 0 means one per physical core, as everywhere
     if Path(spec).expanduser().is_dir() and spec not in store.KNOWN_MODELS:  # a folder wins, as in imp convert

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import cpuinfo, store
-from .engine import Tuning, physical_cores
+from .cpuinfo import physical_cores
+from .engine import Tuning
 from .errors import ImpError
 from .modelfiles import ModelPair
 
