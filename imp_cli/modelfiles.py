@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImpError
-from .prompts import TEMPLATES
+from .prompts import FAMILIES
 
 TEXT_ARCHS = {"phi2", "phi3", "qwen2"}  # llama.cpp architectures of the Imp backbones (3B, 4B, 2B)
 
@@ -333,7 +333,7 @@ def check_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
     if proj.get("general.architecture") != "clip":
         raise ImpError(f"{mmproj_path} is not a vision projector (mmproj) GGUF")
     family = _need(text, "imp.prompt_family", text_path)
-    if family not in TEMPLATES:
+    if family not in FAMILIES:
         raise ImpError(f"{text_path}: unsupported prompt family {family!r}")
     if proj.get("clip.projector_type") != "mlp" or not proj.get("clip.has_vision_encoder"):
         raise ImpError(f"{mmproj_path}: not an Imp vision projector (needs an mlp projector with a vision encoder)")

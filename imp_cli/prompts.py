@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convert.chat_templates import FAMILIES, IMP_SYSTEM, turn_tags
+from convert.chat_templates import FAMILIES, IMP_SYSTEM, turn_tags  # noqa: F401 - FAMILIES: the families it renders
 
 PHI2_SYSTEM = IMP_SYSTEM  # every family's template uses Imp's own sentence
 
@@ -57,9 +57,6 @@ def _render(family: str, question: str, history: list[Turn] = (), system: str | 
     bodies = [t.question + user_close + (asst_open + t.answer + asst_close if t.answer else generation)
               for t in [*history, Turn(question, "")]]
     return _conversation(sys_open + system + sys_close, user_open, bodies, image_turn)
-
-
-TEMPLATES = FAMILIES  # the families there is a template for
 
 
 def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None,
