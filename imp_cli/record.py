@@ -1,5 +1,5 @@
-"""The one answer record: what `imp ask --json`, `imp chat --json`, `imp batch` and the Python
-API give for an answer, built here and nowhere else. Its shape is imp_cli/schema/record.schema.json
+"""The one answer record: what `imp ask --json` (and its --output file), `imp chat --json` and the
+Python API give for an answer, built here and nowhere else. Its shape is imp_cli/schema/record.schema.json
 (also in the README); tests validate every --json line the suite produces against it.
 
 Each field appears once (finish_reason and cache at the top, not again in the timings); token
@@ -92,14 +92,14 @@ _UNSET = object()
 
 
 def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: int, answer=_UNSET,
-          choices: dict | None = None, turn: int | None = None, **extra) -> dict:
+          choices: dict | None = None, turn: int | None = None) -> dict:
     """The record of one answer.
 
     result: the session.Answer (or constrain.Decision with --choices); question: as asked;
     pair: the modelfiles.ModelPair; image: the session.Staged (None without one); tuning: the
     engine's Tuning; sampling: the engine.Sampling asked for (the seed used is the answer's own);
     answer: the value to record when it is not the text (a parsed --json-schema value, or None);
-    turn: imp chat's turn number; extra: further top-level fields the schema names (batch's id).
+    turn: imp chat's turn number.
     """
     seed = getattr(result, "seed", None)
     record = {"answer": result.text if answer is _UNSET else answer}
@@ -108,7 +108,6 @@ def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: i
     record["question"] = question
     if turn is not None:
         record["turn"] = turn
-    record.update(extra)
     fields = run_fields(pair, tuning, sampling, max_tokens, None if choices is not None else seed)
     record.update({
         "model": fields["model"],
@@ -125,5 +124,5 @@ def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: i
 
 def from_session(session, result, **kw) -> dict:
     """build() for an answer `session` (a session.Session) gave: its model pair and engine settings.
-    For the callers that hold a Session (imp batch, the Python API)."""
+    For the callers that hold a Session."""
     return build(result, pair=session.pair, tuning=session.engine.tuning, **kw)
