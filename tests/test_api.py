@@ -146,6 +146,15 @@ def test_ask_many_yields_the_records_of_imp_ask_json(model, text, env, photo, tm
 
 
 # ---------------------------------------------------------------------------------------- errors
+def test_info_names_the_pair_as_records_do(model, photo):
+    """Model.info promises the names of the --json records: the same model and settings objects
+    (it said `type` where records say `quant`, and left out mmproj_type)."""
+    record = next(model.ask_many([photo], QUESTION, max_tokens=2))
+    info = model.info
+    assert {k: info.get(k) for k in record["model"]} == record["model"]
+    assert info["settings"] == record["settings"]
+
+
 def test_errors_are_imp_errors_with_the_clis_lines(model, text, env, photo, tmp_path):
     import imp_cli
     from imp_cli.session import PromptTooLong
