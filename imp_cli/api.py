@@ -274,13 +274,15 @@ class Model:
 
     @property
     def info(self) -> dict:
-        """The pair and the engine settings, as `--json` records name them."""
+        """The pair and the engine settings, as `--json` records name them (record.model_info,
+        record.settings_info), with the prompt family, image tokens, context and threads."""
+        from .record import model_info, settings_info
+
         session = self._open()
-        pair, tuning = session.pair, session.engine.tuning
-        return {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path),
-                "type": pair.text_type, "family": pair.prompt_family, "image_tokens": pair.image_tokens,
+        pair = session.pair
+        return {**model_info(pair), "family": pair.prompt_family, "image_tokens": pair.image_tokens,
                 "ctx": session.engine.n_ctx, "threads": session.engine.threads,
-                "settings": {"repack": tuning.repack, "flash_attn": tuning.flash_attn}}
+                "settings": settings_info(session.engine.tuning)}
 
     def __repr__(self) -> str:
         return f"<imp_cli.Model {self._session.pair.name if self._session else '(closed)'}>"
