@@ -19,13 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImpError
+from .limits import MAX_DECODE_BYTES, MAX_IMAGE_BYTES as MAX_BYTES
 
-MAX_BYTES = 50 * 1024 * 1024
-# What a decode may hold in memory, in bytes: width x height x (bytes per pixel of the decoded mode
-# + its 8-bit RGB copy), checked on the header before any pixel is decompressed. Pillow's own
-# guard counts pixels, and a 223 KB 16-bit PNG cost 1.7 GB (issue 21). 256 MiB: a 67-megapixel
-# RGB photo; IMP_MAX_IMAGE_MEMORY (bytes) or `imp serve --max-image-memory` changes it.
-MAX_DECODE_BYTES = 256 * 1024 * 1024
 # The formats imp decodes: what cameras, phones, browsers and screenshot tools write, each read by
 # an in-process library (libjpeg, zlib, libwebp, libtiff) or pure Python. Never EPS/PS/PDF (Pillow
 # runs Ghostscript for those) nor the long tail of rare formats (more parser code, no user).

@@ -28,16 +28,15 @@ from dataclasses import dataclass, field
 from . import netguard
 from .api_errors import ApiError, _bad, _flag, _number
 from .errors import ImpError
-from .images import MAX_BYTES, MAX_DECODE_BYTES, ImageError
-from .limits import (Limits, LimitError, check_json_values, check_messages, check_parts, check_prompt_bytes,
-                     check_stops, check_unicode, json_value_cap)
+from .images import ImageError
+from .limits import (MAX_DECODE_BYTES, MAX_IMAGE_BYTES, REMOTE_DEADLINE, Limits, LimitError, check_json_values,
+                     check_messages, check_parts, check_prompt_bytes, check_stops, check_unicode, json_value_cap)
 from .prompts import Turn
 from .stats import log_fields
 from .stops import StopText
 
 ROLES = ("system", "developer", "user", "assistant")
 RETRY_AFTER_MAX = 300
-REMOTE_DEADLINE = 20.0  # seconds for a whole remote image fetch (remote.DEADLINE; not imported: remote needs ssl)
 FETCH_SLOTS = 4  # remote fetches at once: apart from the decode slots, so a slow host never holds those
 DECODE_SLOTS = 2
 PARSE_SLOTS = 2  # large bodies parsed at once (off the event loop)
@@ -51,7 +50,7 @@ class ServeOptions:
     port: int = 8080
     api_key: str | None = None
     max_queue: int = 16
-    max_body: int = MAX_BYTES
+    max_body: int = MAX_IMAGE_BYTES
     allow_remote_images: bool = False
     max_tokens: int = 512  # when a request gives none
     temperature: float = 0.0  # when a request gives none
