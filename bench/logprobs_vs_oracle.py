@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests")); sys.path.insert(0, str(ROOT))
 import numpy as np
 from PIL import Image
-from factory import make_checkpoint
+from factory import make_checkpoint, make_photo
 from oracle import Oracle
 from convert.pipeline import convert
 from imp_cli.engine import Sampling
@@ -24,9 +24,7 @@ from imp_cli.session import Session
 tmp = Path(tempfile.mkdtemp())
 ck = make_checkpoint(tmp / "ck", layout="new", dtype="float16", aspect="square")
 r = convert(str(ck), tmp / "out", quant="F16", mmproj_type="F16")
-rng = np.random.default_rng(7); y, x = np.mgrid[0:72, 0:104]
-base = np.stack([x * 2, y * 3, (x + y) * 1.5], axis=-1)
-Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)).save(tmp / "p.png")
+make_photo(tmp / "p.png")  # the test suite's photo
 oracle = Oracle(ck)
 worst = 0
 for q in ["What is in the image?", "Describe the picture.", "What colour is it?", "Is there a cat?"]:

@@ -38,3 +38,11 @@ class Staging:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` (UTF-8) into `path` through a temporary name beside it: never half a file, and no
+    temporary file left behind when it fails (the OSError is raised)."""
+    with Staging() as staging:
+        staging.path_for(Path(path)).write_text(text, encoding="utf-8")
+        staging.commit()

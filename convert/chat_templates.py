@@ -17,8 +17,8 @@ Only the text is the same: llama.cpp preprocesses the image its own way (keeps t
 another colour), where imp reproduces Imp's (pad or squash, bicubic). The BOS (Phi-3's) is not in
 the template: llama.cpp adds it from the GGUF's add_bos_token, as imp does.
 
-This module imports nothing from imp_cli (imports only go down); Imp's system sentence is
-repeated here and the test holds the two equal.
+The tags and Imp's system sentence are defined here, at the bottom (imports only go down), and
+imp_cli.prompts renders imp's own prompts from them (turn_tags): one table for both.
 """
 
 from __future__ import annotations
@@ -56,6 +56,13 @@ _USER_TEXT = [
 ]
 
 
+def turn_tags(family: str) -> tuple[str, str, str, str, str, str, str]:
+    """(system open, system close, user open, user close, assistant open, assistant close,
+    generation prompt) of `family`'s conversation format."""
+    tags = _TAGS[family]
+    return (*tags, _GENERATION.get(family, tags[4]))
+
+
 def _q(text: str) -> str:
     """A Jinja string literal."""
     quote = '"' if "'" in text and '"' not in text else "'"
@@ -65,8 +72,7 @@ def _q(text: str) -> str:
 def chat_template(family: str) -> str:
     """The Jinja chat template rendering `family`'s Imp conversation format (one statement a line;
     every tag trims the blanks around it, so the lines add nothing to the text)."""
-    sys_open, sys_close, user_open, user_close, asst_open, asst_close = _TAGS[family]
-    generation = _GENERATION.get(family, asst_open)
+    sys_open, sys_close, user_open, user_close, asst_open, asst_close, generation = turn_tags(family)
     lines = [
         f"{{#- Imp's conversation format ({family}), written by imp. -#}}",
         "{%- if messages and messages[0]['role'] == 'system' -%}",

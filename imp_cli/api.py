@@ -17,7 +17,6 @@ closed). For answers in parallel, load one model per thread (each costs the mode
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -275,13 +274,15 @@ class Model:
 
     @property
     def info(self) -> dict:
-        """The pair and the engine settings, as `--json` records name them."""
+        """The pair and the engine settings, as `--json` records name them (record.model_info,
+        record.settings_info), with the prompt family, image tokens, context and threads."""
+        from .record import model_info, settings_info
+
         session = self._open()
-        pair, tuning = session.pair, session.engine.tuning
-        return {"name": pair.name, "text": str(pair.text_path), "mmproj": str(pair.mmproj_path),
-                "type": pair.text_type, "family": pair.prompt_family, "image_tokens": pair.image_tokens,
+        pair = session.pair
+        return {**model_info(pair), "family": pair.prompt_family, "image_tokens": pair.image_tokens,
                 "ctx": session.engine.n_ctx, "threads": session.engine.threads,
-                "settings": {"repack": tuning.repack, "flash_attn": tuning.flash_attn}}
+                "settings": settings_info(session.engine.tuning)}
 
     def __repr__(self) -> str:
         return f"<imp_cli.Model {self._session.pair.name if self._session else '(closed)'}>"
@@ -492,13 +493,8 @@ class Chat:
             return answer.text
 
     def _fitting(self, session, question: str, max_tokens: int) -> list:
-        turns = list(self._turns)
-        while turns:
-            prompt = session.prompt(self._staged, question, turns, self.system)
-            if prompt.n_tokens + max_tokens <= session.engine.n_ctx:
-                break
-            turns.pop(0)
-        return turns
+        keep = session.turns_that_fit(self._staged, question, self._turns, self.system, max_tokens)
+        return self._turns[len(self._turns) - keep:]
 
 
 # -- checks and conversions -----------------------------------------------------------------------
@@ -537,18 +533,16 @@ def _constraint(schema):
 
     text = schema if isinstance(schema, str) else json.dumps(schema)
     try:
-        return from_schema(text)
+        return from_schema(text, option="schema")
     except ConstraintError as e:
-        raise ArgumentError(str(e).replace("--json-schema", "schema")) from None
+        raise ArgumentError(str(e)) from None
     except TypeError as e:
         raise ArgumentError(f"schema is not JSON: {e}") from None
 
 
 def _load_image(image) -> "LoadedImage | None":
     """Any ImageInput -> the decoded image, through the same checks as the CLI's images."""
-    import sys
-
-    from .images import ImageError, LoadedImage, image_from_bytes, load_image
+    from .images import ImageError, LoadedImage, image_from_array, image_from_bytes, image_from_pil, load_image
 
     if image is None or isinstance(image, LoadedImage):
         return image
@@ -560,40 +554,12 @@ def _load_image(image) -> "LoadedImage | None":
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         return image_from_bytes(data, f"bytes ({len(data):,})", "the image bytes", "the image bytes")
-    pil = sys.modules.get("PIL.Image")
-    np = sys.modules.get("numpy")
-    if np is not None and isinstance(image, np.ndarray):
-        image = _from_array(image)
-    elif pil is None or not isinstance(image, pil.Image):
-        raise ImageError(f"an image must be a path, a URL, bytes, a PIL image or a numpy array, "
-                         f"not {type(image).__name__}")
-    return _from_pil(image)
-
-
-def _from_array(array) -> "PIL.Image.Image":
+    import numpy as np
     from PIL import Image
 
-    from .images import ImageError
-
-    if array.dtype.name != "uint8":
-        raise ImageError(f"a numpy image must be uint8 (0..255), not {array.dtype}")
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
-        raise ImageError(f"a numpy image must be height x width (x 3 or 4), not {'x'.join(map(str, array.shape))}")
-    return Image.fromarray(array.copy(order="C"))
-
-
-def _from_pil(image: "PIL.Image.Image") -> "LoadedImage":
-    from PIL import ImageOps
-
-    from .images import ImageError, LoadedImage, _to_rgb
-
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)  # as for a file (a no-op once applied)
-        rgb = _to_rgb(image)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"the PIL image cannot be used: {e}") from None
-    digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
-    return LoadedImage(rgb, f"{type(image).__name__} {rgb.size[0]}x{rgb.size[1]}", rgb.size, digest)
+    if isinstance(image, np.ndarray):
+        return image_from_array(image)
+    if isinstance(image, Image.Image):
+        return image_from_pil(image)
+    raise ImageError(f"an image must be a path, a URL, bytes, a PIL image or a numpy array, "
+                     f"not {type(image).__name__}")

@@ -17,6 +17,9 @@ import typer
 
 from convert.formats import DEFAULT_MMPROJ_TYPE, DEFAULT_TEXT_TYPE, MMPROJ_TYPES, TEXT_TYPES
 
+from . import netguard
+from .limits import MAX_DECODE_BYTES, MAX_IMAGE_BYTES, REMOTE_DEADLINE, Limits
+
 try:  # typer >= 0.21 vendors its own parser; older releases use click's exceptions
     from typer import TyperException as _ParserError
 except ImportError:  # pragma: no cover - depends on the installed typer
@@ -223,16 +226,16 @@ def serve(
     port: int = typer.Option(8080, "--port", "-p", envvar="IMP_PORT", min=0, max=65535, help="Port (0: any free port, printed at start)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="IMP_API_KEY", help="Require `Authorization: Bearer KEY` on every request but /health and the web page."),
     max_queue: int = typer.Option(16, "--max-queue", envvar="IMP_MAX_QUEUE", min=0, help="Requests that may wait for the engine; more get 503."),
-    max_messages: int = typer.Option(1024, "--max-messages", envvar="IMP_MAX_MESSAGES", min=1, help="Messages in one request (400 beyond)."),
-    max_parts: int = typer.Option(1024, "--max-content-parts", envvar="IMP_MAX_CONTENT_PARTS", min=1, help="Content parts in one request, all messages together (400 beyond)."),
-    max_image_memory: int = typer.Option(256 * 1024 * 1024, "--max-image-memory", envvar="IMP_MAX_IMAGE_MEMORY", min=1, help="Bytes an image's decode may take: width x height x bytes per pixel, + its RGB copy (400 beyond)."),
-    remote_timeout: float = typer.Option(20.0, "--remote-timeout", envvar="IMP_REMOTE_TIMEOUT", min=0.1, help="Seconds for a whole remote image fetch (400 beyond)."),
+    max_messages: int = typer.Option(Limits.max_messages, "--max-messages", envvar="IMP_MAX_MESSAGES", min=1, help="Messages in one request (400 beyond)."),
+    max_parts: int = typer.Option(Limits.max_parts, "--max-content-parts", envvar="IMP_MAX_CONTENT_PARTS", min=1, help="Content parts in one request, all messages together (400 beyond)."),
+    max_image_memory: int = typer.Option(MAX_DECODE_BYTES, "--max-image-memory", envvar="IMP_MAX_IMAGE_MEMORY", min=1, help="Bytes an image's decode may take: width x height x bytes per pixel, + its RGB copy (400 beyond)."),
+    remote_timeout: float = typer.Option(REMOTE_DEADLINE, "--remote-timeout", envvar="IMP_REMOTE_TIMEOUT", min=0.1, help="Seconds for a whole remote image fetch (400 beyond)."),
     max_body_total: int = typer.Option(0, "--max-body-total", envvar="IMP_MAX_BODY_TOTAL", min=0, help="Bytes of request bodies held at once, all clients together (503 beyond; 0: 3 x --max-body)."),
-    max_connections: int = typer.Option(64, "--max-connections", envvar="IMP_MAX_CONNECTIONS", min=1, help="Open connections (503 and closed beyond)."),
-    header_timeout: float = typer.Option(10.0, "--header-timeout", envvar="IMP_HEADER_TIMEOUT", min=0.1, help="Seconds for a request's line and headers to arrive (408 and closed beyond)."),
-    body_timeout: float = typer.Option(60.0, "--body-timeout", envvar="IMP_BODY_TIMEOUT", min=0.1, help="Seconds for a request's body to arrive (408 beyond)."),
-    keep_alive: float = typer.Option(5.0, "--keep-alive", envvar="IMP_KEEP_ALIVE", min=0.1, help="Seconds an idle kept-alive connection stays open."),
-    max_body: int = typer.Option(50 * 1024 * 1024, "--max-body", envvar="IMP_MAX_BODY", min=1024, help="Largest request body in bytes (413 beyond)."),
+    max_connections: int = typer.Option(netguard.MAX_CONNECTIONS, "--max-connections", envvar="IMP_MAX_CONNECTIONS", min=1, help="Open connections (503 and closed beyond)."),
+    header_timeout: float = typer.Option(netguard.HEADER_TIMEOUT, "--header-timeout", envvar="IMP_HEADER_TIMEOUT", min=0.1, help="Seconds for a request's line and headers to arrive (408 and closed beyond)."),
+    body_timeout: float = typer.Option(netguard.BODY_TIMEOUT, "--body-timeout", envvar="IMP_BODY_TIMEOUT", min=0.1, help="Seconds for a request's body to arrive (408 beyond)."),
+    keep_alive: float = typer.Option(netguard.KEEP_ALIVE, "--keep-alive", envvar="IMP_KEEP_ALIVE", min=0.1, help="Seconds an idle kept-alive connection stays open."),
+    max_body: int = typer.Option(MAX_IMAGE_BYTES, "--max-body", envvar="IMP_MAX_BODY", min=1024, help="Largest request body in bytes (413 beyond)."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs (never from loopback or private addresses)."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", envvar="IMP_MAX_TOKENS", min=1, help="Default max_tokens of a request that gives none."),
     temperature: float = typer.Option(0.0, "--temperature", "--temp", envvar="IMP_TEMPERATURE", min=0.0, max=2.0, help="Default temperature of a request that gives none (0: greedy)."),
@@ -325,7 +328,7 @@ def _threads(threads: int, output) -> int:
 
 
 def _physical_cores() -> int:
-    from .engine import physical_cores
+    from .cpuinfo import physical_cores
 
     return physical_cores()
 
@@ -561,18 +564,7 @@ class _errors:
         if isinstance(exc, BrokenPipeError):  # the reader went away (`| head`): stop quietly
             _silence_stdout()
             raise typer.Exit(141)
-        from convert.errors import ConvertError
-
-        from .errors import ImpError
-
-        if isinstance(exc, (ImpError, ConvertError)):
-            self.output.error(str(exc))
-        else:
-            if self.output.verbose:
-                import traceback
-
-                traceback.print_exception(kind, exc, tb, file=sys.stderr)
-            self.output.error(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+        self.output.failure(exc)
         raise typer.Exit(1)
 
 

@@ -55,9 +55,8 @@ def read_questions(source: str, stdin=None) -> list[str]:
 
 
 def check_images_exist(sources: list[str]) -> None:
-    """Fail on a missing image file before any model work; images themselves load one by one."""
-    if sources.count("-") > 1:
-        raise ImpError("standard input (-) can be given as an image only once")
+    """Fail on a missing image file before any model work; images themselves load one by one.
+    (Several images are a batch: batch.check_options checks those.)"""
     for source in sources:
         if source == "-" or source.lower().startswith(("http://", "https://")):
             continue
@@ -78,18 +77,14 @@ def run_single(req: Request, output: Output, stats: bool) -> int:
     image is one error line and exit 1, before the model loads."""
     from .images import load_image
     from .opening import open_pair
-    from .session import Session, default_cache
     from .stats import summary
-    from .tune import choose
 
     check_images_exist(req.images)
     image = load_image(req.images[0])  # a bad image fails before the model loads
     pair = open_pair(req.model, req.mmproj, output)
     show = not output.json_mode
     status = 0
-    with Session(pair, threads=req.threads, ctx=context_size(pair, req), verbose=req.verbose,
-                 cache=default_cache(output, req.cache, write=req.cache_write is not False), note=output.note,
-                 tuning=choose(pair, req.threads, req.repack, req.flash_attn, output.note)) as session:
+    with open_for(pair, req, output, cache_write=req.cache_write is not False) as session:
         staged = session.stage(image)
         del image
         sampling = sampling_of(req)
@@ -114,6 +109,16 @@ def sampling_of(req: Request):
                     grammar=req.constraint.grammar if req.constraint else "")
 
 
+def open_for(pair, req: Request, output: Output, *, threads: int | None = None, cache_write: bool = True):
+    """The Session that answers `req` with `pair` (`threads`: instead of req.threads, a --jobs
+    worker's share): its KV cache sized for the request, its settings and prompt cache as asked."""
+    from .opening import start_session
+
+    return start_session(pair, output, threads=req.threads if threads is None else threads,
+                         ctx=context_size(pair, req), verbose=req.verbose, use_cache=req.cache,
+                         cache_write=cache_write, repack=req.repack, flash_attn=req.flash_attn)
+
+
 def context_size(pair, req: Request) -> int:
     """The KV cache for the longest prompt + answer of this request (session.context_for)."""
     from .prompts import build_prompt
@@ -125,14 +130,10 @@ def context_size(pair, req: Request) -> int:
 
 
 def run_fields(pair, tuning, req: Request) -> dict:
-    """What every record of this run says about the model and how it answered (record.py's
-    fields): `--resume` counts an earlier answer as done only if these are the same (see
-    batch.same_run)."""
-    from .record import model_info, sampling_info
+    """record.run_fields for every answer of this request (the seed given, if any)."""
+    from . import record
 
-    seed = req.seed if req.temperature > 0 and not req.choices else None
-    return {"model": model_info(pair), "sampling": sampling_info(sampling_of(req), req.max_tokens, seed),
-            "settings": {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)}}
+    return record.run_fields(pair, tuning, sampling_of(req), req.max_tokens, None if req.choices else req.seed)
 
 
 def make_record(session, question: str, staged, value, extra: dict, result, req: Request, sampling) -> dict:
@@ -142,14 +143,6 @@ def make_record(session, question: str, staged, value, extra: dict, result, req:
 
     return from_session(session, result, question=question, image=staged, sampling=sampling,
                         max_tokens=req.max_tokens, answer=value, choices=extra.get("choices"))
-
-
-def error_record(source: str, question: str, message: str, fields: dict, sha256: str | None = None) -> dict:
-    """The line of an (image, question) a batch could not answer: the image could not be read,
-    decoded or fetched. Not an answer record (no `answer`): `error` says why; `--resume` tries
-    it again."""
-    return {"error": message, "question": question, "image": {"source": source, "sha256": sha256},
-            "model": fields["model"], "sampling": fields["sampling"], "settings": fields["settings"]}
 
 
 def answer_question(session, staged, question: str, req: Request, sampling, output: Output,

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .ask import Request, answer_question, context_size, error_record, run_fields, sampling_of
+from .ask import Request, answer_question, open_for, run_fields, sampling_of
 from .errors import ImpError
 from .images import ImageError, LoadedImage, decode_source, read_source
 from .output import Output
+from .record import error_record
 
 # What a folder argument picks up (lower case; --glob replaces this filter): what Pillow reads.
 IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib",
@@ -366,14 +367,8 @@ class Answerer:
 
     def __init__(self, pair, req: Request, output: Output, *, cache_write: bool = False,
                  threads: int | None = None):
-        from .session import Session, default_cache
-        from .tune import choose
-
         self.req, self.output = req, output
-        threads = req.threads if threads is None else threads
-        self.session = Session(pair, threads=threads, ctx=context_size(pair, req), verbose=req.verbose,
-                               cache=default_cache(output, req.cache, write=cache_write), note=output.note,
-                               tuning=choose(pair, threads, req.repack, req.flash_attn, output.note))
+        self.session = open_for(pair, req, output, threads=threads, cache_write=cache_write)
         self.sampling = sampling_of(req)
         self.fields = run_fields(pair, self.session.engine.tuning, req)
 
@@ -576,8 +571,8 @@ class Outcome:
 
 
 def check_options(req: Request, opts: BatchOptions) -> None:
-    if opts.resume and opts.output is None:
-        raise ImpError("--resume needs --output FILE (the file to continue)")
+    """What the options mean together for this request (each option alone was checked as it
+    was parsed: app._batch_options, a usage error)."""
     if opts.images_from == "-" and "-" in req.images:
         raise ImpError("standard input (-) cannot hold both an image and the list of images")
     if req.images.count("-") > 1:
@@ -595,7 +590,7 @@ def worker_threads(req: Request, jobs: int) -> int:
     """Each of `jobs` workers' share of --threads (0: the physical cores)."""
     if jobs <= 1:
         return req.threads
-    from .engine import physical_cores
+    from .cpuinfo import physical_cores
 
     return max(1, (req.threads or physical_cores()) // jobs)
 
@@ -735,11 +730,8 @@ def _worker_main(config: dict, tasks, results) -> None:
     try:
         pair = read_pair(Path(config["text"]), Path(config["mmproj"]))
         answerer = Answerer(pair, config["req"], output, cache_write=config["cache_write"], threads=config["threads"])
-    except ImpError as e:
-        results.put(("fatal", str(e)))
-        return
     except BaseException as e:  # noqa: BLE001 - reported by the parent as one line
-        results.put(("fatal", f"internal error in a worker: {type(e).__name__}: {e}"))
+        results.put(_fatal(e))
         return
     with answerer:
         while True:
@@ -749,14 +741,17 @@ def _worker_main(config: dict, tasks, results) -> None:
             source, data, sha, questions = task
             try:
                 got = list(answerer.answer(source, data, sha256=sha, questions=questions))
-            except ImpError as e:
-                results.put(("fatal", str(e)))
-                return
             except BaseException as e:  # noqa: BLE001
-                results.put(("fatal", f"internal error in a worker: {type(e).__name__}: {e}"))
+                results.put(_fatal(e))
                 return
             results.put(("records", (source, got)))
     results.put(("exit", None))
+
+
+def _fatal(e: BaseException) -> tuple[str, str]:
+    """A worker's error as the message that ends the run: an ImpError as it is, anything else
+    as an internal error."""
+    return "fatal", str(e) if isinstance(e, ImpError) else f"internal error in a worker: {type(e).__name__}: {e}"
 
 
 def _run_workers(pair, req, opts, output, items, sink, progress, outcome, threads, cache_write, fields) -> None:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ask import Request
+from .ask import Request, sampling_of
 from .errors import ImpError
 from .output import Output
 from .prompts import Turn
@@ -49,10 +49,8 @@ class Chat:
     """The conversation's state, and what each input line does to it."""
 
     def __init__(self, session, output: Output, opts: Request, interactive: bool):
-        from .engine import Sampling
-
         self.session, self.output, self.opts = session, output, opts
-        self.sampling = Sampling(opts.temperature, opts.top_p, opts.top_k, opts.seed, opts.ignore_eos)
+        self.sampling = sampling_of(opts)
         self.interactive = interactive  # a person at a terminal (Ctrl-C stops an answer, not the chat)
         self.stream_answers = not output.json_mode  # --json: one record per turn instead
         self.image = None  # session.Staged
@@ -125,23 +123,18 @@ class Chat:
     def _fitting(self, question: str) -> list[Said]:
         """The most recent turns that leave room for an answer of --max-tokens after the prompt
         (all of them while they fit). The question alone not fitting is for the session to say."""
-        n_ctx = self.session.engine.n_ctx
-        context = list(self.context)
-        while context:
-            prompt = self.session.prompt(self.image, question, [s.turn for s in context], self.system)
-            if prompt.n_tokens + self.opts.max_tokens <= n_ctx:
-                break
-            context.pop(0)
-        return context
+        keep = self.session.turns_that_fit(self.image, question, [s.turn for s in self.context], self.system,
+                                           self.opts.max_tokens)
+        return self.context[len(self.context) - keep:]
 
     def _record(self, question: str, answer, text: str) -> None:
-        from .record import build
+        from .record import from_session
 
         if answer is None:  # interrupted before anything was generated: nothing to record
             return
-        self.output.record(build(answer, question=question, pair=self.session.pair, image=self.image,
-                                 tuning=self.session.engine.tuning, sampling=self.sampling,
-                                 max_tokens=self.opts.max_tokens, answer=text, turn=len(self.said)))
+        self.output.record(from_session(self.session, answer, question=question, image=self.image,
+                                        sampling=self.sampling, max_tokens=self.opts.max_tokens, answer=text,
+                                        turn=len(self.said)))
 
     # -- commands -------------------------------------------------------------------------------
     def cmd_image(self, arg: str) -> None:
@@ -208,12 +201,10 @@ class Chat:
 
 def write_atomically(path: str, text: str) -> None:
     """Written beside `path` under a temporary name, then renamed: never half a file."""
-    from convert.atomic import Staging
+    from convert.atomic import write_text
 
     try:
-        with Staging() as staging:
-            staging.path_for(Path(path)).write_text(text, encoding="utf-8")
-            staging.commit()
+        write_text(Path(path), text)
     except OSError as e:
         raise ImpError(f"cannot write '{path}': {e.strerror or e}") from None
 
@@ -359,14 +350,8 @@ def _turn(chat: Chat, line, output: Output) -> str:
         output.err.print()
         output.info("(stopped)")
         return "ok"
-    except ImpError as e:
-        output.error(str(e))
-    except Exception as e:  # a bug: said in one line (with -v, the traceback), and the chat goes on
-        if output.verbose:
-            import traceback
-
-            traceback.print_exc()
-        output.error(f"internal error: {type(e).__name__}: {e} (run with -v for details)")
+    except Exception as e:  # bad input, or a bug: one line (Output.failure), and the chat goes on
+        output.failure(e)
     return "failed"
 
 

@@ -101,31 +101,38 @@ class Constraint:
             raise ImpError(f"the answer is not valid JSON ({e})") from None
 
 
-def from_schema(spec: str) -> Constraint:
-    """--json-schema: inline JSON or @file.json -> a checked grammar."""
+def from_schema(spec: str, option: str = "--json-schema") -> Constraint:
+    """--json-schema: inline JSON or @file.json -> a checked grammar (errors name `option`)."""
     text = _read(spec[1:], "schema file") if spec.startswith("@") else spec
     try:
         schema = json.loads(text)
     except ValueError as e:
         if not spec.startswith("@") and _names_a_file(spec, ".json"):
-            raise ConstraintError(f"--json-schema {spec}: the value is the schema itself; to read it from "
-                                  f"the file, write --json-schema @{spec}") from None
-        raise ConstraintError(f"--json-schema is not valid JSON: {e}") from None
+            raise ConstraintError(f"{option} {spec}: the value is the schema itself; to read it from "
+                                  f"the file, write {option} @{spec}") from None
+        raise ConstraintError(f"{option} is not valid JSON: {e}") from None
     except RecursionError:
-        raise ConstraintError("--json-schema is nested too deeply") from None
+        raise ConstraintError(f"{option} is nested too deeply") from None
     if not isinstance(schema, dict):
-        raise ConstraintError("--json-schema must be a JSON object (a schema)")
+        raise ConstraintError(f"{option} must be a JSON object (a schema)")
+    return schema_constraint(schema, option)
+
+
+def schema_constraint(schema: dict, option: str = "--json-schema") -> Constraint:
+    """A parsed JSON schema -> a checked grammar: the one way for `imp ask --json-schema`, imp
+    serve's response_format and the Python API's schema=. Every refusal names `option`, the
+    place the user gave the schema."""
     try:
         check_schema(schema)
         grammar = schema_to_gbnf(schema)
     except RecursionError:
-        raise ConstraintError("--json-schema is nested too deeply") from None
+        raise ConstraintError(f"{option} is nested too deeply") from None
+    except ConstraintError as e:  # check_schema's: what the converter would ignore
+        raise ConstraintError(f"{option}: {e}") from None
     except (AssertionError, KeyError, ValueError, TypeError, AttributeError) as e:
-        if isinstance(e, ConstraintError):
-            raise
         # The converter's own complaints (a $ref it cannot resolve, a pattern it cannot read).
-        raise ConstraintError(f"--json-schema cannot be used: {e or type(e).__name__}") from None
-    _check_gbnf(grammar, "--json-schema")
+        raise ConstraintError(f"{option} cannot be used: {e or type(e).__name__}") from None
+    _check_gbnf(grammar, option)
     return Constraint(grammar, schema)
 
 
@@ -194,41 +201,41 @@ _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 def check_schema(schema: Any, where: str = "the schema") -> None:
     """Refuse what the converter would ignore, so that every answer validates."""
     if not isinstance(schema, dict):
-        raise ConstraintError(f"--json-schema: {where} must be an object")
+        raise ConstraintError(f"{where} must be an object")
     for key in schema:
         if key not in _HONOURED and key not in _ANNOTATIONS:
-            raise ConstraintError(f"--json-schema: unsupported keyword {key!r} in {where}")
+            raise ConstraintError(f"unsupported keyword {key!r} in {where}")
         shape = _SHAPES.get(key)
         if shape and not shape[0](schema[key]):
-            raise ConstraintError(f"--json-schema: {key} in {where} must be {shape[1]}")
+            raise ConstraintError(f"{key} in {where} must be {shape[1]}")
     kind = schema.get("type")
     for t in kind if isinstance(kind, list) else [kind] if kind is not None else []:
         if t not in _TYPES:
-            raise ConstraintError(f"--json-schema: unknown type {t!r} in {where}")
+            raise ConstraintError(f"unknown type {t!r} in {where}")
     _check_precedence(schema, where)
     fmt = schema.get("format")
     if fmt is not None and fmt not in _FORMATS:
-        raise ConstraintError(f"--json-schema: format {fmt!r} in {where} cannot be enforced "
+        raise ConstraintError(f"format {fmt!r} in {where} cannot be enforced "
                               f"(supported: {', '.join(sorted(_FORMATS))})")
     if ("minLength" in schema or "maxLength" in schema) and (kind != "string" or "pattern" in schema or fmt):
-        raise ConstraintError(f"--json-schema: minLength/maxLength in {where} need \"type\": \"string\" "
+        raise ConstraintError(f"minLength/maxLength in {where} need \"type\": \"string\" "
                               "and no pattern or format")
     if any(b in schema for b in _BOUNDS):
         if kind != "integer":
-            raise ConstraintError(f"--json-schema: minimum/maximum in {where} are enforced for "
+            raise ConstraintError(f"minimum/maximum in {where} are enforced for "
                                   "\"type\": \"integer\" only")
         integer_bounds(schema, where)
     for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
         if schema.get(low, 0) > schema.get(high, math.inf):
-            raise ConstraintError(f"--json-schema: {low} exceeds {high} in {where}")
+            raise ConstraintError(f"{low} exceeds {high} in {where}")
     if ("minItems" in schema or "maxItems" in schema) and "items" not in schema:
-        raise ConstraintError(f"--json-schema: minItems/maxItems in {where} need items")
+        raise ConstraintError(f"minItems/maxItems in {where} need items")
     if "prefixItems" in schema and any(k in schema for k in ("items", "minItems", "maxItems")):
-        raise ConstraintError(f"--json-schema: prefixItems with items/minItems/maxItems in {where}")
+        raise ConstraintError(f"prefixItems with items/minItems/maxItems in {where}")
     props = schema.get("properties", {})
     for name in schema.get("required", []):
         if name not in props:
-            raise ConstraintError(f"--json-schema: required property {name!r} in {where} is not "
+            raise ConstraintError(f"required property {name!r} in {where} is not "
                                   "described under properties")
     for name, sub in props.items():
         check_schema(sub, f"property {name!r}")
@@ -255,17 +262,17 @@ def _check_precedence(schema: dict, where: str) -> None:
         if key in schema:
             ignored = sorted(set(schema) - quiet - allowed - {key})
             if ignored:
-                raise ConstraintError(f"--json-schema: {key} with {', '.join(ignored)} in {where}: "
+                raise ConstraintError(f"{key} with {', '.join(ignored)} in {where}: "
                                       f"only {key} would be enforced")
     if isinstance(schema.get("type"), list):
         ignored = sorted(set(schema) - quiet - {"type"})
         if ignored:
-            raise ConstraintError(f"--json-schema: a list of types with {', '.join(ignored)} in {where}: "
+            raise ConstraintError(f"a list of types with {', '.join(ignored)} in {where}: "
                                   "use anyOf with one schema per type")
     kind = schema.get("type")
     for value in schema.get("enum", []) + ([schema["const"]] if "const" in schema else []):
         if isinstance(kind, str) and not _json_type_is(value, kind):
-            raise ConstraintError(f"--json-schema: {value!r} in {where} is not of type {kind!r}")
+            raise ConstraintError(f"{value!r} in {where} is not of type {kind!r}")
 
 
 def _json_type_is(value: Any, kind: str) -> bool:
@@ -288,7 +295,7 @@ def integer_bounds(schema: dict, where: str = "the schema") -> tuple[int, int]:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConstraintError(f"--json-schema: {key} in {where} must be a number")
+            raise ConstraintError(f"{key} in {where} must be a number")
         return value
 
     lows = [math.ceil(v) for v in [bound("minimum")] if v is not None]
@@ -297,9 +304,9 @@ def integer_bounds(schema: dict, where: str = "the schema") -> tuple[int, int]:
     highs += [math.ceil(v) - 1 for v in [bound("exclusiveMaximum")] if v is not None]
     low, high = max(lows, default=-_INT_LIMIT), min(highs, default=_INT_LIMIT)
     if low > high:
-        raise ConstraintError(f"--json-schema: no integer lies within the bounds of {where}")
+        raise ConstraintError(f"no integer lies within the bounds of {where}")
     if max(abs(low), abs(high)) > _INT_LIMIT:
-        raise ConstraintError(f"--json-schema: integer bounds in {where} exceed ±{_INT_LIMIT}")
+        raise ConstraintError(f"integer bounds in {where} exceed ±{_INT_LIMIT}")
     return low, high
 
 

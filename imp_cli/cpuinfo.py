@@ -89,9 +89,13 @@ class CpuInfo:
 
     def arm_level(self) -> str:
         """"i8mm", "dotprod" or "neon" (ARM only, else "")."""
-        if not self.is_arm:
-            return ""
-        return "i8mm" if self.i8mm else "dotprod" if self.dotprod else "neon"
+        return arm_level(self.features) if self.is_arm else ""
+
+
+def arm_level(features) -> str:
+    """The ARM feature level ggml picks its kernels by: "i8mm", "dotprod" (asimddp) or "neon",
+    from a set of /proc/cpuinfo feature names (a CpuInfo's, or a tuning key's flags)."""
+    return "i8mm" if "i8mm" in features else "dotprod" if "asimddp" in features else "neon"
 
 
 def machine(raw: str | None = None) -> str:
@@ -181,6 +185,19 @@ def hwcaps() -> frozenset[str]:
         return frozenset()
     return frozenset(name for word, table in zip(words, (_HWCAP, _HWCAP2))
                      for bit, name in table.items() if word >> bit & 1)
+
+
+def physical_cores(path: str = "/proc/cpuinfo") -> int:
+    """Physical cores (llama.cpp is slower with SMT siblings): the distinct (physical id, core id)
+    pairs of the processor blocks; the logical CPUs where the text has none (ARM, not Linux)."""
+    import os
+
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    cores = {(b["physical id"], b["core id"]) for b in _blocks(text) if "physical id" in b and "core id" in b}
+    return len(cores) or os.cpu_count() or 1
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,7 +20,7 @@ import numpy as np
 
 from convert.native import native_log
 
-from .cpuinfo import machine
+from .cpuinfo import machine, physical_cores
 from .errors import ImpError
 from .modelfiles import ModelPair
 
@@ -740,23 +740,3 @@ def common_prefix(a: list, b: list) -> int:
     return n
 
 
-def physical_cores() -> int:
-    """Physical cores (llama.cpp is slower with SMT siblings); falls back to logical CPUs."""
-    try:
-        cores = set()
-        block: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines() + [""]:
-            if not line.strip():
-                if "physical id" in block and "core id" in block:
-                    cores.add((block["physical id"], block["core id"]))
-                block = {}
-            elif ":" in line:
-                k, v = line.split(":", 1)
-                block[k.strip()] = v.strip()
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    import os
-
-    return os.cpu_count() or 1

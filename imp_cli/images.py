@@ -19,13 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImpError
+from .limits import MAX_DECODE_BYTES, MAX_IMAGE_BYTES as MAX_BYTES
 
-MAX_BYTES = 50 * 1024 * 1024
-# What a decode may hold in memory, in bytes: width x height x (bytes per pixel of the decoded mode
-# + its 8-bit RGB copy), checked on the header before any pixel is decompressed. Pillow's own
-# guard counts pixels, and a 223 KB 16-bit PNG cost 1.7 GB (issue 21). 256 MiB: a 67-megapixel
-# RGB photo; IMP_MAX_IMAGE_MEMORY (bytes) or `imp serve --max-image-memory` changes it.
-MAX_DECODE_BYTES = 256 * 1024 * 1024
 # The formats imp decodes: what cameras, phones, browsers and screenshot tools write, each read by
 # an in-process library (libjpeg, zlib, libwebp, libtiff) or pure Python. Never EPS/PS/PDF (Pillow
 # runs Ghostscript for those) nor the long tail of rare formats (more parser code, no user).
@@ -84,6 +79,30 @@ def image_from_bytes(data: bytes, source: str, what: str, image_what: str,
     `budget`: the decode's memory in bytes (default MAX_DECODE_BYTES or IMP_MAX_IMAGE_MEMORY)."""
     image = _decode(data, what, image_what, decode_budget() if budget is None else budget)
     return LoadedImage(image, source, image.size, hashlib.sha256(data).hexdigest())
+
+
+def image_from_pil(image: Image.Image) -> LoadedImage:
+    """A PIL image a program holds (the Python API) -> as a file's would be: EXIF orientation
+    applied, 8-bit RGB. With no file bytes to hash, its key is the hash of its RGB pixels."""
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)  # as for a file (a no-op once applied)
+        rgb = _to_rgb(image)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"the PIL image cannot be used: {e}") from None
+    digest = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+    return LoadedImage(rgb, f"{type(image).__name__} {rgb.size[0]}x{rgb.size[1]}", rgb.size, digest)
+
+
+def image_from_array(array: np.ndarray) -> LoadedImage:
+    """A numpy image (height x width, or x 3 or 4 channels; uint8) -> image_from_pil's result."""
+    if array.dtype.name != "uint8":
+        raise ImageError(f"a numpy image must be uint8 (0..255), not {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or 0 in array.shape:
+        raise ImageError(f"a numpy image must be height x width (x 3 or 4), not {'x'.join(map(str, array.shape))}")
+    return image_from_pil(Image.fromarray(array.copy(order="C")))
 
 
 def decode_budget() -> int:

@@ -10,6 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The defaults of the sizes and times imp serve's options set (--max-body, --max-image-memory,
+# --remote-timeout), kept here with the others so that the options, ServeOptions and the modules
+# that enforce them (images.py, remote.py) read one value.
+MAX_IMAGE_BYTES = 50 * 1024 * 1024  # an image's bytes (file, stdin, URL, data: URL); a request body
+# What a decode may hold in memory, in bytes: width x height x (bytes per pixel of the decoded mode
+# + its 8-bit RGB copy), checked on the header before any pixel is decompressed (images.py). Pillow's
+# own guard counts pixels, and a 223 KB 16-bit PNG cost 1.7 GB (issue 21). 256 MiB: a 67-megapixel
+# RGB photo; IMP_MAX_IMAGE_MEMORY (bytes) or `imp serve --max-image-memory` changes it.
+MAX_DECODE_BYTES = 256 * 1024 * 1024
+REMOTE_DEADLINE = 20.0  # seconds for a whole remote image fetch (remote.fetch_public)
+
 MAX_STOPS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # a stop string is a marker, not a document (OpenAI does not say; llama.cpp has none)
 

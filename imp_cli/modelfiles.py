@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ImpError
-from .prompts import TEMPLATES
+from .prompts import FAMILIES
 
 TEXT_ARCHS = {"phi2", "phi3", "qwen2"}  # llama.cpp architectures of the Imp backbones (3B, 4B, 2B)
 
@@ -304,7 +304,8 @@ def _remembered(stamps) -> dict | None:
 def _remember(stamps, pair: ModelPair) -> None:
     """Best effort: a failure to write costs only the check next time."""
     import json
-    import os
+
+    from convert.atomic import write_text
 
     key, files = stamps
     pairs = _load_pairs()
@@ -314,16 +315,11 @@ def _remember(stamps, pair: ModelPair) -> None:
     while len(pairs) > _MAX_PAIRS:
         pairs.pop(next(iter(pairs)))
     path = _pairs_path()
-    tmp = path.with_name(f".{PAIRS_FILE}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"checks": _checks_version(), "pairs": pairs}), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"checks": _checks_version(), "pairs": pairs}))
     except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        pass
 
 
 def check_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
@@ -337,7 +333,7 @@ def check_pair(text_path: Path, mmproj_path: Path) -> ModelPair:
     if proj.get("general.architecture") != "clip":
         raise ImpError(f"{mmproj_path} is not a vision projector (mmproj) GGUF")
     family = _need(text, "imp.prompt_family", text_path)
-    if family not in TEMPLATES:
+    if family not in FAMILIES:
         raise ImpError(f"{text_path}: unsupported prompt family {family!r}")
     if proj.get("clip.projector_type") != "mlp" or not proj.get("clip.has_vision_encoder"):
         raise ImpError(f"{mmproj_path}: not an Imp vision projector (needs an mlp projector with a vision encoder)")

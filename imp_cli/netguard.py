@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 
+from .api_errors import ApiError
+
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 60.0
 KEEP_ALIVE = 5.0
@@ -32,8 +34,9 @@ MAX_HEADER_BYTES = 16 * 1024
 
 
 def _raw_response(status: int, reason: str, message: str, code: str, retry_after: int | None = None) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-                                 "param": None, "code": code}}).encode()
+    """An OpenAI-shaped error written straight to a connection no handler has (ApiError's body)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = json.dumps(ApiError(status, message, kind, code).body()).encode()
     extra = f"retry-after: {retry_after}\r\n" if retry_after else ""
     return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{extra}connection: close\r\n\r\n").encode() + body

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from .api_errors import _bad, _flag, _number
+
 MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 # Fields of OpenAI's chat completion request that imp serve ignores, and why (the README's table).
@@ -46,12 +48,6 @@ REFUSED = {
 }
 
 
-def _bad(message: str, param: str, code: str = "invalid_value"):
-    from .api_errors import ApiError
-
-    return ApiError(400, message, code=code, param=param)
-
-
 def refuse_unsupported(body: dict) -> None:
     """A field whose request imp cannot honour is a 400, never a silent ignore. A field given as
     null (or an OpenAI default that asks for nothing) is not a request."""
@@ -65,7 +61,7 @@ def refuse_unsupported(body: dict) -> None:
 
 def response_format(body: dict):
     """-> a constrain.Constraint (schema set: the content is JSON) or None for plain text."""
-    from .constrain import Constraint, ConstraintError, _check_gbnf, check_schema, schema_to_gbnf
+    from .constrain import ConstraintError, schema_constraint
 
     spec = body.get("response_format")
     if spec is None:
@@ -87,22 +83,13 @@ def response_format(body: dict):
         raise _bad(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', not {kind!r}",
                    "response_format.type")
     try:
-        check_schema(schema)
-        grammar = schema_to_gbnf(schema)
-        _check_gbnf(grammar, "response_format")
+        return schema_constraint(schema, "response_format")
     except ConstraintError as e:
-        raise _bad(f"response_format: {e}", "response_format") from None
-    except RecursionError:
-        raise _bad("response_format: the schema is nested too deeply", "response_format") from None
-    except (AssertionError, KeyError, ValueError, TypeError, AttributeError) as e:
-        raise _bad(f"response_format: the schema cannot be used: {e or type(e).__name__}", "response_format") from None
-    return Constraint(grammar, schema)
+        raise _bad(str(e), "response_format") from None
 
 
 def logprobs_option(body: dict, stream: bool) -> int:
     """-> -1 (none), or how many alternatives to give per token (0: the chosen token's only)."""
-    from .api_errors import _flag, _number
-
     wanted = _flag(body, "logprobs")
     top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
     if top is not None and not wanted:
@@ -152,13 +139,10 @@ def logprobs_content(engine, entries, text_len: int) -> dict:
     return {"content": content, "refusal": None}
 
 
-def model_names(spec: str | None, mmproj: str | None, pair, served: str) -> set[str]:
-    """The names a request's `model` may use besides resolving to the same file."""
-    return {served, pair.name, pair.text_path.stem}
-
-
-def accepts_model(name: str, served: str, pair, spec: str | None, mmproj: str | None) -> bool:
-    if name in model_names(spec, mmproj, pair, served):
+def accepts_model(name: str, served: str, pair) -> bool:
+    """A request's `model` names the served pair: its served id, the GGUF's own name, the file's
+    stem, or anything that resolves (as --model would) to the same text GGUF."""
+    if name in (served, pair.name, pair.text_path.stem):
         return True
     from .errors import ImpError
     from .resolve import resolve

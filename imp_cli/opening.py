@@ -16,7 +16,7 @@ from .resolve import pullable_offline, resolve
 from .session import Session, default_cache
 from .tune import choose
 
-__all__ = ["open_pair", "open_session"]
+__all__ = ["open_pair", "open_session", "start_session"]
 
 
 def open_pair(model: str | None, mmproj: str | None, output, *, pull: bool = True) -> ModelPair:
@@ -39,10 +39,17 @@ def open_pair(model: str | None, mmproj: str | None, output, *, pull: bool = Tru
     return read_pair(found.text, found.mmproj)
 
 
-def open_session(model: str | None, mmproj: str | None, output, *, pull: bool = True, use_cache: bool = True,
-                 threads: int = 0, repack: str = "auto", flash_attn: str = "auto", note=None, **kw) -> Session:
-    """open_pair, the settings for it (repack / flash attention: "auto", "on" or "off"), a Session."""
+def open_session(model: str | None, mmproj: str | None, output, *, pull: bool = True, **kw) -> Session:
+    """open_pair, then start_session on it (`kw`: start_session's)."""
+    return start_session(open_pair(model, mmproj, output, pull=pull), output, **kw)
+
+
+def start_session(pair: ModelPair, output, *, threads: int = 0, repack: str = "auto", flash_attn: str = "auto",
+                  use_cache: bool = True, cache_write: bool = True, note=None, **kw) -> Session:
+    """A Session on a checked pair: llama.cpp's settings for it here (repack / flash attention:
+    "auto", "on" or "off") and the prompt cache unless `use_cache` is off (`cache_write` False:
+    entries are read, none written). `kw`: the Session's own (ctx, verbose)."""
     note = note or output.note
-    pair = open_pair(model, mmproj, output, pull=pull)
     tuning = choose(pair, threads, repack, flash_attn, note)
-    return Session(pair, threads=threads, tuning=tuning, cache=default_cache(output, use_cache), note=note, **kw)
+    return Session(pair, threads=threads, tuning=tuning, cache=default_cache(output, use_cache, write=cache_write),
+                   note=note, **kw)

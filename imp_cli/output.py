@@ -45,6 +45,23 @@ class Output:
     def error(self, message: str) -> None:
         self.err.print(f"[bold red]error:[/] {_escape(_one_line(message))}")
 
+    def failure(self, exc: BaseException) -> None:
+        """The one line for an exception that ends a command (or, in imp chat, a turn): a problem
+        the user can act on (ImpError, ConvertError) as its message; anything else is a bug, said
+        as an internal error (after its traceback, with -v)."""
+        from convert.errors import ConvertError
+
+        from .errors import ImpError
+
+        if isinstance(exc, (ImpError, ConvertError)):
+            self.error(str(exc))
+            return
+        if self.verbose:
+            import traceback
+
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        self.error(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+
     def warn(self, message: str) -> None:
         self.err.print(f"[yellow]warning:[/] {_escape(_one_line(message))}")
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PHI2_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+from convert.chat_templates import FAMILIES, IMP_SYSTEM, turn_tags  # noqa: F401 - FAMILIES: the families it renders
+
+PHI2_SYSTEM = IMP_SYSTEM  # every family's template uses Imp's own sentence
 
 
 @dataclass(frozen=True)
@@ -43,43 +42,26 @@ def _conversation(head: str, user: str, bodies: list[str], image_turn: int) -> t
     return before, after
 
 
-def phi2_prompt(question: str, history: list[Turn] = (), system: str | None = None,
-                image_turn: int = 0) -> tuple[str, str]:
-    """(text before the image, text after it). The image opens user turn `image_turn` (the
-    first by default, as Imp was trained):
+def _render(family: str, question: str, history: list[Turn] = (), system: str | None = None,
+            image_turn: int = 0) -> tuple[str, str]:
+    """(text before the image, text after it) in `family`'s format, each turn `{open}{text}{close}`
+    with the tags of convert/chat_templates.py (the GGUF's chat template is written from the same
+    table). The image opens user turn `image_turn` (the first by default, as Imp was trained):
 
-    `{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+    phi2:  `{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+    phi3:  `<|system|>\n{system}<|end|>\n<|user|>\n<image>\n{q1}<|end|>\n<|assistant|>\n{a1}<|end|>\n...`
+    qwen2: the same with `<|im_start|>system\n` ... `<|im_end|>\n`
     """
+    sys_open, sys_close, user_open, user_close, asst_open, asst_close, generation = turn_tags(family)
     system = PHI2_SYSTEM if system is None else system
-    bodies = [f"{t.question} ASSISTANT:" + (f" {t.answer}</s>" if t.answer else "")
+    bodies = [t.question + user_close + (asst_open + t.answer + asst_close if t.answer else generation)
               for t in [*history, Turn(question, "")]]
-    return _conversation(f"{system} ", "USER: ", bodies, image_turn)
-
-
-def _tagged(system_tag: str, user_tag: str, assistant_tag: str, end: str):
-    """A template of tagged turns, `{tag}{text}{end}` each (Phi-3 and Qwen2 chat formats):
-
-    `{system_tag}{system}{end}{user_tag}<image>\n{q1}{end}{assistant_tag}{a1}{end}{user_tag}{q2}...`
-    """
-    def prompt(question: str, history: list[Turn] = (), system: str | None = None,
-               image_turn: int = 0) -> tuple[str, str]:
-        system = PHI2_SYSTEM if system is None else system
-        bodies = [f"{t.question}{end}{assistant_tag}" + (f"{t.answer}{end}" if t.answer else "")
-                  for t in [*history, Turn(question, "")]]
-        return _conversation(f"{system_tag}{system}{end}", user_tag, bodies, image_turn)
-
-    return prompt
-
-
-phi3_prompt = _tagged("<|system|>\n", "<|user|>\n", "<|assistant|>\n", "<|end|>\n")
-qwen2_prompt = _tagged("<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n")
-
-TEMPLATES = {"phi2": phi2_prompt, "phi3": phi3_prompt, "qwen2": qwen2_prompt}
+    return _conversation(sys_open + system + sys_close, user_open, bodies, image_turn)
 
 
 def build_prompt(family: str, question: str, history: list[Turn] = (), system: str | None = None,
                  image_turn: int = 0) -> tuple[str, str]:
-    return TEMPLATES[family](question, list(history), system, image_turn)
+    return _render(family, question, list(history), system, image_turn)
 
 
 def answer_frame(family: str) -> tuple[str, str]:

@@ -40,7 +40,7 @@ class ImpPredictor:
 
     def __init__(self, model: str | None = None, questions=("What is in the image?",), *, mmproj: str | None = None,
                  threads: int = 1, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, system: str | None = None, ctx: int = 4096, repack: str = "auto",
+                 top_k: int = 0, seed: int | None = None, system: str | None = None, ctx: int = 4096, repack: str = "auto",
                  flash_attn: str = "auto", cache: str = "read", verbose: bool = False):
         from .ask import Request
         from .batch import Answerer

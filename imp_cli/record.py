@@ -1,5 +1,5 @@
-"""The one answer record: what `imp ask --json`, `imp chat --json`, `imp batch` and the Python
-API give for an answer, built here and nowhere else. Its shape is imp_cli/schema/record.schema.json
+"""The one answer record: what `imp ask --json` (and its --output file), `imp chat --json` and the
+Python API give for an answer, built here and nowhere else. Its shape is imp_cli/schema/record.schema.json
 (also in the README); tests validate every --json line the suite produces against it.
 
 Each field appears once (finish_reason and cache at the top, not again in the timings); token
@@ -68,18 +68,38 @@ def sampling_info(sampling, max_tokens: int, seed: int | None) -> dict:
             "seed": None if greedy else seed, "max_tokens": max_tokens}
 
 
+def settings_info(tuning) -> dict:
+    return {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)}
+
+
+def run_fields(pair, tuning, sampling, max_tokens: int, seed: int | None) -> dict:
+    """What a record says about the model and how it answered (model, sampling, settings): the
+    same for every answer of a run with a given seed; `imp ask --resume` compares them
+    (batch.same_run). `seed`: the answer's (None: greedy, or scored choices)."""
+    return {"model": model_info(pair), "sampling": sampling_info(sampling, max_tokens, seed),
+            "settings": settings_info(tuning)}
+
+
+def error_record(source: str, question: str, message: str, fields: dict, sha256: str | None = None) -> dict:
+    """The line of an (image, question) a batch could not answer: the image could not be read,
+    decoded or fetched. Not an answer record (no `answer`): `error` says why; `--resume` tries
+    it again. `fields`: the run's run_fields."""
+    return {"error": message, "question": question, "image": {"source": source, "sha256": sha256},
+            "model": fields["model"], "sampling": fields["sampling"], "settings": fields["settings"]}
+
+
 _UNSET = object()
 
 
 def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: int, answer=_UNSET,
-          choices: dict | None = None, turn: int | None = None, **extra) -> dict:
+          choices: dict | None = None, turn: int | None = None) -> dict:
     """The record of one answer.
 
     result: the session.Answer (or constrain.Decision with --choices); question: as asked;
     pair: the modelfiles.ModelPair; image: the session.Staged (None without one); tuning: the
     engine's Tuning; sampling: the engine.Sampling asked for (the seed used is the answer's own);
     answer: the value to record when it is not the text (a parsed --json-schema value, or None);
-    turn: imp chat's turn number; extra: further top-level fields the schema names (batch's id).
+    turn: imp chat's turn number.
     """
     seed = getattr(result, "seed", None)
     record = {"answer": result.text if answer is _UNSET else answer}
@@ -88,12 +108,12 @@ def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: i
     record["question"] = question
     if turn is not None:
         record["turn"] = turn
-    record.update(extra)
+    fields = run_fields(pair, tuning, sampling, max_tokens, None if choices is not None else seed)
     record.update({
-        "model": model_info(pair),
+        "model": fields["model"],
         "image": image_info(image),
-        "sampling": sampling_info(sampling, max_tokens, None if choices is not None else seed),
-        "settings": {"repack": bool(tuning.repack), "flash_attn": bool(tuning.flash_attn)},
+        "sampling": fields["sampling"],
+        "settings": fields["settings"],
         "finish_reason": result.finish_reason,
         "cache": result.cache,
         "usage": usage(result),
@@ -104,5 +124,5 @@ def build(result, *, question: str, pair, image, tuning, sampling, max_tokens: i
 
 def from_session(session, result, **kw) -> dict:
     """build() for an answer `session` (a session.Session) gave: its model pair and engine settings.
-    For the callers that hold a Session (imp batch, the Python API)."""
+    For the callers that hold a Session."""
     return build(result, pair=session.pair, tuning=session.engine.tuning, **kw)

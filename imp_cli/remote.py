@@ -24,9 +24,9 @@ import urllib.parse
 from typing import Callable
 
 from .images import ImageError, redact
+from .limits import REMOTE_DEADLINE as DEADLINE  # seconds for a whole fetch (imp serve --remote-timeout)
 
 MAX_REDIRECTS = 5
-DEADLINE = 20.0  # seconds for a whole fetch (imp serve --remote-timeout)
 REDIRECTS = (301, 302, 303, 307, 308)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -28,16 +28,15 @@ from dataclasses import dataclass, field
 from . import heap, netguard
 from .api_errors import ApiError, _bad, _flag, _number
 from .errors import ImpError
-from .images import MAX_BYTES, MAX_DECODE_BYTES, ImageError
-from .limits import (Limits, LimitError, check_json_values, check_messages, check_parts, check_prompt_bytes,
-                     check_stops, check_unicode, json_value_cap)
+from .images import ImageError
+from .limits import (MAX_DECODE_BYTES, MAX_IMAGE_BYTES, REMOTE_DEADLINE, Limits, LimitError, check_json_values,
+                     check_messages, check_parts, check_prompt_bytes, check_stops, check_unicode, json_value_cap)
 from .prompts import Turn
 from .stats import log_fields
-from .stops import StopText  # noqa: F401 - tests and callers import it from here
+from .stops import StopText
 
 ROLES = ("system", "developer", "user", "assistant")
 RETRY_AFTER_MAX = 300
-REMOTE_DEADLINE = 20.0  # seconds for a whole remote image fetch (remote.DEADLINE; not imported: remote needs ssl)
 FETCH_SLOTS = 4  # remote fetches at once: apart from the decode slots, so a slow host never holds those
 DECODE_SLOTS = 2
 PARSE_SLOTS = 2  # large bodies parsed at once (off the event loop)
@@ -51,7 +50,7 @@ class ServeOptions:
     port: int = 8080
     api_key: str | None = None
     max_queue: int = 16
-    max_body: int = MAX_BYTES
+    max_body: int = MAX_IMAGE_BYTES
     allow_remote_images: bool = False
     max_tokens: int = 512  # when a request gives none
     temperature: float = 0.0  # when a request gives none
@@ -365,6 +364,7 @@ class Worker(threading.Thread):
         """Stream the answer's text to the job; returns its final event ("end" or "error"),
         which run() posts once the engine is free."""
         from .engine import Interrupted
+        from .record import completion_tokens
         from .session import PromptTooLong
 
         r = job.request
@@ -387,6 +387,7 @@ class Worker(threading.Thread):
         stopper = StopText(r.stop)
         pieces = iter(stream)
         stopped = False
+        sent = 0  # characters of the answer as sent (cut before a stop string)
         try:
             for piece in pieces:
                 if job.cancel.is_set():
@@ -394,22 +395,22 @@ class Worker(threading.Thread):
                 text, stopped = stopper.feed(piece)
                 if text:
                     job.post("text", text)
+                    sent += len(text)
                 if stopped:
                     break
         finally:
             pieces.close()  # stops generation now if we left early; sets stream.result
         if not stopped and (rest := stopper.flush()):
             job.post("text", rest)
+            sent += len(rest)
         a = stream.result
-        # The end-of-turn token that ended an answer is not part of it: not counted.
-        completion = a.completion_tokens - (1 if a.finish_reason == "stop" else 0)
+        completion = completion_tokens(a)  # as `imp ask --json` counts them (no end-of-turn token)
         finish = "length" if a.finish_reason in ("length", "context") else "stop"
         logprobs = None
         if r.logprobs >= 0:
             from .openai_fields import logprobs_content
 
-            shown = len(stopper_text(stream.text, r.stop))  # the answer as sent
-            logprobs = logprobs_content(self.session.engine, a.logprobs or [], shown)
+            logprobs = logprobs_content(self.session.engine, a.logprobs or [], sent)
         return "end", Outcome(finish, a.prompt_tokens, completion, a.reused_tokens, job.cancel.is_set(), a.seed,
                               logprobs, a.timings)
 
@@ -561,7 +562,7 @@ class Api:
         r = parse_chat(data, self.options.max_tokens, self.options.temperature, self.limits)
         from .openai_fields import accepts_model, apply_defaults
 
-        if not accepts_model(r.model, self.model_id, self.pair, self.options.model, self.options.mmproj):
+        if not accepts_model(r.model, self.model_id, self.pair):
             self._check_model(r.model)
         apply_defaults(r, data, self.options)
         texts = [r.question, r.system or ""] + [t for turn in r.history for t in (turn.question, turn.answer)]
@@ -729,12 +730,6 @@ class Api:
         shown = redact(url)  # the source recorded (prompt cache) and shown: no query string or fragment
         return stage_image(self.pair, image_from_bytes(data, shown, f"image URL {shown}", f"image URL {shown}",
                                                        self.options.max_image_memory))
-
-
-def stopper_text(text: str, stops: list[str]) -> str:
-    """The answer as sent: cut before the first stop string."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[:min(hits)] if hits else text
 
 
 def model_id(spec: str | None, mmproj: str | None, pair) -> str:

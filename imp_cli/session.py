@@ -68,7 +68,7 @@ class Answer:
     cache: str  # hit | miss | off
     reused_tokens: int
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # as generated, an end-of-turn token included (record.completion_tokens: without)
     tokens: list[int] = field(default_factory=list)  # the answer's ids as generated (no stop token)
     seed: int | None = None  # the seed it was sampled with (None: greedy); give it back to reproduce it
     logprobs: list | None = None  # with Sampling.logprobs >= 0: Engine.generated_logprobs
@@ -193,6 +193,17 @@ class Session:
     def prompt(self, staged: Staged | None, question: str, history: Sequence[Turn] = (),
                system: str | None = None, image_turn: int = 0) -> Prompt:
         return make_prompt(self.engine, staged, question, history, system, image_turn)
+
+    def turns_that_fit(self, staged: Staged | None, question: str, history: Sequence[Turn], system: str | None,
+                       max_tokens: int) -> int:
+        """How many of the latest turns of `history` leave room for an answer of `max_tokens`
+        after the prompt (all while they fit; the oldest go first). The question alone not
+        fitting is for check_fits to say."""
+        keep = len(history)
+        while keep and (self.prompt(staged, question, history[len(history) - keep:], system).n_tokens
+                        + max_tokens > self.engine.n_ctx):
+            keep -= 1
+        return keep
 
     def check_fits(self, prompt: Prompt) -> None:
         if prompt.n_tokens + 1 > self.engine.n_ctx:

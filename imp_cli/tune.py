@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import cpuinfo, store
-from .engine import Tuning, physical_cores
+from .cpuinfo import physical_cores
+from .engine import Tuning
 from .errors import ImpError
 from .modelfiles import ModelPair
 
@@ -120,8 +121,7 @@ def arm_default(key: dict) -> tuple[Tuning, str]:
     authors' choice, llama.cpp's default, stands. Flash attention: llama-cpp-python's default
     (off), as on x86. `imp tune` measures both on the real machine.
     """
-    flags = set(key.get("flags", "").split())
-    level = "i8mm" if "i8mm" in flags else "dotprod" if "asimddp" in flags else "neon"
+    level = cpuinfo.arm_level(set(key.get("flags", "").split()))
     why = {"i8mm": "Q4_K and Q4_0 repacked for i8mm (SMMLA)",
            "dotprod": "Q4_K and Q4_0 repacked for dotprod (SDOT)",
            "neon": "nothing to repack without dotprod"}[level]

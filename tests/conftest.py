@@ -5,19 +5,26 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from factory import make_checkpoint  # noqa: E402
-from helpers import IMP  # noqa: E402
+from factory import make_checkpoint, make_photo  # noqa: E402
+from helpers import IMP, clean_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def imp_bin() -> str:
     return IMP
+
+
+@pytest.fixture(scope="module")
+def env(request, tmp_path_factory) -> dict:
+    """The environment of a user who set nothing (helpers.clean_env), one for a whole test module:
+    a server or a loaded model started by a module-scoped fixture and the module's tests then
+    share its store and prompt cache. A module whose tests each need a fresh one defines its
+    own function-scoped `env` (test_ask's)."""
+    return clean_env(tmp_path_factory.mktemp(request.module.__name__))
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +61,25 @@ def converted(checkpoint, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def session(converted):
+    """A Session on the tiny model (new layout, float16, square; one thread, no prompt cache),
+    for a module's tests that call it directly."""
+    from imp_cli.modelfiles import read_pair
+    from imp_cli.session import Session
+
+    with Session(read_pair(*converted("new", "float16", "square")), threads=1, ctx=1024) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def staged(session, photo):
+    """`photo` as that Session sees it."""
+    from imp_cli.images import load_image
+
+    return session.stage(load_image(str(photo)))
+
+
 @pytest.fixture(scope="session")
 def oracle_for(checkpoint):
     """oracle_for(layout, dtype, aspect) -> the transformers reference on the same weights."""
@@ -72,14 +98,8 @@ def oracle_for(checkpoint):
 
 @pytest.fixture(scope="session")
 def photo(tmp_path_factory) -> Path:
-    """A small non-square photo-like PNG (smooth gradients plus noise)."""
-    rng = np.random.default_rng(7)
-    y, x = np.mgrid[0:72, 0:104]
-    base = np.stack([x * 2, y * 3, (x + y) * 1.5], axis=-1)
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("img") / "photo.png"
-    Image.fromarray(pixels).save(path)
-    return path
+    """A small non-square photo-like PNG (factory.make_photo)."""
+    return make_photo(tmp_path_factory.mktemp("img") / "photo.png")
 
 
 @pytest.fixture(scope="session")

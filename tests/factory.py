@@ -750,6 +750,18 @@ def _write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------
+def make_photo(path: Path) -> Path:
+    """A small non-square photo-like PNG (smooth gradients plus noise, 104 x 72), always the same."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:72, 0:104]
+    base = np.stack([x * 2, y * 3, (x + y) * 1.5], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
 def make_checkpoint(dest: Path, *, layout: str = "new", dtype: str = "float16", aspect: str = "square",
                     sizes: Sizes | None = None, seed: int = 0, n_shards: int | None = None,
                     drop_lm_sizes_from_config: bool = False, lm_size_keys: str | None = None,

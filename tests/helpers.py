@@ -5,7 +5,7 @@
 - `run_imp(*args, env=...)`: the installed command with stdin, stdout and stderr all pipes and a
   timeout; output decoded strictly as UTF-8, and no colour or cursor codes allowed on the pipes.
 - `assert_ok`, `assert_one_line_error`, `assert_usage_error`: the exit code is pinned, never "1 or 2".
-- Every answer record `run_imp` sees on stdout (`imp ask/chat --json`, `imp batch`) is validated
+- Every answer record `run_imp` sees on stdout (`imp ask --json`, `imp chat --json`) is validated
   against imp_cli/schema/record.schema.json (tests/schema_check.py), whatever the test checks.
 """
 

@@ -30,16 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return clean_env(tmp_path_factory.mktemp("api"))
-
-
-@pytest.fixture(scope="module")
-def model(converted, env):
+def model(text, env):
     """The tiny model through the API, IMP_HOME (prompt cache) as the CLI runs in `env`."""
     import imp_cli
 
-    text, _ = converted("new", "float16", "square")
     with pytest.MonkeyPatch.context() as mp:
         for k in ("IMP_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_OFFLINE"):
             mp.setenv(k, env[k])
@@ -152,6 +146,15 @@ def test_ask_many_yields_the_records_of_imp_ask_json(model, text, env, photo, tm
 
 
 # ---------------------------------------------------------------------------------------- errors
+def test_info_names_the_pair_as_records_do(model, photo):
+    """Model.info promises the names of the --json records: the same model and settings objects
+    (it said `type` where records say `quant`, and left out mmproj_type)."""
+    record = next(model.ask_many([photo], QUESTION, max_tokens=2))
+    info = model.info
+    assert {k: info.get(k) for k in record["model"]} == record["model"]
+    assert info["settings"] == record["settings"]
+
+
 def test_errors_are_imp_errors_with_the_clis_lines(model, text, env, photo, tmp_path):
     import imp_cli
     from imp_cli.session import PromptTooLong

@@ -13,7 +13,7 @@ import jinja2
 import pytest
 
 from convert.chat_templates import FAMILIES, IMP_SYSTEM, chat_template
-from imp_cli.prompts import PHI2_SYSTEM, TEMPLATES, Turn, build_prompt
+from imp_cli.prompts import FAMILIES as RENDERED, PHI2_SYSTEM, Turn, build_prompt
 
 QUESTIONS = ["What is in the picture?", "What colour is it?", "Why is it there?"]
 ANSWERS = ["A red house with a garden.", "Red, with a white door.", "Someone built it."]
@@ -47,7 +47,7 @@ def imp_text(family: str, n_turns: int, marker: str | None, system: str | None =
 
 
 def test_every_prompt_family_has_a_template():
-    assert set(FAMILIES) == set(TEMPLATES)
+    assert set(FAMILIES) == set(RENDERED)
     assert IMP_SYSTEM == PHI2_SYSTEM
 
 

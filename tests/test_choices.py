@@ -84,23 +84,6 @@ def test_choice_probabilities_equal_oracle(imp_bin, converted, oracle_for, photo
     assert record["finish_reason"] == "stop"
 
 
-@pytest.fixture(scope="module")
-def session(converted):
-    from imp_cli.modelfiles import read_pair
-    from imp_cli.session import Session
-
-    text, mmproj = converted("new")
-    with Session(read_pair(text, mmproj), threads=1, ctx=1024) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def staged(session, photo):
-    from imp_cli.images import load_image
-
-    return session.stage(load_image(str(photo)))
-
-
 def test_choice_log_likelihoods_equal_oracle_and_prefix_is_evaluated_once(converted, oracle_for, photo):
     """Session.score in a fresh process-like state: the whole prompt is evaluated once, each
     choice adds only its own tokens but the last; every score equals the oracle's and a fresh

@@ -18,7 +18,6 @@ import json
 import re
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -26,8 +25,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from helpers import clean_env
+from test_serve import Server as ServeProcess, user
 
 QUESTION = "What is in the image?"
 MAX_BODY = 12_000_000
@@ -50,32 +48,11 @@ main()
 
 
 # ---------------------------------------------------------------------------------------- helpers
-class Server:
+class Server(ServeProcess):
     """`imp serve` (through SERVE_TRUSTING_LOOPBACK) on a free port, with the limits under test."""
 
     def __init__(self, text: Path, env: dict, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE_TRUSTING_LOOPBACK, "--model", str(text),
-                                      "--port", "0", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
-        self.model = text.stem
-        self.lines: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            for raw in self.proc.stderr:
-                self.lines.append(raw.decode("utf-8", "replace"))
-                if "http://" in self.lines[-1]:
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        assert ready.wait(180), self.log()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", self.log())
-        assert m, self.log()
-        self.port = int(m[1])
-
-    def log(self) -> str:
-        return "".join(self.lines)
+        super().__init__(None, text, env, *args, command=[sys.executable, "-c", SERVE_TRUSTING_LOOPBACK])
 
     def peak_rss(self) -> int:
         """The server process's peak resident memory so far (VmHWM), bytes."""
@@ -127,11 +104,6 @@ def data_url(data: bytes, media: str = "image/png") -> str:
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
 
 
-def user(text: str, image_url: str | None = None) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []
-    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
-
-
 def error_code(reply) -> str | None:
     status, body = reply
     return body["error"]["code"] if isinstance(body, dict) and "error" in body else None
@@ -166,11 +138,6 @@ def tiff_float_bomb(side: int) -> bytes:
 
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
        b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return clean_env(tmp_path_factory.mktemp("harden"))
 
 
 @pytest.fixture(scope="module")

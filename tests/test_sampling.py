@@ -79,22 +79,6 @@ def reference(oracle_for, photo) -> np.ndarray:
     return oracle_for("new", "float16", "square").first_logits(as_imp_sees_it(photo), QUESTION)
 
 
-@pytest.fixture(scope="module")
-def session(converted):
-    from imp_cli.modelfiles import read_pair
-    from imp_cli.session import Session
-
-    with Session(read_pair(*converted("new", "float16", "square")), threads=1, ctx=512) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def staged(session, photo):
-    from imp_cli.images import load_image
-
-    return session.stage(load_image(str(photo)))
-
-
 def first_tokens(session, staged, n: int = N_SEEDS, **options) -> list[int]:
     """The first answer token for seeds 0..n-1, each a whole Session.answer (prompt reused)."""
     from imp_cli.session import Sampling
@@ -204,3 +188,19 @@ def test_server_uses_the_sampling_options(imp_bin, converted, photo, tmp_path):
         assert ask(temperature=1, seed=2, top_p=0.01) == greedy
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_no_entry_point_fixes_the_seed_by_default():
+    """With a temperature, an answer is random unless a seed is given (engine.with_seed, the one
+    rule of ask, chat, serve and the Python API): no entry point may default to a fixed seed.
+    Ray's ImpPredictor defaulted to 0, so every row of a sampled run drew the same way."""
+    import inspect
+
+    from imp_cli.api import _Call
+    from imp_cli.ask import Request
+    from imp_cli.ray_data import ImpPredictor
+    from imp_cli.serve import ServeOptions
+
+    assert inspect.signature(ImpPredictor).parameters["seed"].default is None
+    assert Request(images=[], questions=[], model=None).seed is None
+    assert _Call().seed is None and ServeOptions().seed is None

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from helpers import clean_env
+from helpers import assert_ok, run_imp
 from test_ask import _torch_one_thread, eager_to_stop  # noqa: F401 - fixtures: the oracle on one thread; a model that stops at once
 
 QUESTION = "What is in the image?"
@@ -35,10 +35,11 @@ MAX_BODY = 2_000_000
 
 # ---------------------------------------------------------------------------------------- helpers
 class Server:
-    """`imp serve` as a subprocess on a free port (--port 0: it prints the one it got)."""
+    """`imp serve` as a subprocess on a free port (--port 0: it prints the one it got).
+    `command`: what runs instead of `imp_bin serve` (test_harden's patched server)."""
 
-    def __init__(self, imp_bin: str, text: Path, env: dict, *args: str):
-        self.proc = subprocess.Popen([imp_bin, "serve", "--model", str(text), "--port", "0", *args],
+    def __init__(self, imp_bin: str | None, text: Path, env: dict, *args: str, command: list[str] | None = None):
+        self.proc = subprocess.Popen([*(command or [imp_bin, "serve"]), "--model", str(text), "--port", "0", *args],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.model = text.stem
         self.lines: list[str] = []
@@ -109,16 +110,9 @@ def user(question: str, image_url: str | None = None) -> dict:
     return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
 
 
-def ask_cli(imp_bin: str, image: Path, question: str, text: Path, env: dict) -> str:
-    p = subprocess.run([imp_bin, "ask", str(image), question, "--model", str(text), "-n", str(N_TOKENS)],
-                       capture_output=True, env=env, timeout=120)
-    assert p.returncode == 0, p.stderr
-    return p.stdout.decode()[:-1]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return clean_env(tmp_path_factory.mktemp("serve"))
+def ask_cli(image: Path, question: str, text: Path, env: dict) -> str:
+    """`imp ask`'s answer (helpers.run_imp: the suite's one way to run the command)."""
+    return assert_ok(run_imp("ask", image, question, "--model", text, "-n", N_TOKENS, env=env)).stdout[:-1]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +167,7 @@ def test_answers_equal_imp_ask_and_oracle(servers, converted, oracle_for, expect
     assert reply.choices[0].message.content == want
     assert reply.choices[0].message.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
-    assert ask_cli(imp_bin, photo, QUESTION, text, env) == want
+    assert ask_cli(photo, QUESTION, text, env) == want
     finish = "length" if len(ids) == N_TOKENS else "stop"
     assert reply.choices[0].finish_reason == finish
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish

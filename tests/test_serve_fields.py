@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 
-from helpers import clean_env
 from schema_check import errors
 from test_serve import QUESTION, Server, as_imp_sees_it, data_url, raw, user
 
@@ -26,9 +25,8 @@ LOGPROB_TOL = 0.02
 
 
 @pytest.fixture(scope="module")
-def server(imp_bin, converted, tmp_path_factory):
+def server(imp_bin, converted, env):
     text, _ = converted("new", "float16", "square")
-    env = clean_env(tmp_path_factory.mktemp("serve-fields"))
     s = Server(imp_bin, text, env, "--cors-origin", ORIGIN, "--seed", "1234", "--top-k", "5",
                "--system", "Be brief.")
     yield s
@@ -145,3 +143,20 @@ def test_system_default(server):
     _, other = post(server, messages=[{"role": "system", "content": "Be very, very brief indeed."}, user(QUESTION)],
                     max_tokens=1)
     assert default["usage"]["prompt_tokens"] == explicit["usage"]["prompt_tokens"] < other["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "format": "email"},  # a keyword value it cannot enforce
+    {"type": "object", "patternProperties": {}},  # a keyword it does not know
+    {"$ref": "#/$defs/missing"},  # the converter's own complaint
+], ids=["format", "keyword", "converter"])
+def test_a_schema_refusal_speaks_of_response_format_not_of_a_cli_option(schema):
+    """A client reads what its own request did wrong: the 400 names response_format and never
+    `imp ask`'s --json-schema option (it did: "response_format: --json-schema: format ...")."""
+    from imp_cli.api_errors import ApiError
+    from imp_cli.openai_fields import response_format
+
+    with pytest.raises(ApiError) as e:
+        response_format({"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
+    assert (e.value.status, e.value.param) == (400, "response_format")
+    assert e.value.message.startswith("response_format") and "--json-schema" not in e.value.message, e.value.message

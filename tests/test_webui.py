@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import clean_env
 from test_ask import _torch_one_thread  # noqa: F401 - fixture: the oracle on one thread
 from test_serve import KEY, N_TOKENS, QUESTION, Server, as_imp_sees_it, ask_cli, data_url, raw
 
@@ -68,11 +67,6 @@ def page(browser):
     page.on("pageerror", lambda e: page.errors.append(f"page error: {e}"))
     yield page
     context.close()
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return clean_env(tmp_path_factory.mktemp("webui"))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +172,7 @@ def test_streamed_answer_equals_imp_ask_and_follow_up_equals_oracle(page, server
     assert page.locator("#preview").get_attribute("src").startswith("blob:")
     first = ask(page, QUESTION)
     text, _ = converted("new", "float16", "square")
-    want = ask_cli(imp_bin, photo, QUESTION, text, env)
+    want = ask_cli(photo, QUESTION, text, env)
     assert len(want.split()) >= 5
     assert first["answer"] == want
     assert re.fullmatch(r"\d+ tokens? · [\d.]+ tokens/s", first["stats"]), first["stats"]
