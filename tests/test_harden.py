@@ -259,7 +259,7 @@ def test_disconnect_mid_stream_frees_the_engine(server, png):
 
 def test_interrupt_stops_a_prompt_evaluation_inside_its_batch(converted):
     """The cancel flag is honoured inside a piece of work: llama.cpp asks between the steps of
-    one 512-token batch (here it says stop on the 5th question), and the engine is whole after:
+    one batch (here it says stop on the 5th question), and the engine is whole after:
     the next prompt's answer equals a fresh engine's."""
     from imp_cli.engine import Engine, Interrupted, Sampling
     from imp_cli.modelfiles import read_pair
@@ -267,7 +267,7 @@ def test_interrupt_stops_a_prompt_evaluation_inside_its_batch(converted):
     text, mmproj = converted("new", "float16", "square")
     pair = read_pair(text, mmproj)
     with Engine(pair, n_ctx=1024, threads=1) as engine, Engine(pair, n_ctx=1024, threads=1) as fresh:
-        prompt = engine.tokenize("a long question, " * 40)
+        prompt = engine.tokenize("a long question, " * 25)
         assert 1 < len(prompt) < engine.n_batch  # one llama_decode call
         asked = []
         engine.set_interrupt(lambda: asked.append(1) or len(asked) >= 5)
