@@ -80,7 +80,7 @@ def family_default(key: dict) -> tuple[Tuning, str]:
     | 2026-12-01 | AMD EPYC, AVX2 | llama-bench pp775 19.8 -> 25.0 tok/s | 51-56 -> 46 s; load 4.5 -> 1.1 s; peak RSS 4.16 -> 3.08 GB |
     | 2026-12-01 | AMD EPYC (Zen 5), AVX-512 | `imp tune` 44.0 -> 76.6 tok/s | `imp tune`'s estimate 24.4 -> 16.6 s |
     | 2026-12-05 | AMD EPYC (Zen 4 class), AVX-512 VNNI | llama-bench pp512 48.5 -> 72.5 tok/s | 28.8 s (1.01x llama-mtmd-cli) -> 23.1 s (0.81x); 4.30 -> 3.25 GB |
-    | 2026-12-05 | AMD EPYC, AVX2, busy (others took ~70-88%) | llama-mtmd-cli (on) vs imp (off): the same per token | load 5.7 -> 2.2 s; peak RSS 4.82 -> 3.41 GB; CPU time 0.88x (docs/performance.md) |
+    | 2026-12-05 | AMD EPYC, AVX2, idle, 2 threads | llama-mtmd-cli (on) vs imp (off, 256-token batches): 39.9 -> 31.7 ms per prompt token | 41.6 -> 34.4 s (0.83x); load 4.0 -> 0.5 s; peak RSS 4.82 -> 3.33 GB (docs/performance.md) |
 
     Flash attention on those boxes: generation at a depth of 700-775 tokens 4.5 vs 7.3 tok/s
     (AVX2, llama-bench tg32) and 8.2 vs 10.4 tok/s (AVX-512, `imp tune`) with it on vs off; its
