@@ -38,13 +38,13 @@ bench: install
 	$(MAKE) soak
 
 # make soak: imp serve under several clients for >= 10 min and >= 1000 requests on the tiny model
-# (bench/soak.py: errors, time to first token, RSS / open files / threads), then 3 min on the
+# (bench/soak.py: errors, time to first token, RSS / open files / threads), then 10 min on the
 # full-size 196-px model when bench/cache holds it. Reports: bench/results/soak-*.json.
 FULL_SOAK_MODEL := bench/cache/imp-synth-196/gguf/imp-synth-196-Q4_K_M.gguf
 soak: install
 	$(VENV)/bin/python bench/soak.py --json bench/results/soak-tiny.json $(SOAK_ARGS)
 	test ! -f $(FULL_SOAK_MODEL) || $(VENV)/bin/python bench/soak.py --model $(FULL_SOAK_MODEL) \
-		--minutes 3 --requests 30 --clients 2 --json bench/results/soak-full.json
+		--minutes 10 --requests 30 --clients 2 --json bench/results/soak-full.json
 
 # The README's first command, on a picture shipped in the repo (samples/make_demo.py drew it).
 demo: install
