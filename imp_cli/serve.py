@@ -284,7 +284,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
-                raise ApiError(503, "the server is shutting down", "server_error", "shutting_down")
+                raise shutting_down()
             if self.full():
                 raise QueueFull()
             self._waiting.append(job)
@@ -310,6 +310,15 @@ class Scheduler:
             self._waiting.clear()
             self._cond.notify_all()
             return left
+
+    def refuse_waiting(self) -> None:
+        """close(), and answer each job still waiting with a 503."""
+        for job in self.close():
+            job.post("error", shutting_down())
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", "server_error", "shutting_down")
 
 
 class Worker(threading.Thread):
@@ -860,8 +869,7 @@ def run_serve(options: ServeOptions, output) -> None:
         server = _server_class()(config, scheduler, lambda: output.info(ready))
         server.run(sockets=[sock])
     finally:
-        for job in scheduler.close():
-            job.post("error", ApiError(503, "the server is shutting down", "server_error", "shutting_down"))
+        scheduler.refuse_waiting()
         worker.join()
     output.info("imp serve: stopped")
 
@@ -885,14 +893,10 @@ def _server_class():
             # Refuse the waiting jobs (on the loop: a signal may land while it holds the lock);
             # the running one finishes, or is cancelled when the graceful timeout runs out.
             if self.loop is not None:
-                self.loop.call_soon_threadsafe(self._refuse_waiting)
+                self.loop.call_soon_threadsafe(self.scheduler.refuse_waiting)
             super().handle_exit(sig, frame)
             # uvicorn re-raises the signal after a graceful stop; a stop on request is exit 0.
             getattr(self, "_captured_signals", []).clear()
-
-        def _refuse_waiting(self) -> None:
-            for job in self.scheduler.close():
-                job.post("error", ApiError(503, "the server is shutting down", "server_error", "shutting_down"))
 
     return Server
 

@@ -539,6 +539,32 @@ def test_scheduler_admits_in_order_up_to_max_queue():
     assert s.close() == ["c"] and s.take() is None
 
 
+def test_a_stopping_server_answers_the_waiting_jobs_503_and_takes_no_more():
+    from imp_cli.api_errors import ApiError
+    from imp_cli.serve import Scheduler
+
+    class Waiting:
+        posted = None
+
+        def post(self, kind, value=None):
+            self.posted = (kind, value)
+
+    s = Scheduler(max_queue=2)
+    running, waiting = Waiting(), [Waiting(), Waiting()]
+    s.submit(running)
+    assert s.take() is running
+    for job in waiting:
+        s.submit(job)
+    s.refuse_waiting()
+    assert running.posted is None  # the running answer finishes
+    for job in waiting:
+        kind, error = job.posted
+        assert kind == "error" and (error.status, error.code) == (503, "shutting_down")
+    with pytest.raises(ApiError) as refused:
+        s.submit(Waiting())
+    assert refused.value.status == 503 and s.take() is None
+
+
 def test_image_in_a_later_turn_sits_where_the_client_put_it():
     from imp_cli.prompts import PHI2_SYSTEM, Turn, build_prompt
 
