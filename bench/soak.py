@@ -85,28 +85,33 @@ class Report:
         # Like with like: idle at the end against idle after the warm-up, and the busy samples of
         # the run's last fifth against those of the fifth right after the warm-up (medians: a busy
         # sample holds whatever the requests in flight hold, its maximum is one request's spike).
-        early = late = []
+        early = late = None
         if a and b:
             span = b.t - a.t
             busy = [s for s in self.samples if not s.idle and a.t < s.t]
-            early = sorted(s.rss_kb for s in busy if s.t < a.t + span / 5)
-            late = sorted(s.rss_kb for s in busy if s.t >= b.t - span / 5)
+            early = _median([s.rss_kb for s in busy if s.t < a.t + span / 5])
+            late = _median([s.rss_kb for s in busy if s.t >= b.t - span / 5])
         q = sorted(self.ttft_ms)
         return {
             "model": self.model, "clients": self.clients, "seconds": round(self.seconds, 1),
             "requests": self.requests, "served": self.served, "intended_4xx": self.intended_4xx,
             "disconnects": self.disconnects, "errors": len(self.errors), "kinds": self.kinds,
-            "ttft_p50_ms": round(q[len(q) // 2], 1) if q else None,
+            "ttft_p50_ms": round(_median(q), 1) if q else None,
             "ttft_p95_ms": round(q[min(len(q) - 1, int(len(q) * 0.95))], 1) if q else None,
             "idle_A": asdict(a) if a else None, "idle_B": asdict(b) if b else None,
             "rss_idle_growth": round(b.rss_kb / a.rss_kb - 1, 4) if a and b else None,
-            "rss_busy_kb": [early[len(early) // 2], late[len(late) // 2]] if early and late else None,
-            "rss_busy_growth": round(late[len(late) // 2] / early[len(early) // 2] - 1, 4) if early and late else None,
+            "rss_busy_kb": [early, late] if early and late else None,
+            "rss_busy_growth": round(late / early - 1, 4) if early and late else None,
             "rss_kb_per_request": (round((b.rss_kb - a.rss_kb) / max(1, self.requests - self.requests_at_warmup), 3)
                                    if a and b else None),
             "fds_max": max((s.fds for s in self.samples), default=None),
             "threads_max": max((s.threads for s in self.samples), default=None),
         }
+
+
+def _median(values: list) -> float | None:
+    """The upper median (a sample that was measured, not a mean of two), or None."""
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def check(report: Report, bounds: dict = BOUNDS) -> list[str]:
@@ -404,6 +409,14 @@ def main() -> int:
                     "cache is full, evicting, by the end of the warm-up, as a day-long server's is")
     ap.add_argument("--json", help="write the report (with every sample) here")
     a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from imp_cli.errors import ImpError
+    from imp_cli.prompt_cache import parse_size
+
+    try:
+        parse_size(a.cache_size or "0")  # the server would refuse it only after the model is built
+    except ImpError as e:
+        ap.error(f"--cache-size: {e}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated soak stops its server too
     with tempfile.TemporaryDirectory(prefix="imp-soak-") as tmp:
         tmp = Path(tmp)

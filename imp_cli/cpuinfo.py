@@ -187,9 +187,11 @@ def hwcaps() -> frozenset[str]:
                      for bit, name in table.items() if word >> bit & 1)
 
 
+@functools.lru_cache(maxsize=1)
 def physical_cores(path: str = "/proc/cpuinfo") -> int:
     """Physical cores (llama.cpp is slower with SMT siblings): the distinct (physical id, core id)
-    pairs of the processor blocks; the logical CPUs where the text has none (ARM, not Linux)."""
+    pairs of the processor blocks; the logical CPUs where the text has none (ARM, not Linux).
+    Cached like read(): the engine, the tuning key and --jobs each ask."""
     import os
 
     try:

@@ -271,23 +271,23 @@ class PromptCache:
     def evict(self, keep: Path | None = None) -> int:
         """Remove least recently used entries until the folder fits the budget; returns how many.
         Temporary files of writers that died long ago go too."""
-        removed = 0
-        now = time.time()
+        # One pass over the folder. Plain strings, not Path objects: pathlib interns every name it
+        # parses, and a server storing entries all day would keep growing that table.
+        items, now = [], time.time()
         try:
-            for e in os.scandir(self.folder):
-                if e.name.endswith(".tmp") and now - e.stat().st_mtime > 3600:
-                    Path(e.path).unlink(missing_ok=True)
+            with os.scandir(self.folder) as found:
+                for e in found:
+                    try:
+                        if e.name.endswith(SUFFIX) and e.is_file():
+                            st = e.stat()
+                            items.append((st.st_mtime, st.st_size, e.path))
+                        elif e.name.endswith(".tmp") and now - e.stat().st_mtime > 3600:
+                            os.unlink(e.path)
+                    except OSError:
+                        continue
         except OSError:
-            pass
-        # Plain strings, not Path objects: pathlib interns every name it parses, and a server
-        # storing entries all day would keep growing the interpreter's table of them.
-        items = []
-        for e in self.entries():
-            try:
-                st = e.stat()
-            except OSError:
-                continue
-            items.append((st.st_mtime, st.st_size, e.path))
+            return 0
+        removed = 0
         total = sum(size for _, size, _ in items)
         kept = os.fspath(keep) if keep is not None else None
         for _, size, path in sorted(items, key=lambda t: t[0]):
